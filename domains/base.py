@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 
 Batch = dict[str, torch.Tensor]
 
@@ -121,8 +121,9 @@ class Domain(ABC):
         """The training loss of a batch (already on the model's device)."""
 
     @abstractmethod
-    def validate(self, model: nn.Module, loader: DataLoader[Batch], meta: dict[str, Any]) -> dict[str, float]:
-        """Validation metrics; must include `self.metric`. Runs under `torch.no_grad()`."""
+    def validate(self, model: nn.Module, loader: Iterable[Batch], meta: dict[str, Any]) -> dict[str, float]:
+        """Validation metrics; must include `self.metric`. Runs under `torch.no_grad()`; the
+        loader's batches are already on the model's device."""
 
     def collate(self, items: list[Any]) -> Batch:
         """Builds a batch from dataset items; text domains pad to the batch's longest text."""
