@@ -1,0 +1,232 @@
+"""`cityserve`: one command, one group per noun (data, train, evaluate, models, run)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from cityserve.config import get_settings
+from domains import DOMAINS
+from domains.errors import CityServeError
+
+console = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+DOMAIN = click.Choice(sorted(DOMAINS))
+
+
+def friendly_errors(func: F) -> F:
+    """Prints the platform's own errors as one clear line (exit 2), never a traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CityServeError as exc:
+            console.print(f"[red]error[/red] ({exc.code}): {exc.message}")
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], as_json: bool) -> None:
+    """A table for people, or JSON (a list of objects) for machines."""
+    if as_json:
+        click.echo(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], indent=2, default=str))
+        return
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+
+
+@click.group()
+def main() -> None:
+    """CityServe: train, evaluate, version and serve the city's models on Ray."""
+
+
+# ---- data ------------------------------------------------------------------------------------
+@main.group()
+def data() -> None:
+    """Prepare the domains' data (Parquet splits and a manifest)."""
+
+
+@data.command("prepare")
+@click.argument("domain", type=DOMAIN)
+@click.option("--source", type=click.Path(path_type=Path), help="Your own CSV/Parquet (documented columns).")
+@click.option("--smoke-test", is_flag=True, help="A tiny set for tests, under DATA_DIR/_smoke.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def data_prepare(domain: str, source: Path | None, smoke_test: bool, as_json: bool) -> None:
+    """Prepare DOMAIN's splits from its packaged source (or --source)."""
+    from domains import get_domain
+    from training.trainer import smoke_data_dir
+
+    settings = get_settings()
+    data_dir = smoke_data_dir(settings) if smoke_test else settings.data_dir
+    manifest = get_domain(domain).prepare(data_dir, source=source, smoke=smoke_test)
+    rows = [(name, f["rows"], " → ".join(f["time_range"] or []), f["sha256"][:12])
+            for name, f in manifest["files"].items()]
+    print_table(f"{domain} data ({manifest['sha256'][:12]})", ["table", "rows", "time range", "sha256"],
+                rows, as_json)
+
+
+# ---- train / evaluate ------------------------------------------------------------------------
+@main.command()
+@click.argument("domain", type=DOMAIN)
+@click.option("--profile", type=click.Choice(["quick", "full"]), default="quick", show_default=True)
+@click.option("--num-workers", type=int, default=1, show_default=True, help="Ray Train workers (DDP).")
+@click.option("--use-gpu", is_flag=True, help="One GPU per worker, bf16 autocast.")
+@click.option("--cpus-per-worker", type=float, help="Default: the cluster's CPUs shared evenly.")
+@click.option("--epochs", type=int, help="Override the profile's epochs.")
+@click.option("--smoke-test", is_flag=True, help="Tiny data and model: finishes in seconds.")
+@click.option("--promote", is_flag=True, help="Make the new version production.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def train(domain: str, profile: str, num_workers: int, use_gpu: bool, cpus_per_worker: float | None,
+          epochs: int | None, smoke_test: bool, promote: bool, as_json: bool) -> None:
+    """Fine-tune DOMAIN's model with Ray Train and register it as a candidate version."""
+    from training.trainer import train as run_training
+
+    settings = get_settings()
+    version = run_training(domain, settings, profile="smoke" if smoke_test else profile,
+                           num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                           epochs=epochs)
+    if promote:
+        version = _promote(domain, version.version)
+    metrics = {k: v for k, v in version.metrics.items() if k.startswith("val_") or k == "epoch"}
+    print_table(f"{domain} {version.version} ({version.stage})", ["metric", "value"],
+                sorted(metrics.items()), as_json)
+
+
+@main.command()
+@click.argument("domain", type=DOMAIN)
+@click.option("--version", "ref", default="production", show_default=True, help="Version id or alias.")
+@click.option("--out", type=click.Path(path_type=Path), help="Report folder (default: CITYSERVE_REPORTS_DIR).")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def evaluate(domain: str, ref: str, out: Path | None, as_json: bool) -> None:
+    """Score a version of DOMAIN on its test split; writes reports/DOMAIN.json and a PNG."""
+    from training.evaluate import evaluate as run_evaluation
+
+    settings = get_settings()
+    out = out or settings.reports_dir
+    report, evaluation = run_evaluation(domain, settings, ref, out)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    rows = []
+    for r in evaluation.rows:
+        base = ", ".join(f"{k} {v:.4g}" for k, v in r.baselines.items())
+        rows.append((r.subset, r.horizon or "", r.label or "", r.name, r.model, base))
+    print_table(f"{domain} {report['version']} on the test split", ["subset", "horizon", "label", "metric",
+                "model", "baselines"], rows, False)
+    for note in evaluation.notes:
+        console.print(f"- {note}")
+    console.print(f"report: {out / (domain + '.json')}; figure: {evaluation.figure}")
+
+
+# ---- models ----------------------------------------------------------------------------------
+@main.group()
+def models() -> None:
+    """List, inspect, promote and roll back registered model versions."""
+
+
+def _registry() -> Any:
+    from training.registry import Registry
+
+    return Registry(get_settings().registry_location())
+
+
+def _promote(domain: str, version: str) -> Any:
+    from domains import get_domain
+
+    dom = get_domain(domain)
+    return _registry().promote(domain, version, verify=lambda path: dom.load_predictor(path, version))
+
+
+@models.command("list")
+@click.argument("domain", type=DOMAIN, required=False)
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def models_list(domain: str | None, as_json: bool) -> None:
+    """Versions of one domain (or all) with stage, profile and validation metric."""
+    registry = _registry()
+    rows = []
+    for name in [domain] if domain else sorted(DOMAINS):
+        for v in registry.versions(name):
+            metric = v.record.get("metric", "")
+            rows.append((name, v.version, v.stage, v.record.get("profile", ""), metric,
+                         v.metrics.get(metric, float("nan")), v.record.get("created", "")))
+    print_table("model versions", ["domain", "version", "stage", "profile", "metric", "value", "created"],
+                rows, as_json)
+
+
+@models.command("show")
+@click.argument("domain", type=DOMAIN)
+@click.argument("version", default="production")
+@friendly_errors
+def models_show(domain: str, version: str) -> None:
+    """Everything recorded about a version: metrics, data checksum, code revision, lineage."""
+    v = _registry().get(domain, version)
+    click.echo(json.dumps({**v.record, "stage": v.stage}, indent=2, default=str))
+
+
+@models.command("promote")
+@click.argument("domain", type=DOMAIN)
+@click.argument("version")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@friendly_errors
+def models_promote(domain: str, version: str, yes: bool) -> None:
+    """Make VERSION of DOMAIN production (refused if its files do not load)."""
+    if not yes:
+        click.confirm(f"Make {domain} {version} production?", abort=True)
+    v = _promote(domain, version)
+    console.print(f"{domain} production is now {v.version}")
+
+
+@models.command("rollback")
+@click.argument("domain", type=DOMAIN)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@friendly_errors
+def models_rollback(domain: str, yes: bool) -> None:
+    """Return DOMAIN's production to the version that served before."""
+    if not yes:
+        click.confirm(f"Roll {domain} production back to its previous version?", abort=True)
+    v = _registry().rollback(domain)
+    console.print(f"{domain} production is now {v.version}")
+
+
+# ---- run -------------------------------------------------------------------------------------
+@main.command()
+@click.option("--profile", type=click.Choice(["quick", "full"]), default="quick", show_default=True)
+@click.option("--domain", "domains", type=DOMAIN, multiple=True, help="Only these domains (repeatable).")
+@friendly_errors
+def run(profile: str, domains: tuple[str, ...]) -> None:
+    """Make sure every domain has a production model (training PROFILE where none), then evaluate it."""
+    from domains.errors import RegistryError
+    from training.evaluate import evaluate as run_evaluation
+    from training.trainer import train as run_training
+
+    settings = get_settings()
+    registry = _registry()
+    # Reports of local runs stay beside the data: reports/ holds the committed full-profile ones.
+    out = settings.data_dir / "reports"
+    for domain in domains or sorted(DOMAINS):
+        try:
+            version = registry.get(domain, "production")
+            console.print(f"[green]{domain}[/green]: production is {version.version}")
+        except RegistryError:
+            console.rule(f"{domain}: no production model, training the {profile} profile")
+            version = _promote(domain, run_training(domain, settings, profile=profile).version)
+        run_evaluation(domain, settings, version.version, out)
+        console.print(f"{domain} {version.version}: evaluated, report {out / (domain + '.json')}")

@@ -1,0 +1,44 @@
+"""One settings object per process, read from `CITYSERVE_*` environment variables (Helm sets them)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where data, models and results live, and which Ray cluster to use."""
+
+    model_config = SettingsConfigDict(env_prefix="CITYSERVE_", extra="forbid")
+
+    data_dir: Path = Field(Path("data"), description="Root of prepared data (one folder per domain).")
+    registry_uri: str = Field(
+        "registry", description="Model registry: a local path or any pyarrow filesystem URI (s3://, gs://)."
+    )
+    storage_path: str = Field(
+        "ray_results", description="Ray Train/Tune storage: a local path (made absolute) or a URI."
+    )
+    reports_dir: Path = Field(Path("reports"), description="Where evaluation reports and figures go.")
+    ray_address: str | None = Field(
+        None, description="Join this Ray cluster ('auto' or host:port); unset starts a local one of our own."
+    )
+    ray_temp_dir: Path | None = Field(None, description="Ray's session files for a local cluster.")
+
+    def storage_uri(self) -> str:
+        """Ray needs an absolute path or a URI (a relative path fails inside `fit()`)."""
+        if "://" in self.storage_path:
+            return self.storage_path
+        return str(Path(self.storage_path).resolve())
+
+    def registry_location(self) -> str:
+        if "://" in self.registry_uri:
+            return self.registry_uri
+        return str(Path(self.registry_uri).resolve())
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,50 @@
+"""The CLI's registry verbs and its errors: one clear line, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cityserve import cli
+from cityserve.config import get_settings
+from training.registry import Registry
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
+    monkeypatch.setenv("CITYSERVE_REGISTRY_URI", str(tmp_path / "registry"))
+    get_settings.cache_clear()
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.pt").write_bytes(b"x")
+    reg = Registry(str(tmp_path / "registry"))
+    reg.register("energy", model, {"metric": "val_mape", "metrics": {"val_mape": 0.05}, "profile": "quick"})
+    yield reg
+    get_settings.cache_clear()
+
+
+def test_models_list_json(registry: Registry) -> None:
+    out = CliRunner().invoke(cli.main, ["models", "list", "energy", "--json"])
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.output)
+    assert rows[0]["version"] == "v1" and rows[0]["stage"] == "candidate" and rows[0]["value"] == 0.05
+
+
+def test_unknown_version_is_a_clear_error(registry: Registry) -> None:
+    out = CliRunner().invoke(cli.main, ["models", "show", "energy", "v7"])
+    assert out.exit_code == 2
+    assert "no version 'v7'" in out.output and "Traceback" not in out.output
+
+
+def test_promote_asks_for_confirmation(registry: Registry) -> None:
+    out = CliRunner().invoke(cli.main, ["models", "rollback", "energy"], input="n\n")
+    assert out.exit_code == 1 and "Aborted" in out.output
+
+
+def test_unknown_domain_is_refused() -> None:
+    out = CliRunner().invoke(cli.main, ["train", "weather"])
+    assert out.exit_code == 2 and "weather" in out.output
