@@ -24,5 +24,5 @@ def connect(settings: Settings, *, num_cpus: int | None = None, **kwargs: Any) -
         ray.init(address=settings.ray_address, **kwargs)
         return
     temp = str(settings.ray_temp_dir.resolve()) if settings.ray_temp_dir else None
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", _temp_dir=temp, **kwargs)

@@ -1,0 +1,41 @@
+"""Integration tests share one real Ray cluster per session (starting one costs ~10 s here)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cityserve.config import Settings
+from cluster.local import connect
+
+SCHEMAS = Path(__file__).resolve().parents[3] / "shared" / "schemas"
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    root = tmp_path_factory.mktemp("cityserve")
+    return Settings(data_dir=root / "data", registry_uri=str(root / "registry"),
+                    storage_path=str(root / "ray_results"), reports_dir=root / "reports",
+                    ray_temp_dir=tmp_path_factory.mktemp("ray"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(settings: Settings) -> Iterator[None]:
+    """A local 2-CPU cluster of our own, bound to 127.0.0.1; shut down after the session."""
+    import ray
+
+    connect(settings, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def report_schema() -> dict[str, Any]:
+    path = SCHEMAS / "report.schema.json"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: the shared schemas sit beside the project on developer machines and CI")
+    schema: dict[str, Any] = json.loads(path.read_text())
+    return schema
