@@ -21,6 +21,8 @@ from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from domains.errors import ConfigError
+
 Batch = dict[str, torch.Tensor]
 
 # Files that every model directory (a Train checkpoint, a registry version) holds.
@@ -42,6 +44,20 @@ class MetricRow:
 
     def as_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One axis of a hyperparameter search space, declared next to the model it tunes.
+
+    `kind` is loguniform/uniform/randint (bounds `low`..`high`, inclusive for randint) or choice
+    (`values`). Kept free of Ray types so a space can be validated and tested without Ray.
+    """
+
+    kind: Literal["loguniform", "uniform", "randint", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -132,6 +148,10 @@ class Domain(ABC):
 
     def save_extras(self, model_dir: Path, meta: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Writes files beyond weights/config/meta that a predictor needs (a tokenizer, say)."""
+
+    def search_space(self) -> dict[str, SearchParam]:
+        """The hyperparameters `cityserve tune` sweeps by default, with their ranges."""
+        raise ConfigError(f"{self.name} declares no search space; pass one with --space FILE")
 
     # ---- serving and evaluation --------------------------------------------------------------
     @abstractmethod

@@ -12,7 +12,7 @@ from cluster.local import connect
 from domains import get_domain
 from domains.errors import ConfigError
 from training.data.common import read_manifest
-from training.loop import build_config, train_loop_per_worker
+from training.loop import TRAIN_STATE, build_config, train_loop_per_worker
 from training.registry import Registry, Version
 
 PROFILES = ("smoke", "quick", "full")
@@ -31,7 +31,7 @@ def ensure_data(domain_name: str, data_dir: Path, *, smoke: bool) -> dict[str, A
         return get_domain(domain_name).prepare(data_dir, smoke=smoke)
 
 
-def train(
+def make_trainer(
     domain_name: str,
     settings: Settings,
     *,
@@ -42,8 +42,8 @@ def train(
     epochs: int | None = None,
     max_failures: int = 2,
     overrides: dict[str, Any] | None = None,
-) -> Version:
-    """Trains `domain_name` with `TorchTrainer` and registers the best checkpoint.
+) -> tuple[Any, dict[str, Any]]:
+    """A `TorchTrainer` for one domain, and the data manifest it trains on.
 
     Args:
         domain_name: which domain.
@@ -56,9 +56,6 @@ def train(
         epochs: overrides the profile's epochs.
         max_failures: worker failures survived, each resuming from the last checkpoint.
         overrides: other hyperparameters over the profile's.
-
-    Returns:
-        The registered candidate version.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -80,14 +77,14 @@ def train(
     threads = max(1, int(cpus_per_worker))
     config = build_config(domain, profile, data_dir, threads=threads,
                           overrides={**(overrides or {}), **({"epochs": epochs} if epochs else {})})
+    config["num_workers"], config["use_gpu"] = num_workers, use_gpu
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    run_name = f"{domain_name}-{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=run_name,
+            name=f"{domain_name}-{profile}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=settings.storage_uri(),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(
@@ -95,21 +92,40 @@ def train(
             ),
         ),
     )
-    result = trainer.fit()
-    best = result.get_best_checkpoint(domain.metric, domain.mode)
-    if best is None:
-        raise ConfigError(f"{domain_name} training produced no checkpoint (see the log above)")
-    best_metrics = next(m for c, m in result.best_checkpoints or [] if c.path == best.path)
-    registry = Registry(settings.registry_location())
-    with best.as_directory() as model_dir:
-        (Path(model_dir) / "train_state.pt").unlink(missing_ok=True)
-        return registry.register(domain_name, Path(model_dir), {
-            "profile": profile,
-            "metrics": best_metrics,
+    return trainer, manifest
+
+
+def register_checkpoint(domain_name: str, settings: Settings, checkpoint: Any, *, metrics: dict[str, Any],
+                        manifest: dict[str, Any], config: dict[str, Any], lineage: dict[str, Any]) -> Version:
+    """Registers a Train checkpoint (a model directory) as a candidate version with its lineage."""
+    domain = get_domain(domain_name)
+    with checkpoint.as_directory() as model_dir:
+        (Path(model_dir) / TRAIN_STATE).unlink(missing_ok=True)
+        return Registry(settings.registry_location()).register(domain_name, Path(model_dir), {
+            "profile": config["profile"],
+            "metrics": metrics,
             "metric": domain.metric,
             "mode": domain.mode,
             "config": config,
             "data": {"manifest_sha256": manifest["sha256"], "sources": manifest["sources"]},
-            "lineage": {"run": run_name, "storage_path": settings.storage_uri(),
-                        "checkpoint": best.path, "num_workers": num_workers, "use_gpu": use_gpu},
+            "lineage": {**lineage, "checkpoint": checkpoint.path, "storage_path": settings.storage_uri()},
         })
+
+
+def register_result(domain_name: str, settings: Settings, result: Any, manifest: dict[str, Any],
+                    config: dict[str, Any]) -> Version:
+    """Registers a finished run's best checkpoint."""
+    domain = get_domain(domain_name)
+    best = result.get_best_checkpoint(domain.metric, domain.mode)
+    if best is None:
+        raise ConfigError(f"{domain_name} training produced no checkpoint (see the log above)")
+    metrics = next(m for c, m in result.best_checkpoints or [] if c.path == best.path)
+    return register_checkpoint(domain_name, settings, best, metrics=metrics, manifest=manifest, config=config,
+                               lineage={"run": Path(result.path).name})
+
+
+def train(domain_name: str, settings: Settings, **options: Any) -> Version:
+    """Trains `domain_name` with Ray Train (options as `make_trainer`) and registers the best epoch."""
+    trainer, manifest = make_trainer(domain_name, settings, **options)
+    result = trainer.fit()
+    return register_result(domain_name, settings, result, manifest, trainer.train_loop_config)
