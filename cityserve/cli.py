@@ -110,6 +110,43 @@ def train(domain: str, profile: str, num_workers: int, use_gpu: bool, cpus_per_w
 
 @main.command()
 @click.argument("domain", type=DOMAIN)
+@click.option("--num-samples", type=int, default=8, show_default=True, help="Trials (grid: the grid's size).")
+@click.option("--scheduler", type=click.Choice(["asha", "fifo"]), default="asha", show_default=True)
+@click.option("--search", type=click.Choice(["optuna", "random", "grid"]), default="optuna", show_default=True)
+@click.option("--max-concurrent", type=int, default=2, show_default=True)
+@click.option("--cpus-per-trial", type=float, default=1.0, show_default=True, help="The Train worker's CPUs.")
+@click.option("--gpus-per-trial", type=float, default=0.0, show_default=True, help="Fractions share a GPU.")
+@click.option("--time-budget-s", type=float, help="Stop starting trials after this long.")
+@click.option("--grid-points", type=int, default=3, show_default=True, help="Points per continuous axis (grid).")
+@click.option("--profile", type=click.Choice(["quick", "full"]), default="quick", show_default=True)
+@click.option("--epochs", type=int, help="Epochs of a full trial (ASHA's max_t).")
+@click.option("--space", type=click.Path(path_type=Path), help="A JSON search space instead of the domain's.")
+@click.option("--resume", "resume", metavar="SWEEP_ID", help="Continue an interrupted sweep.")
+@click.option("--smoke-test", is_flag=True, help="Tiny data: finishes in about a minute.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def tune(domain: str, num_samples: int, scheduler: str, search: str, max_concurrent: int, cpus_per_trial: float,
+         gpus_per_trial: float, time_budget_s: float | None, grid_points: int, profile: str, epochs: int | None,
+         space: Path | None, resume: str | None, smoke_test: bool, as_json: bool) -> None:
+    """Sweep DOMAIN's hyperparameters with Ray Tune; register the best trial as a candidate."""
+    from training.tune import SweepOptions, load_space, sweep
+
+    options = SweepOptions(num_samples=num_samples, scheduler=scheduler, search=search,
+                           max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial,
+                           gpus_per_trial=gpus_per_trial, time_budget_s=time_budget_s, grid_points=grid_points,
+                           profile="smoke" if smoke_test else profile)
+    sweep_id, trials, version = sweep(domain, get_settings(), options,
+                                      space=load_space(space) if space else None,
+                                      overrides={"epochs": epochs} if epochs else None, resume=resume)
+    print_table(f"{sweep_id}: trials", list(trials.columns), [tuple(r) for r in trials.itertuples(index=False)],
+                as_json)
+    if version is not None and not as_json:
+        console.print(f"best trial registered as {domain} {version.version} (candidate); "
+                      f"promote with `cityserve models promote {domain} {version.version}`")
+
+
+@main.command()
+@click.argument("domain", type=DOMAIN)
 @click.option("--version", "ref", default="production", show_default=True, help="Version id or alias.")
 @click.option("--out", type=click.Path(path_type=Path), help="Report folder (default: CITYSERVE_REPORTS_DIR).")
 @click.option("--json", "as_json", is_flag=True)
