@@ -67,7 +67,7 @@ def test_promotion_refused_when_files_do_not_load(registry: Registry, model_dir:
         json.loads((path / "config.json").read_text())
         (path / "meta.json").read_text()  # v2 lacks it
 
-    with pytest.raises(RegistryError, match="does not load.*production is unchanged"):
+    with pytest.raises(RegistryError, match=r"does not load.*production is unchanged"):
         registry.promote("events", "v2", verify=verify)
     assert registry.get("events").version == "v1"
 
