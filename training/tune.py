@@ -35,6 +35,7 @@ SEARCHERS = ("optuna", "random", "grid")
 DRIVER_CPU = 0.05
 CHECKPOINT_PATH_KEY = "checkpoint_path"  # what TuneReportCallback adds to each report
 TRIALS_FILE = "trials.parquet"
+FIGURE_FILE = "sweep.png"
 SWEEP_KEYS = ("sweep_id", "storage_path")  # bookkeeping in a trial's config, not hyperparameters
 
 
@@ -226,6 +227,7 @@ def sweep(
     trials = trial_table(grid, domain, list(space))
     out = Path(settings.storage_uri()) / sweep_id
     trials.to_parquet(out / TRIALS_FILE)
+    draw_sweep(grid, trials, domain, list(space), out / FIGURE_FILE)
     version = register_best(grid, domain, settings, manifest, sweep_id) if len(trials) else None
     return sweep_id, trials, version
 
@@ -245,6 +247,41 @@ def trial_table(grid: Any, domain: Domain, keys: list[str]) -> pd.DataFrame:
                      "stopped_early": epochs < int(result.config["epochs"]),
                      "error": None if result.error is None else str(result.error)[:200]})
     return pd.DataFrame(rows)
+
+
+def important_params(trials: pd.DataFrame, metric: str, keys: list[str]) -> list[str]:
+    """Numeric hyperparameters ordered by |Spearman correlation| with the trial's best metric."""
+    scores = {}
+    for key in keys:
+        column = pd.to_numeric(trials[key], errors="coerce")
+        if column.nunique() > 1:
+            corr = column.rank().corr(trials[metric].rank())
+            scores[key] = 0.0 if pd.isna(corr) else abs(float(corr))
+    return sorted(scores, key=lambda k: -scores[k])
+
+
+def draw_sweep(grid: Any, trials: pd.DataFrame, domain: Domain, keys: list[str], path: Path) -> None:
+    """Metric per trial over epochs, and the metric against the two most important hyperparameters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = important_params(trials, domain.metric, keys)[:2] if len(trials) else []
+    fig, axes = plt.subplots(1, 1 + len(top), figsize=(5 * (1 + len(top)), 4), squeeze=False)
+    for result in grid:
+        history = result.metrics_dataframe
+        if history is not None and domain.metric in history:
+            axes[0][0].plot(history["epoch"], history[domain.metric], marker="o", alpha=0.7)
+    axes[0][0].set(xlabel="epoch", ylabel=domain.metric, title=f"{domain.name}: {len(trials)} trials")
+    for ax, key in zip(axes[0][1:], top, strict=True):
+        ax.scatter(pd.to_numeric(trials[key]), trials[domain.metric], c=trials["epochs"], cmap="viridis")
+        ax.set(xlabel=key, ylabel=f"best {domain.metric}", title="colour: epochs run")
+        if key in ("lr", "weight_decay"):
+            ax.set_xscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def register_best(grid: Any, domain: Domain, settings: Settings, manifest: dict[str, Any],
