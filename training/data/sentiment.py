@@ -170,15 +170,15 @@ def _check_texts(frame: pd.DataFrame, where: str, columns: dict[str, Any] | None
 
 # ---- the smoke set ---------------------------------------------------------------------------
 _SMOKE_WORDS = {
-    3.0: ["wonderful", "excellent", "delightful", "brilliant"],
-    0.0: ["ordinary", "scheduled", "beige", "located downtown"],
-    -3.0: ["terrible", "awful", "dreadful", "broken"],
+    3.0: ["wonderful", "excellent", "delightful"],
+    0.0: ["scheduled", "beige", "located downtown"],
+    -3.0: ["terrible", "awful", "broken"],
 }
-_SMOKE_FRAMES = ["The {} one, honestly.", "It was {}.", "What a {} day", "Reviewers called it {}", "so {} lol"]
+_SMOKE_FRAMES = ["It was {}.", "What a {} day", "Reviewers called it {}"]
 
 
 def smoke_texts() -> pd.DataFrame:
-    """A tiny made-up corpus (60 texts per subset, no download) for tests and `--smoke-test`."""
+    """A tiny made-up corpus (27 texts per subset, no download) for tests and `--smoke-test`."""
     rows = [
         {"text": f"{frame.format(word)} ({subset} #{k})", "rating": rating, "subset": subset}
         for subset in SUBSET_FILES

