@@ -46,7 +46,7 @@ def _train_workers() -> list[Any]:
 
 
 def test_killed_worker_resumes_from_last_checkpoint(settings: Settings) -> None:
-    epochs = 4
+    epochs = 12  # smoke epochs last ~1.5 s: enough of them that the kill lands mid-run
     trainer, _ = make_trainer("sentiment", settings, profile="smoke", num_workers=2, cpus_per_worker=1,
                               epochs=epochs, overrides={"patience": epochs})
     run_dir = Path(settings.storage_uri()) / trainer.run_config.name
