@@ -64,16 +64,26 @@ def data() -> None:
 @click.argument("domain", type=DOMAIN)
 @click.option("--source", type=click.Path(path_type=Path), help="Your own CSV/Parquet (documented columns).")
 @click.option("--smoke-test", is_flag=True, help="A tiny set for tests, under DATA_DIR/_smoke.")
+@click.option("--full-sim", is_flag=True,
+              help="traffic only: simulate (once, cached) the full 10-day network set; ~3 CPU-minutes.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def data_prepare(domain: str, source: Path | None, smoke_test: bool, as_json: bool) -> None:
+def data_prepare(domain: str, source: Path | None, smoke_test: bool, full_sim: bool, as_json: bool) -> None:
     """Prepare DOMAIN's splits from its packaged source (or --source)."""
     from domains import get_domain
+    from domains.errors import ConfigError
     from training.trainer import smoke_data_dir
 
     settings = get_settings()
     data_dir = smoke_data_dir(settings) if smoke_test else settings.data_dir
-    manifest = get_domain(domain).prepare(data_dir, source=source, smoke=smoke_test)
+    if full_sim:
+        if domain != "traffic" or smoke_test:
+            raise ConfigError("--full-sim applies to `data prepare traffic` without --smoke-test", field="full_sim")
+        from training.data.traffic import prepare_traffic
+
+        manifest = prepare_traffic(data_dir, source=source, sim="full")
+    else:
+        manifest = get_domain(domain).prepare(data_dir, source=source, smoke=smoke_test)
     rows = [(name, f["rows"], " → ".join(f["time_range"] or []), f["sha256"][:12])
             for name, f in manifest["files"].items()]
     print_table(f"{domain} data ({manifest['sha256'][:12]})", ["table", "rows", "time range", "sha256"],

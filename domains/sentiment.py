@@ -163,9 +163,9 @@ class SentimentDomain(Domain):
             "smoke": {"epochs": 1, "batch_size": 16, "max_len": 32},
             # `make run`: 3,000 texts sampled from all subsets, one epoch (≤ 3 min on 2 cores).
             "quick": {"epochs": 1, "train_limit": 3000},
-            # The committed model: one epoch over 8,000 sampled training texts (about half the
-            # split), sized to train in ~35 min on 2 cores shared with other work.
-            "full": {"epochs": 1, "train_limit": 8000},
+            # The committed model: one epoch over the whole training split (16.5k texts). Half of
+            # it (8,000 texts) reached 0.801 on held-out tweets, under VADER's 0.808.
+            "full": {"epochs": 1, "train_limit": 0},
         }
         return {**common, **profiles[profile]}
 
