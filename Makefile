@@ -23,7 +23,7 @@ run: venv
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/mypy cityserve domains training cluster services bench
+	$(BIN)/mypy cityserve domains training cluster services bench tests
 
 unit: venv
 	$(BIN)/pytest -q tests/unit

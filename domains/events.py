@@ -35,17 +35,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
-from domains.base import Batch, Domain, Evaluation, MetricRow, Predictor
-from domains.errors import InvalidInput
+from domains.base import Batch, Evaluation, MetricRow, Predictor
 from domains.metrics import accuracy, f1_per_class, macro_f1
 from domains.text import (
-    TOKENIZER_DIR,
     TextClassifier,
     TextDataset,
+    TextDomain,
+    TextPredictor,
     encoder_config,
     load_tokenizer,
-    pad_collate,
-    run_text_model,
 )
 from training.data import events as data
 from training.data.common import load_table, read_manifest
@@ -140,28 +138,20 @@ def decide(label_probs: np.ndarray, priority_probs: np.ndarray) -> tuple[np.ndar
     return label, np.maximum(priority_probs.argmax(-1), _BASE_LEVEL[label])
 
 
-class EventsPredictor(Predictor):
+class EventsPredictor(TextPredictor):
     """A fine-tuned events model and its tokenizer, loaded from a model directory."""
 
-    def __init__(self, version: str, model: TextClassifier, tokenizer: Any, max_len: int) -> None:
-        super().__init__(version)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_len = max_len
+    request_type = EventRequest
 
     def outputs(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities (n, 10) in `LABELS` order and priority probabilities (n, 3)."""
         if not texts:
             return np.zeros((0, len(LABELS))), np.zeros((0, len(PRIORITIES)))
-        out = run_text_model(self.model, self.tokenizer, list(texts), self.max_len)
+        out = self.run(texts)
         return out["label"], out["priority"]
 
     def predict(self, items: Sequence[BaseModel]) -> list[BaseModel]:
-        texts = []
-        for i, item in enumerate(items):
-            if not isinstance(item, EventRequest):
-                raise InvalidInput(f"item {i} is a {type(item).__name__}, not an EventRequest", field="text")
-            texts.append(item.text)
+        texts = self.texts(items)
         label_probs, priority_probs = self.outputs(texts)
         labels, priorities = decide(label_probs, priority_probs)
         responses: list[BaseModel] = []
@@ -175,7 +165,7 @@ class EventsPredictor(Predictor):
         return responses
 
 
-class EventsDomain(Domain):
+class EventsDomain(TextDomain):
     """Ten-class city report routing with a priority, fine-tuned from MiniLM (see the module docstring)."""
 
     name = "events"
@@ -231,9 +221,6 @@ class EventsDomain(Domain):
         }, int(meta["max_len"]))
         return train_ds, TextDataset(tokenizer, valid["text"].tolist(), encode_targets(valid), int(meta["max_len"]))
 
-    def collate(self, items: list[Any]) -> Batch:
-        return pad_collate(items)
-
     def build_model(self, config: dict[str, Any], meta: dict[str, Any]) -> nn.Module:
         return TextClassifier(
             {"label": len(meta["labels"]), "priority": len(meta["priorities"])}, meta["encoder"],
@@ -267,14 +254,8 @@ class EventsDomain(Domain):
             "val_loss": total / max(n, 1),
         }
 
-    def save_extras(self, model_dir: Path, meta: dict[str, Any]) -> None:
-        load_tokenizer().save_pretrained(Path(model_dir) / TOKENIZER_DIR)
-
     # ---- serving and evaluation --------------------------------------------------------------
-    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu") -> EventsPredictor:
-        model, _, meta = self.load_model_files(Path(model_dir))
-        tokenizer = load_tokenizer(Path(model_dir) / TOKENIZER_DIR)
-        return EventsPredictor(version, model.to(device), tokenizer, int(meta["max_len"]))  # type: ignore[arg-type]
+    predictor_class = EventsPredictor
 
     def evaluate(self, predictor: Predictor, data_dir: Path, figure: Path) -> Evaluation:
         if not isinstance(predictor, EventsPredictor):

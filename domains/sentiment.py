@@ -29,17 +29,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
-from domains.base import Batch, Domain, Evaluation, MetricRow, Predictor
-from domains.errors import InvalidInput
+from domains.base import Batch, Evaluation, MetricRow, Predictor
 from domains.metrics import accuracy, f1_per_class, macro_f1
 from domains.text import (
-    TOKENIZER_DIR,
     TextClassifier,
     TextDataset,
+    TextDomain,
+    TextPredictor,
     encoder_config,
     load_tokenizer,
-    pad_collate,
-    run_text_model,
 )
 from training.data import sentiment as data
 from training.data.common import load_table, read_manifest
@@ -105,28 +103,20 @@ class SentimentResponse(BaseModel):
     )
 
 
-class SentimentPredictor(Predictor):
+class SentimentPredictor(TextPredictor):
     """A fine-tuned sentiment model and its tokenizer, loaded from a model directory."""
 
-    def __init__(self, version: str, model: TextClassifier, tokenizer: Any, max_len: int) -> None:
-        super().__init__(version)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_len = max_len
+    request_type = SentimentRequest
 
     def outputs(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities (n, 3) in `LABELS` order and scores (n,) of raw texts."""
         if not texts:
             return np.zeros((0, len(LABELS))), np.zeros(0)
-        out = run_text_model(self.model, self.tokenizer, list(texts), self.max_len)
+        out = self.run(texts)
         return out["label"], out["score"]
 
     def predict(self, items: Sequence[BaseModel]) -> list[BaseModel]:
-        texts = []
-        for i, item in enumerate(items):
-            if not isinstance(item, SentimentRequest):
-                raise InvalidInput(f"item {i} is a {type(item).__name__}, not a SentimentRequest", field="text")
-            texts.append(item.text)
+        texts = self.texts(items)
         probs, scores = self.outputs(texts)
         return [
             SentimentResponse(
@@ -138,7 +128,7 @@ class SentimentPredictor(Predictor):
         ]
 
 
-class SentimentDomain(Domain):
+class SentimentDomain(TextDomain):
     """Three-class sentiment with a score, fine-tuned from MiniLM (see the module docstring)."""
 
     name = "sentiment"
@@ -190,9 +180,6 @@ class SentimentDomain(Domain):
         valid = load_table(data_dir, self.name, "valid")
         return _dataset(train, meta["max_len"]), _dataset(valid, meta["max_len"])
 
-    def collate(self, items: list[Any]) -> Batch:
-        return pad_collate(items)
-
     def build_model(self, config: dict[str, Any], meta: dict[str, Any]) -> nn.Module:
         return TextClassifier(
             {"label": len(meta["labels"])}, meta["encoder"], pretrained=bool(config.get("pretrained", False)),
@@ -219,14 +206,8 @@ class SentimentDomain(Domain):
             "val_loss": total / max(n, 1),
         }
 
-    def save_extras(self, model_dir: Path, meta: dict[str, Any]) -> None:
-        load_tokenizer().save_pretrained(Path(model_dir) / TOKENIZER_DIR)
-
     # ---- serving and evaluation --------------------------------------------------------------
-    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu") -> SentimentPredictor:
-        model, _, meta = self.load_model_files(Path(model_dir))
-        tokenizer = load_tokenizer(Path(model_dir) / TOKENIZER_DIR)
-        return SentimentPredictor(version, model.to(device), tokenizer, int(meta["max_len"]))  # type: ignore[arg-type]
+    predictor_class = SentimentPredictor
 
     def evaluate(self, predictor: Predictor, data_dir: Path, figure: Path) -> Evaluation:
         if not isinstance(predictor, SentimentPredictor):

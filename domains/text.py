@@ -11,14 +11,16 @@ import importlib.resources
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import Dataset
 
-from domains.base import Batch
+from domains.base import Batch, Domain, Predictor
+from domains.errors import InvalidInput
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub, even by accident
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -150,3 +152,46 @@ def run_text_model(
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     return {name: np.concatenate(parts)[inverse] for name, parts in chunks.items()}
+
+
+class TextPredictor(Predictor):
+    """A fine-tuned text model and its tokenizer, loaded from a model directory."""
+
+    request_type: ClassVar[type[BaseModel]]  # the domain's request item (it has a `text` field)
+
+    def __init__(self, version: str, model: TextClassifier, tokenizer: Any, max_len: int) -> None:
+        super().__init__(version)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+
+    def texts(self, items: Sequence[BaseModel]) -> list[str]:
+        """The texts of request items, refusing an item of another domain."""
+        texts = []
+        for i, item in enumerate(items):
+            if not isinstance(item, self.request_type):
+                raise InvalidInput(f"item {i} is a {type(item).__name__}, not a {self.request_type.__name__}",
+                                   field="text")
+            texts.append(str(getattr(item, "text")))  # noqa: B009 - request_type is only known at run time
+        return texts
+
+    def run(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        return run_text_model(self.model, self.tokenizer, list(texts), self.max_len)
+
+
+class TextDomain(Domain):
+    """What the two MiniLM domains share: dynamic padding, the saved tokenizer, predictor loading."""
+
+    predictor_class: ClassVar[type[TextPredictor]]
+
+    def collate(self, items: list[Any]) -> Batch:
+        return pad_collate(items)
+
+    def save_extras(self, model_dir: Path, meta: dict[str, Any]) -> None:
+        load_tokenizer().save_pretrained(Path(model_dir) / TOKENIZER_DIR)
+
+    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu") -> TextPredictor:
+        model, _, meta = self.load_model_files(Path(model_dir))
+        tokenizer = load_tokenizer(Path(model_dir) / TOKENIZER_DIR)
+        assert isinstance(model, TextClassifier)
+        return self.predictor_class(version, model.to(device), tokenizer, int(meta["max_len"]))

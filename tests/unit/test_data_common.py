@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from domains.errors import DataError
-from training.data.common import load_table, read_manifest, read_user_file, validate_frame, write_splits
+from training.data.common import Kind, load_table, read_manifest, read_user_file, validate_frame, write_splits
 
-COLUMNS = {"timestamp": "datetime", "value": "float", "sensor": "str"}
+COLUMNS: dict[str, Kind] = {"timestamp": "datetime", "value": "float", "sensor": "str"}
 
 
 def frame(**changes: list[object]) -> pd.DataFrame:
