@@ -21,8 +21,6 @@ from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from domains.errors import ConfigError
-
 Batch = dict[str, torch.Tensor]
 
 # Files that every model directory (a Train checkpoint, a registry version) holds.
@@ -149,9 +147,9 @@ class Domain(ABC):
     def save_extras(self, model_dir: Path, meta: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Writes files beyond weights/config/meta that a predictor needs (a tokenizer, say)."""
 
+    @abstractmethod
     def search_space(self) -> dict[str, SearchParam]:
         """The hyperparameters `cityserve tune` sweeps by default, with their ranges."""
-        raise ConfigError(f"{self.name} declares no search space; pass one with --space FILE")
 
     # ---- serving and evaluation --------------------------------------------------------------
     @abstractmethod

@@ -46,7 +46,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from domains import metrics
-from domains.base import Batch, Domain, Evaluation, MetricRow, Predictor
+from domains.base import Batch, Domain, Evaluation, MetricRow, Predictor, SearchParam
 from domains.errors import InvalidInput
 from training.data import energy as energy_data
 from training.data.common import load_table, read_manifest
@@ -594,6 +594,15 @@ class EnergyDomain(Domain):
             "full": {"epochs": 30, "lr": 1e-3, "patience": 6, "hidden": 128, "train_stride": 1},
         }
         return {**common, **profiles[profile]}
+
+    def search_space(self) -> dict[str, SearchParam]:
+        return {
+            "lr": SearchParam("loguniform", 3e-4, 1e-2),
+            "weight_decay": SearchParam("loguniform", 1e-5, 1e-2),
+            "hidden": SearchParam("choice", values=(64, 128, 192)),
+            "context": SearchParam("choice", values=(32, 64, 128)),
+            "dropout": SearchParam("uniform", 0.0, 0.4),
+        }
 
     def fit_meta(self, data_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
         manifest = read_manifest(data_dir, self.name)

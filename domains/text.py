@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import Dataset
 
-from domains.base import Batch, Domain, Predictor
+from domains.base import Batch, Domain, Predictor, SearchParam
 from domains.errors import InvalidInput
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub, even by accident
@@ -186,6 +186,18 @@ class TextDomain(Domain):
 
     def collate(self, items: list[Any]) -> Batch:
         return pad_collate(items)
+
+    def search_space(self) -> dict[str, SearchParam]:
+        """Fine-tuning knobs; `freeze_layers` freezes embeddings plus the first N of 6 layers."""
+        return {
+            "lr": SearchParam("loguniform", 2e-5, 3e-4),
+            "weight_decay": SearchParam("loguniform", 1e-4, 1e-1),
+            "warmup_frac": SearchParam("uniform", 0.0, 0.2),
+            "batch_size": SearchParam("choice", values=(16, 32)),
+            "dropout": SearchParam("uniform", 0.0, 0.3),
+            "freeze_layers": SearchParam("randint", 0, 4),
+            "max_len": SearchParam("choice", values=(32, 64, 96)),
+        }
 
     def save_extras(self, model_dir: Path, meta: dict[str, Any]) -> None:
         load_tokenizer().save_pretrained(Path(model_dir) / TOKENIZER_DIR)

@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from domains import metrics
-from domains.base import Batch, Domain, Evaluation, MetricRow, Predictor
+from domains.base import Batch, Domain, Evaluation, MetricRow, Predictor, SearchParam
 from domains.errors import InvalidInput
 
 HORIZONS = ("15min", "30min", "60min")
@@ -506,6 +506,16 @@ class TrafficDomain(Domain):
         from training.data.common import load_table
 
         return {name: load_table(data_dir, self.name, f"{name}_{split}") for name in NETWORKS}
+
+    def search_space(self) -> dict[str, SearchParam]:
+        return {
+            "lr": SearchParam("loguniform", 3e-4, 1e-2),
+            "weight_decay": SearchParam("loguniform", 1e-4, 1e-1),
+            "hidden": SearchParam("choice", values=(32, 64, 96, 128)),
+            "layers": SearchParam("randint", 1, 3),
+            "node_dim": SearchParam("choice", values=(8, 16, 32)),
+            "dropout": SearchParam("uniform", 0.0, 0.3),
+        }
 
     def fit_meta(self, data_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
         """Sensor ids, mean counts (the unit the model works in) and smoothed profiles, from train only."""

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from domains import DOMAINS, get_domain
 from domains.base import SearchParam
 from domains.errors import ConfigError
+from training.loop import build_config
 from training.tune import SweepOptions, _grid_values, load_space, validate_space
 
 BASE = {"lr": 1e-3, "dropout": 0.1, "hidden": 64, "epochs": 3}
@@ -69,3 +71,12 @@ def test_space_file(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"lr": {"kind": "loguniform", "lowest": 1}}))
     with pytest.raises(ConfigError, match="not a search space"):
         load_space(bad)
+
+
+@pytest.mark.parametrize("name", sorted(DOMAINS))
+def test_every_domain_declares_a_valid_space(name: str, tmp_path: Path) -> None:
+    domain = get_domain(name)
+    base = build_config(domain, "quick", tmp_path, threads=1)
+    space = domain.search_space()
+    validate_space(space, base)
+    assert len(space) >= 4
