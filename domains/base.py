@@ -94,6 +94,8 @@ class Domain(ABC):
     # Pydantic models of one request item and one response item (the data contract).
     request_model: ClassVar[type[BaseModel]]
     response_model: ClassVar[type[BaseModel]]
+    # Flags of `cityserve data prepare` that the full profile's data needs (traffic: --full-sim).
+    full_data_flags: ClassVar[str] = ""
 
     # ---- data (build side) -------------------------------------------------------------------
     @abstractmethod

@@ -480,6 +480,8 @@ class TrafficPredictor(Predictor):
 class TrafficDomain(Domain):
     """Traffic counts: P10/P50/P90 at 15/30/60 minutes for every sensor of a network."""
 
+    full_data_flags = "--full-sim"  # the 10-day simulated set, a one-off step
+
     name = "traffic"
     metric = "val_mae"
     mode = "min"

@@ -20,8 +20,10 @@ from training.registry import Registry, Version
 def reproduce_command(version: Version) -> str:
     """The command that rebuilds this report from a fresh checkout."""
     domain, profile = version.domain, version.record.get("profile", "quick")
-    return (f"make venv && .venv/bin/cityserve train {domain} --profile {profile} --promote "
-            f"&& .venv/bin/cityserve evaluate {domain}")
+    flags = get_domain(domain).full_data_flags if profile == "full" else ""
+    return (f"make venv && .venv/bin/cityserve data prepare {domain} {flags}".rstrip()
+            + f" && .venv/bin/cityserve train {domain} --profile {profile} --promote"
+            f" && .venv/bin/cityserve evaluate {domain}")
 
 
 def build_report(version: Version, evaluation: Evaluation) -> dict[str, Any]:
