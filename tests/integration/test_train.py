@@ -40,9 +40,12 @@ def test_smoke_run_with_two_workers_registers_and_evaluates(settings: Settings, 
 
 
 def _train_workers() -> list[Any]:
+    import ray
     from ray.util.state import list_actors
 
-    return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+    # Name our cluster: other Ray clusters on the machine would make auto-detection refuse.
+    return list_actors(address=ray.get_runtime_context().gcs_address, detail=True,
+                       filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
 
 
 def test_killed_worker_resumes_from_last_checkpoint(settings: Settings) -> None:
