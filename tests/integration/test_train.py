@@ -57,11 +57,12 @@ def test_killed_worker_resumes_from_last_checkpoint(settings: Settings) -> None:
     thread = threading.Thread(target=lambda: outcome.update(result=trainer.fit()), daemon=True)
     thread.start()
 
-    # Wait for the first checkpoint, then kill a worker process (SIGKILL: no chance to clean up).
+    # A checkpoint folder appears before its report is registered: once the second one appears,
+    # the first is surely registered. Then kill a worker process (SIGKILL: no chance to clean up).
     deadline = time.monotonic() + 240
-    while not list(run_dir.glob("checkpoint_*")) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert list(run_dir.glob("checkpoint_*")), "no checkpoint was written within 240 s"
+    while len(list(run_dir.glob("checkpoint_*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert len(list(run_dir.glob("checkpoint_*"))) >= 2, "no two checkpoints were written within 240 s"
     workers = _train_workers()
     assert workers, "no live Ray Train worker to kill"
     os.kill(workers[0]["pid"], signal.SIGKILL)
