@@ -49,7 +49,7 @@ def _train_workers() -> list[Any]:
 
 
 def test_killed_worker_resumes_from_last_checkpoint(settings: Settings) -> None:
-    epochs = 12  # smoke epochs last ~1.5 s: enough of them that the kill lands mid-run
+    epochs = 20  # smoke epochs last ~1-2 s: enough of them that the kill lands mid-run
     trainer, _ = make_trainer("sentiment", settings, profile="smoke", num_workers=2, cpus_per_worker=1,
                               epochs=epochs, overrides={"patience": epochs})
     run_dir = Path(settings.storage_uri()) / trainer.run_config.name
@@ -57,12 +57,14 @@ def test_killed_worker_resumes_from_last_checkpoint(settings: Settings) -> None:
     thread = threading.Thread(target=lambda: outcome.update(result=trainer.fit()), daemon=True)
     thread.start()
 
-    # A checkpoint folder appears before its report is registered: once the second one appears,
-    # the first is surely registered. Then kill a worker process (SIGKILL: no chance to clean up).
+    # A checkpoint folder appears before its report is registered: Ray Train V2's controller
+    # collects reports when it polls the workers (every 2 s). Give it two polls after the first
+    # folder, then kill a worker process (SIGKILL: no chance to clean up).
     deadline = time.monotonic() + 240
-    while len(list(run_dir.glob("checkpoint_*"))) < 2 and time.monotonic() < deadline:
+    while not list(run_dir.glob("checkpoint_*")) and time.monotonic() < deadline:
         time.sleep(0.25)
-    assert len(list(run_dir.glob("checkpoint_*"))) >= 2, "no two checkpoints were written within 240 s"
+    assert list(run_dir.glob("checkpoint_*")), "no checkpoint was written within 240 s"
+    time.sleep(5)
     workers = _train_workers()
     assert workers, "no live Ray Train worker to kill"
     os.kill(workers[0]["pid"], signal.SIGKILL)
