@@ -44,6 +44,7 @@ from domains.text import (
     TextPredictor,
     encoder_config,
     load_tokenizer,
+    plot_confusion,
 )
 from training.data import events as data
 from training.data.common import load_table, read_manifest
@@ -388,19 +389,10 @@ def draw_confusion(figure: Path, y: np.ndarray, pred: np.ndarray, version: str) 
     import matplotlib.pyplot as plt
 
     k = len(LABELS)
-    counts = np.zeros((k, k), dtype=int)
-    np.add.at(counts, (y, pred), 1)
-    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(8, 7))
-    ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
-    for i in range(k):
-        for j in range(k):
-            if counts[i, j]:
-                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if share[i, j] > 0.5 else "black")
+    plot_confusion(ax, y, pred, LABELS, fontsize=8, skip_zero=True)
     ax.set_xticks(range(k), LABELS, rotation=45, ha="right")
     ax.set_yticks(range(k), LABELS)
-    ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"events {version}: template_disjoint (macro-F1 {macro_f1(y, pred, range(k)):.3f}; "
                  "rows normalised, counts shown)", fontsize=10)

@@ -38,6 +38,7 @@ from domains.text import (
     TextPredictor,
     encoder_config,
     load_tokenizer,
+    plot_confusion,
 )
 from training.data import sentiment as data
 from training.data.common import load_table, read_manifest
@@ -365,17 +366,10 @@ def draw_confusion(figure: Path, subsets: np.ndarray, y: np.ndarray, pred: np.nd
     k = len(LABELS)
     for ax, subset in zip(axes[0], names, strict=True):
         keep = subsets == subset
-        counts = np.zeros((k, k), dtype=int)
-        np.add.at(counts, (y[keep], pred[keep]), 1)
-        share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-        ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, str(counts[i, j]), ha="center", va="center",
-                        color="white" if share[i, j] > 0.5 else "black", fontsize=9)
-        ax.set_xticks(range(k), [lab[:3] for lab in LABELS])
-        ax.set_yticks(range(k), [lab[:3] for lab in LABELS])
-        ax.set_xlabel("predicted")
+        short = [lab[:3] for lab in LABELS]
+        plot_confusion(ax, y[keep], pred[keep], short, fontsize=9, skip_zero=False)
+        ax.set_xticks(range(k), short)
+        ax.set_yticks(range(k), short)
         ax.set_title(f"{subset} (acc {accuracy(y[keep], pred[keep]):.3f})")
     axes[0][0].set_ylabel("true")
     fig.suptitle(f"sentiment {version}: test confusion matrices (rows normalised, counts shown)")

@@ -207,3 +207,19 @@ class TextDomain(Domain):
         tokenizer = load_tokenizer(Path(model_dir) / TOKENIZER_DIR)
         assert isinstance(model, TextClassifier)
         return self.predictor_class(version, model.to(device), tokenizer, int(meta["max_len"]))
+
+
+def plot_confusion(ax: Any, y: np.ndarray, pred: np.ndarray, tick_labels: Sequence[str], *,
+                   fontsize: int, skip_zero: bool) -> None:
+    """Draws a row-normalised confusion matrix on `ax` with the counts in the cells."""
+    k = len(tick_labels)
+    counts = np.zeros((k, k), dtype=int)
+    np.add.at(counts, (y, pred), 1)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            if counts[i, j] or not skip_zero:
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=fontsize,
+                        color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
