@@ -37,6 +37,7 @@ from domains.text import (
     TextDomain,
     TextPredictor,
     encoder_config,
+    length_sorted_batches,
     load_tokenizer,
     plot_confusion,
 )
@@ -313,12 +314,8 @@ def frozen_embeddings(data_dir: Path, tables: dict[str, pd.DataFrame], data_sha2
 @torch.no_grad()
 def embed_texts(model: TextClassifier, tokenizer: Any, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
     """Frozen mean-pooled embeddings (n, hidden), computed in length-sorted chunks."""
-    order = np.argsort([len(t) for t in texts], kind="stable")
     out = np.empty((len(texts), model.encoder.config.hidden_size), dtype=np.float32)
-    for start in range(0, len(texts), batch_size):
-        idx = order[start : start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=PROBE_MAX_LEN, padding=True,
-                        return_tensors="pt")
+    for idx, enc in length_sorted_batches(tokenizer, texts, PROBE_MAX_LEN, batch_size):
         out[idx] = model.embed(enc["input_ids"], enc["attention_mask"]).numpy()
     return out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -131,6 +131,17 @@ def pad_collate(items: Sequence[dict[str, Any]], pad_id: int = 0) -> Batch:
     return batch
 
 
+def length_sorted_batches(
+    tokenizer: Any, texts: Sequence[str], max_len: int, batch_size: int
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """Yields (indices, tokenised batch) over texts sorted by length: little padding per batch."""
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    for start in range(0, len(texts), batch_size):
+        idx = order[start : start + batch_size]
+        yield idx, tokenizer([texts[i] for i in idx], truncation=True, max_length=max_len, padding=True,
+                             return_tensors="pt")
+
+
 @torch.no_grad()
 def run_text_model(
     model: TextClassifier, tokenizer: Any, texts: Sequence[str], max_len: int, batch_size: int = 64
@@ -138,20 +149,16 @@ def run_text_model(
     """Inference over texts in length-sorted chunks; returns each output (probabilities for heads,
     values for `score`) in the input order."""
     device = next(model.parameters()).device
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    chunks: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(texts), batch_size):
-        idx = order[start : start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_len, padding=True,
-                        return_tensors="pt")
+    outputs: dict[str, np.ndarray] = {}
+    for idx, enc in length_sorted_batches(tokenizer, texts, max_len, batch_size):
         out = model(enc["input_ids"].to(device), enc["attention_mask"].to(device))
         for name, value in out.items():
             value = value.float()
             arr = (value if name == "score" else torch.softmax(value, dim=-1)).cpu().numpy()
-            chunks.setdefault(name, []).append(arr)
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return {name: np.concatenate(parts)[inverse] for name, parts in chunks.items()}
+            if name not in outputs:
+                outputs[name] = np.empty((len(texts), *arr.shape[1:]), dtype=arr.dtype)
+            outputs[name][idx] = arr
+    return outputs
 
 
 class TextPredictor(Predictor):
