@@ -15,7 +15,7 @@ from rich.table import Table
 
 from cityserve.config import get_settings
 from domains import DOMAINS
-from domains.errors import CityServeError
+from domains.errors import CityServeError, Interrupted
 
 console = Console()
 F = TypeVar("F", bound=Callable[..., Any])
@@ -23,7 +23,7 @@ DOMAIN = click.Choice(sorted(DOMAINS))
 
 
 def friendly_errors(func: F) -> F:
-    """Prints the platform's own errors as one clear line (exit 2), never a traceback."""
+    """Prints the platform's own errors as one clear line (exit 2; 130 when interrupted), never a traceback."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -31,7 +31,7 @@ def friendly_errors(func: F) -> F:
             return func(*args, **kwargs)
         except CityServeError as exc:
             console.print(f"[red]error[/red] ({exc.code}): {exc.message}")
-            sys.exit(2)
+            sys.exit(130 if isinstance(exc, Interrupted) else 2)
 
     return wrapper  # type: ignore[return-value]
 
@@ -159,24 +159,30 @@ def tune(domain: str, num_samples: int, scheduler: str, search: str, max_concurr
 @click.argument("domain", type=DOMAIN)
 @click.option("--version", "ref", default="production", show_default=True, help="Version id or alias.")
 @click.option("--out", type=click.Path(path_type=Path), help="Report folder (default: CITYSERVE_REPORTS_DIR).")
+@click.option("--sweep", "sweep_ref", metavar="VERSION", help="Also score this swept version (report key `sweep`).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def evaluate(domain: str, ref: str, out: Path | None, as_json: bool) -> None:
+def evaluate(domain: str, ref: str, out: Path | None, sweep_ref: str | None, as_json: bool) -> None:
     """Score a version of DOMAIN on its test split; writes reports/DOMAIN.json and a PNG."""
     from training.evaluate import evaluate as run_evaluation
 
     settings = get_settings()
     out = out or settings.reports_dir
-    report, evaluation = run_evaluation(domain, settings, ref, out)
+    report, evaluation = run_evaluation(domain, settings, ref, out, sweep_ref)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
+    swept = report.get("sweep")
+    swept_by_key = {(m["subset"], m.get("horizon", ""), m.get("label", ""), m["name"]): m["model"]
+                    for m in (swept["metrics"] if swept else [])}
     rows = []
     for r in evaluation.rows:
         base = ", ".join(f"{k} {v:.4g}" for k, v in r.baselines.items())
-        rows.append((r.subset, r.horizon or "", r.label or "", r.name, r.model, base))
-    print_table(f"{domain} {report['version']} on the test split", ["subset", "horizon", "label", "metric",
-                "model", "baselines"], rows, False)
+        key = (r.subset, r.horizon or "", r.label or "", r.name)
+        rows.append((*key, r.model, swept_by_key.get(key, ""), base) if swept else (*key, r.model, base))
+    columns = ["subset", "horizon", "label", "metric", report["version"]]
+    columns += [f"{swept['version']} (swept)"] if swept else []
+    print_table(f"{domain} on the test split", [*columns, "baselines"], rows, False)
     for note in evaluation.notes:
         console.print(f"- {note}")
     console.print(f"report: {out / (domain + '.json')}; figure: {evaluation.figure}")

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 from cityserve.config import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def connect(settings: Settings, *, num_cpus: int | None = None, **kwargs: Any) -> None:
@@ -20,9 +28,37 @@ def connect(settings: Settings, *, num_cpus: int | None = None, **kwargs: Any) -
         return
     # Training output from workers reaches this driver; keep Ray's own progress bars quiet.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Ray's own actors find their cluster through the state API, which without RAY_ADDRESS guesses
+    # from the machine's processes and gives up when two clusters run (tests beside `make run`).
+    # Train's PlacementGroupCleaner then dies, so a trial stopped by ASHA leaks its workers' CPUs
+    # and the next trials wait forever. So every worker of our jobs is told the address.
     if settings.ray_address:
-        ray.init(address=settings.ray_address, **kwargs)
+        ray.init(address=settings.ray_address, runtime_env=_with_address(kwargs, settings.ray_address), **kwargs)
         return
     temp = str(settings.ray_temp_dir.resolve()) if settings.ray_temp_dir else None
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", _temp_dir=temp, **kwargs)
+    port = free_port()  # our own cluster's address must be known before it starts
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", _temp_dir=temp,
+                 runtime_env=_with_address(kwargs, f"127.0.0.1:{port}"), **kwargs)
+    finally:
+        del os.environ["RAY_GCS_SERVER_PORT"]
+
+
+# Train gives a worker group 60 s to start, then fails the attempt; on 2 busy cores starting one
+# (a process importing torch) has taken longer than that during a sweep. A set value is kept.
+WORKER_START_TIMEOUT = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+
+
+def _with_address(kwargs: dict[str, Any], address: str) -> dict[str, Any]:
+    """The caller's runtime_env (popped from kwargs) plus RAY_ADDRESS ("auto" already means "guess")
+    and Train's worker start timeout, for every worker of this job."""
+    runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+    env = {**runtime_env.get("env_vars", {})}
+    if address != "auto":
+        env["RAY_ADDRESS"] = address
+    name, default = WORKER_START_TIMEOUT
+    env.setdefault(name, os.environ.get(name, default))
+    runtime_env["env_vars"] = env
+    return runtime_env

@@ -54,3 +54,9 @@ class ConfigError(CityServeError):
     """A flag, profile or hyperparameter is refused before anything starts."""
 
     code = "bad_config"
+
+
+class Interrupted(CityServeError):
+    """A long run stopped by the user (Ctrl-C) before it finished; says how to continue it."""
+
+    code = "interrupted"

