@@ -4,12 +4,13 @@ Both sweeps are `cityserve tune` (`training.tune.sweep`: every trial the same Ra
 bounded problems deep enough for early stopping to matter:
 - sentiment: the MiniLM model with its encoder fully frozen, so each epoch trains only the heads
   over pooled features embedded once and cached (fine-tuning the encoder costs 10-19 min an
-  epoch here); all 16.5k training texts, 12 epochs a full trial.
-- energy: the forecaster on every 8th training window, 9 epochs a full trial.
+  epoch here); 4,000 training texts, 12 epochs a full trial.
+- energy: the forecaster on every 16th training window, 9 epochs a full trial.
 The loop's own early stopping is off (patience = epochs) so only the scheduler stops trials.
 Compute is trial-epochs (epochs actually run, summed over trials); ASHA runs as many trials as the
-grid has points. Each sweep gets a throwaway registry and storage. Writes
-`bench/results/tune_efficiency.json` (`shared/schemas/tune_efficiency.schema.json`) and prints it.
+grid has points. Each sweep gets a throwaway registry and storage. Each domain's row (grid and
+ASHA from one run) replaces that domain's row in `bench/results/tune_efficiency.json`
+(`shared/schemas/tune_efficiency.schema.json`) as soon as it is measured; the file is printed.
 
     .venv/bin/python -m bench.tune_efficiency [--domain sentiment|energy ...]
 """
@@ -36,12 +37,12 @@ from training.tune import SweepOptions, sweep
 
 PROBLEMS: dict[str, dict[str, Any]] = {
     "sentiment": {
-        "overrides": {"freeze_layers": 6, "max_len": 64, "train_limit": 0, "epochs": 12, "patience": 12},
+        "overrides": {"freeze_layers": 6, "max_len": 64, "train_limit": 4000, "epochs": 12, "patience": 12},
         "space": {"lr": SearchParam("loguniform", 3e-4, 3e-2), "dropout": SearchParam("uniform", 0.0, 0.4),
-                  "batch_size": SearchParam("choice", values=(32, 128, 512))},
+                  "batch_size": SearchParam("choice", values=(64, 512))},
     },
     "energy": {
-        "overrides": {"train_stride": 8, "epochs": 9, "patience": 9},
+        "overrides": {"train_stride": 16, "epochs": 9, "patience": 9},
         "space": {"lr": SearchParam("loguniform", 3e-4, 1e-2), "dropout": SearchParam("uniform", 0.0, 0.4),
                   "hidden": SearchParam("choice", values=(64, 192))},
     },
@@ -89,7 +90,7 @@ def measure(domain: str) -> dict[str, Any]:
     return {"domain": domain, "metric": dom.metric, "mode": dom.mode, "grid": grid, "asha": asha,
             "relative_gap": round(gap / abs(grid["best"]), 4),
             "compute_share": round(asha["trial_epochs"] / grid["trial_epochs"], 4),
-            "problem": {k: v for k, v in PROBLEMS[domain]["overrides"].items()}}
+            "problem": dict(PROBLEMS[domain]["overrides"]), "load_average": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:
@@ -97,10 +98,13 @@ def main() -> None:
     parser.add_argument("--domain", action="append", choices=sorted(PROBLEMS))
     args = parser.parse_args()
     connect(get_settings())
-    rows = [measure(d) for d in args.domain or sorted(PROBLEMS)]
-    out = {"load_average": round(os.getloadavg()[0], 2), "rows": rows}
-    write_json_atomic(RESULTS / "tune_efficiency.json", out)
-    print(json.dumps(out, indent=2))
+    path = RESULTS / "tune_efficiency.json"
+    for domain in args.domain or sorted(PROBLEMS):
+        row = measure(domain)
+        rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+        rows = sorted([r for r in rows if r["domain"] != domain] + [row], key=lambda r: r["domain"])
+        write_json_atomic(path, {"rows": rows})
+    print(path.read_text())
 
 
 if __name__ == "__main__":

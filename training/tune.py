@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import signal
 import threading
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cityserve.config import Settings
@@ -40,6 +42,8 @@ CHECKPOINT_PATH_KEY = "checkpoint_path"  # what TuneReportCallback adds to each 
 TRIALS_FILE = "trials.parquet"
 FIGURE_FILE = "sweep.png"
 SWEEP_KEYS = ("sweep_id", "storage_path")  # bookkeeping in a trial's config, not hyperparameters
+TUNE_KEYS = {"time_this_iter_s", "time_total_s", "time_since_restore", "timestamp", "training_iteration",
+             "iterations_since_restore", "pid", "done", CHECKPOINT_PATH_KEY}
 
 
 @dataclass(frozen=True)
@@ -324,7 +328,10 @@ def register_best(grid: Any, domain: Domain, settings: Settings, manifest: dict[
     history = best.metrics_dataframe.dropna(subset=[CHECKPOINT_PATH_KEY])
     values = history[domain.metric]
     row = history.loc[values.idxmax() if domain.mode == "max" else values.idxmin()]
-    metrics = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    # What the loop reported (Tune adds its clocks and a copy of the config: not model metrics).
+    metrics = {k: float(v) for k, v in row.items()
+               if isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_)
+               and not k.startswith("config/") and k not in TUNE_KEYS}
     config = {k: v for k, v in best.config.items() if k not in SWEEP_KEYS}
     return register_checkpoint(domain.name, settings, Checkpoint(path=row[CHECKPOINT_PATH_KEY]), metrics=metrics,
                                manifest=manifest, config=config,

@@ -33,6 +33,7 @@ def test_asha_sweep_registers_the_best_trial_as_a_candidate(settings: Settings, 
     assert version is not None and version.stage == "candidate"
     assert version.record["lineage"]["sweep"] == sweep_id
     assert version.metrics["val_mape"] == pytest.approx(trials["val_mape"].min())
+    assert 1 <= version.metrics["epoch"] <= 3 and not any(k.startswith(("config/", "time_")) for k in version.metrics)
     out = Path(settings.storage_uri()) / sweep_id
     assert (out / TRIALS_FILE).is_file() and (out / FIGURE_FILE).stat().st_size > 1000
 
