@@ -3,7 +3,8 @@
 Both sides run `training.loop.run_loop` with the same config and the same torch thread count; Ray
 Train gets one worker holding all the CPUs (`resources_per_worker={"CPU": threads}`). The figure is
 the median over epochs of each epoch's training samples/s (validation excluded). Writes
-`bench/results/train_throughput.json` (`shared/schemas/train_throughput.schema.json`) and prints it.
+`bench/results/train_throughput.json` (`shared/schemas/train_throughput.schema.json`), replacing
+each measured domain's row, and prints it.
 
     .venv/bin/python -m bench.train_throughput [--domain D ...] [--epochs 2] [--use-gpu]
 """
@@ -11,21 +12,19 @@ the median over epochs of each epoch's training samples/s (validation excluded).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench import save_row
 from cityserve.config import get_settings
 from cluster.local import connect
 from domains import DOMAINS
-from training.evaluate import write_json_atomic
 from training.loop import fit_plain
 from training.trainer import make_trainer
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # Fine-tuning MiniLM runs at ~10-30 samples/s on 2 cores: 640 texts an epoch (20 batches) keep
 # each text-domain side near a minute; throughput does not depend on how many texts an epoch has.
 SIZE = {"events": {"train_limit": 640}, "sentiment": {"train_limit": 640}}
@@ -57,11 +56,10 @@ def main() -> None:
     parser.add_argument("--use-gpu", action="store_true")
     args = parser.parse_args()
     connect(get_settings())
-    rows = [measure(d, min(args.epochs, 2), args.use_gpu) for d in args.domain or sorted(DOMAINS)]
-    out = {"load_average": round(os.getloadavg()[0], 2), "rows": rows}
     name = "train_throughput_gpu.json" if args.use_gpu else "train_throughput.json"
-    write_json_atomic(RESULTS / name, out)
-    print(json.dumps(out))
+    for domain in args.domain or sorted(DOMAINS):
+        path = save_row(name, measure(domain, min(args.epochs, 2), args.use_gpu))
+    print(path.read_text())
 
 
 if __name__ == "__main__":

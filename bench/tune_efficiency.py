@@ -18,20 +18,17 @@ ASHA from one run) replaces that domain's row in `bench/results/tune_efficiency.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import tempfile
 import time
 from dataclasses import replace
 from typing import Any
 
-from bench.train_throughput import RESULTS
+from bench import save_row
 from cityserve.config import get_settings
 from cluster.local import connect
 from domains import get_domain
 from domains.base import SearchParam
 from training.data.common import load_table, read_manifest
-from training.evaluate import write_json_atomic
 from training.trainer import ensure_data
 from training.tune import SweepOptions, sweep
 
@@ -90,7 +87,7 @@ def measure(domain: str) -> dict[str, Any]:
     return {"domain": domain, "metric": dom.metric, "mode": dom.mode, "grid": grid, "asha": asha,
             "relative_gap": round(gap / abs(grid["best"]), 4),
             "compute_share": round(asha["trial_epochs"] / grid["trial_epochs"], 4),
-            "problem": dict(PROBLEMS[domain]["overrides"]), "load_average": round(os.getloadavg()[0], 2)}
+            "problem": dict(PROBLEMS[domain]["overrides"])}
 
 
 def main() -> None:
@@ -98,12 +95,8 @@ def main() -> None:
     parser.add_argument("--domain", action="append", choices=sorted(PROBLEMS))
     args = parser.parse_args()
     connect(get_settings())
-    path = RESULTS / "tune_efficiency.json"
     for domain in args.domain or sorted(PROBLEMS):
-        row = measure(domain)
-        rows = json.loads(path.read_text())["rows"] if path.is_file() else []
-        rows = sorted([r for r in rows if r["domain"] != domain] + [row], key=lambda r: r["domain"])
-        write_json_atomic(path, {"rows": rows})
+        path = save_row("tune_efficiency.json", measure(domain))
     print(path.read_text())
 
 
