@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from cityserve.config import Settings
 from cluster.local import connect
-
-SCHEMAS = Path(__file__).resolve().parents[3] / "shared" / "schemas"
 
 
 @pytest.fixture(scope="session")
@@ -31,11 +26,3 @@ def ray_cluster(settings: Settings) -> Iterator[None]:
     connect(settings, num_cpus=2)
     yield
     ray.shutdown()
-
-
-def report_schema() -> dict[str, Any]:
-    path = SCHEMAS / "report.schema.json"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent: the shared schemas sit beside the project on developer machines and CI")
-    schema: dict[str, Any] = json.loads(path.read_text())
-    return schema

@@ -10,15 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 
 from cityserve.config import Settings
 from domains import DOMAINS, get_domain
+from tests.schemas import validate_report
 from training.evaluate import evaluate
 from training.trainer import make_trainer, train
-
-from .conftest import report_schema
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -34,7 +32,7 @@ def test_smoke_run_with_two_workers_registers_and_evaluates(settings: Settings, 
     assert len(version.record["data"]["manifest_sha256"]) == 64
 
     report, evaluation = evaluate(domain, settings, version.version, tmp_path)
-    jsonschema.validate(report, report_schema())
+    validate_report(report)
     assert report["version"] == version.version and report["profile"] == "quick"
     assert evaluation.figure is not None and evaluation.figure.stat().st_size > 1000
 

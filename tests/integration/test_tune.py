@@ -9,14 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import jsonschema
 import pytest
 
 from cityserve.config import Settings
+from tests.schemas import validate_report
 from training.evaluate import evaluate
 from training.tune import FIGURE_FILE, TRIALS_FILE, SweepOptions, sweep
-
-from .conftest import report_schema
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -39,7 +37,7 @@ def test_asha_sweep_registers_the_best_trial_as_a_candidate(settings: Settings, 
 
     # The swept version is scored like any other and reported under `sweep` beside the model.
     report, _ = evaluate("energy", settings, version.version, tmp_path, sweep_ref=version.version)
-    jsonschema.validate(report, report_schema())
+    validate_report(report)
     assert report["sweep"]["sweep_id"] == sweep_id and report["sweep"]["metrics"] == report["metrics"]
 
 

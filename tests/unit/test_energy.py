@@ -35,10 +35,10 @@ from domains.energy import (
 )
 from domains.errors import DataError, InvalidInput
 from domains.metrics import pinball
+from tests.schemas import validate_report
 from training.data import energy as energy_data
 from training.data.common import load_table, read_manifest
 
-SCHEMA = Path(__file__).resolve().parents[2] / "../shared/schemas/report.schema.json"
 META = {
     "series_names": ["england_wales", "victoria"],
     "series": {
@@ -359,9 +359,7 @@ def test_evaluation_rows_follow_the_report_schema(
     assert (by["victoria_2014", "mape"].baselines["same_time_last_week"]
             == by["victoria_2014_oracle_temp", "mape"].baselines["same_time_last_week"])
     assert (tmp_path / "energy.png").stat().st_size > 10_000
-    if SCHEMA.is_file():
-        jsonschema = pytest.importorskip("jsonschema")
-        report = {"domain": "energy", "version": "test-1", "profile": "quick", "command": "cityserve evaluate energy",
-                  "data": {"manifest_sha256": "x", "sources": energy_data.PACKAGED_SOURCES},
-                  "metrics": [r.as_json() for r in evaluation.rows]}
-        jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+    validate_report({"domain": "energy", "version": "test-1", "profile": "quick",
+                     "command": "cityserve evaluate energy",
+                     "data": {"manifest_sha256": "x", "sources": energy_data.PACKAGED_SOURCES},
+                     "metrics": [r.as_json() for r in evaluation.rows]})

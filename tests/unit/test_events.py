@@ -29,10 +29,10 @@ from domains.events import (
     decide,
     metric_rows,
 )
+from tests.schemas import validate_report
 from training.data import events as data
 from training.data.common import load_table, read_manifest
 
-SCHEMA = Path(__file__).resolve().parents[2] / "../shared/schemas/report.schema.json"
 # The frozen generator: the committed model was trained on exactly this corpus. A change to the
 # templates, slots, rates or sampling changes these; bump GENERATOR_VERSION and retrain if so.
 FROZEN_FULL_SHA256 = "84229d288ad2e6c54fab3f2ac5735abda34a2fd691579d6d32c70c8499b81893"
@@ -288,8 +288,6 @@ def test_smoke_fine_tune_predicts_and_evaluates(smoke_dir: Path, tmp_path: Path)
             for m in ("accuracy", "macro_f1", "priority_macro_f1")} <= names
     assert all(set(r.baselines) == {"tfidf_logreg"} for r in evaluation.rows)
     assert {r.label for r in evaluation.rows if r.name == "f1"} == set(LABELS)
-    if SCHEMA.is_file():
-        jsonschema = pytest.importorskip("jsonschema")
-        report = {"domain": "events", "version": "v1", "profile": "quick", "command": "test",
-                  "data": {"manifest_sha256": "x", "sources": []}, "metrics": [r.as_json() for r in evaluation.rows]}
-        jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+    validate_report({"domain": "events", "version": "v1", "profile": "quick", "command": "test",
+                     "data": {"manifest_sha256": "x", "sources": []},
+                     "metrics": [r.as_json() for r in evaluation.rows]})

@@ -26,10 +26,9 @@ from domains.sentiment import (
     majority_labels,
     vader_labels,
 )
+from tests.schemas import validate_report
 from training.data import sentiment as data
 from training.data.common import load_table, read_manifest
-
-SCHEMA = Path(__file__).resolve().parents[2] / "../shared/schemas/report.schema.json"
 
 
 @pytest.fixture(scope="module")
@@ -287,9 +286,6 @@ def test_smoke_fine_tune_predicts_and_evaluates(smoke_dir: Path, tmp_path: Path)
     assert {(s, m) for s in data.SUBSET_FILES for m in ("accuracy", "macro_f1")} <= names
     assert all(set(r.baselines) == {"vader", "linear_probe", "majority"} for r in evaluation.rows)
     assert {r.label for r in evaluation.rows if r.name == "f1"} == set(LABELS)
-    if SCHEMA.is_file():
-        jsonschema = pytest.importorskip("jsonschema")
-        schema = json.loads(SCHEMA.read_text())
-        report = {"domain": "sentiment", "version": "v1", "profile": "quick", "command": "test",
-                  "data": {"manifest_sha256": "x", "sources": []}, "metrics": [r.as_json() for r in evaluation.rows]}
-        jsonschema.validate(report, schema)
+    validate_report({"domain": "sentiment", "version": "v1", "profile": "quick", "command": "test",
+                     "data": {"manifest_sha256": "x", "sources": []},
+                     "metrics": [r.as_json() for r in evaluation.rows]})

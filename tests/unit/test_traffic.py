@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,9 @@ from domains.traffic import (
     seasonal_naive,
     to_matrix,
 )
+from tests.schemas import validate_report
 from training.data.common import load_table, read_manifest
 from training.data.traffic import load_real_counts, prepare_traffic, sim_sensor_ids
-
-SCHEMA = Path(__file__).resolve().parents[3] / "shared" / "schemas" / "report.schema.json"
 
 
 @pytest.fixture(scope="module")
@@ -310,13 +308,11 @@ def test_loss_ignores_missing_targets() -> None:
 
 def test_evaluation_rows_follow_the_report_schema(predictor: TrafficPredictor, data_dir: Path,
                                                   tmp_path: Path) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
     evaluation = get_domain("traffic").evaluate(predictor, data_dir, tmp_path / "traffic.png")
     assert (tmp_path / "traffic.png").stat().st_size > 10_000
-    report = {"domain": "traffic", "version": "v-test", "profile": "quick", "command": "pytest",
-              "data": {"manifest_sha256": predictor.meta["manifest_sha256"], "sources": []},
-              "metrics": [r.as_json() for r in evaluation.rows]}
-    jsonschema.validate(report, json.loads(SCHEMA.read_text()))
+    validate_report({"domain": "traffic", "version": "v-test", "profile": "quick", "command": "pytest",
+                     "data": {"manifest_sha256": predictor.meta["manifest_sha256"], "sources": []},
+                     "metrics": [r.as_json() for r in evaluation.rows]})
     rows = {(r.subset, r.horizon, r.name): r for r in evaluation.rows}
     assert len(rows) == 2 * 3 * 5
     assert set(rows["real_counts", "15min", "mae"].baselines) == {

@@ -1,0 +1,19 @@
+"""The shared result schemas (`../shared/schemas/`), which sit beside the project on developer
+machines and in CI. Elsewhere the schema check is left out and the rest of each test still runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
+
+
+def validate_report(report: dict[str, Any]) -> None:
+    """Raises `jsonschema.ValidationError` when `report` breaks report.schema.json."""
+    path = SCHEMAS / "report.schema.json"
+    if path.is_file():
+        jsonschema.validate(report, json.loads(path.read_text()))
