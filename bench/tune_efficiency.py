@@ -28,7 +28,6 @@ from cityserve.config import get_settings
 from cluster.local import connect
 from domains import get_domain
 from domains.base import SearchParam
-from training.data.common import load_table, read_manifest
 from training.trainer import ensure_data
 from training.tune import SweepOptions, sweep
 
@@ -52,12 +51,9 @@ def _warm_cache(domain: str) -> None:
     """Embeds the sentiment corpus once, before the trials, instead of in every trial at once."""
     if domain != "sentiment":
         return
-    from domains.sentiment import frozen_embeddings
+    from domains.sentiment import split_embeddings
 
-    data_dir = get_settings().data_dir
-    tables = {name: load_table(data_dir, domain, name) for name in ("train", "valid", "test")}
-    frozen_embeddings(data_dir, tables, read_manifest(data_dir, domain)["sha256"],
-                      int(PROBLEMS[domain]["overrides"]["max_len"]))
+    split_embeddings(get_settings().data_dir, int(PROBLEMS[domain]["overrides"]["max_len"]))
 
 
 def run_sweep(domain: str, options: SweepOptions) -> dict[str, Any]:

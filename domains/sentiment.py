@@ -186,8 +186,7 @@ class SentimentDomain(TextDomain):
             return _dataset(train, meta["max_len"]), _dataset(valid, meta["max_len"])
         # A fully frozen encoder gives every text the same pooled vector each epoch: embed once
         # (cached on disk), then each epoch trains only the heads, in well under a second.
-        tables = {name: load_table(data_dir, self.name, name) for name in ("train", "valid", "test")}
-        emb = frozen_embeddings(data_dir, tables, meta["data_sha256"], int(meta["max_len"]))
+        emb = split_embeddings(data_dir, int(meta["max_len"]))
         return (FeatureDataset(emb["train"][train.index.to_numpy()], _targets(train)),
                 FeatureDataset(emb["valid"], _targets(valid)))
 
@@ -324,6 +323,12 @@ def frozen_embeddings(
     tmp.replace(path)  # atomic: a crash never leaves a truncated cache
     return out
 
+
+
+def split_embeddings(data_dir: Path, max_len: int) -> dict[str, np.ndarray]:
+    """`frozen_embeddings` of the prepared train/valid/test splits (computed once, then cached)."""
+    tables = {name: load_table(data_dir, "sentiment", name) for name in ("train", "valid", "test")}
+    return frozen_embeddings(data_dir, tables, read_manifest(data_dir, "sentiment")["sha256"], max_len)
 
 
 @torch.no_grad()
