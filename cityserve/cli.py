@@ -1,52 +1,18 @@
-"""`cityserve`: one command, one group per noun (data, train, evaluate, models, run)."""
+"""`cityserve`: one command, one group per noun (data, train, tune, evaluate, models, serve, tenants, usage)."""
 
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable, Sequence
-from functools import wraps
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from cityserve.config import get_settings
+from cityserve.console import DOMAIN, console, friendly_errors, print_table
+from cityserve.platform_cli import reload_domain, serve, serve_up, tenants, usage
 from domains import DOMAINS
-from domains.errors import CityServeError, Interrupted
-
-console = Console()
-F = TypeVar("F", bound=Callable[..., Any])
-DOMAIN = click.Choice(sorted(DOMAINS))
-
-
-def friendly_errors(func: F) -> F:
-    """Prints the platform's own errors as one clear line (exit 2; 130 when interrupted), never a traceback."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except CityServeError as exc:
-            console.print(f"[red]error[/red] ({exc.code}): {exc.message}")
-            sys.exit(130 if isinstance(exc, Interrupted) else 2)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], as_json: bool) -> None:
-    """A table for people, or JSON (a list of objects) for machines."""
-    if as_json:
-        click.echo(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], indent=2, default=str))
-        return
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
-    console.print(table)
 
 
 @click.group()
@@ -207,6 +173,13 @@ def _promote(domain: str, version: str) -> Any:
     return _registry().promote(domain, version, verify=lambda path: dom.load_predictor(path, version))
 
 
+def _announce(domain: str, version: str) -> None:
+    """Says what changed, and has the running platform (if any) reload the domain without a restart."""
+    console.print(f"{domain} production is now {version}")
+    if reload_domain(get_settings(), domain, version):
+        console.print(f"the running platform now serves {domain} {version}")
+
+
 @models.command("list")
 @click.argument("domain", type=DOMAIN, required=False)
 @click.option("--json", "as_json", is_flag=True)
@@ -244,7 +217,7 @@ def models_promote(domain: str, version: str, yes: bool) -> None:
     if not yes:
         click.confirm(f"Make {domain} {version} production?", abort=True)
     v = _promote(domain, version)
-    console.print(f"{domain} production is now {v.version}")
+    _announce(domain, v.version)
 
 
 @models.command("rollback")
@@ -256,30 +229,39 @@ def models_rollback(domain: str, yes: bool) -> None:
     if not yes:
         click.confirm(f"Roll {domain} production back to its previous version?", abort=True)
     v = _registry().rollback(domain)
-    console.print(f"{domain} production is now {v.version}")
+    _announce(domain, v.version)
 
 
 # ---- run -------------------------------------------------------------------------------------
-@main.command()
-@click.option("--profile", type=click.Choice(["quick", "full"]), default="quick", show_default=True)
-@click.option("--domain", "domains", type=DOMAIN, multiple=True, help="Only these domains (repeatable).")
-@friendly_errors
-def run(profile: str, domains: tuple[str, ...]) -> None:
-    """Make sure every domain has a production model (training PROFILE where none), then evaluate it."""
+def ensure_production(domains: Sequence[str], profile: str) -> None:
+    """Every domain gets a production model: trained with PROFILE (and promoted) where it has none."""
     from domains.errors import RegistryError
-    from training.evaluate import evaluate as run_evaluation
     from training.trainer import train as run_training
 
     settings = get_settings()
     registry = _registry()
-    # Reports of local runs stay beside the data: reports/ holds the committed full-profile ones.
-    out = settings.data_dir / "reports"
-    for domain in domains or sorted(DOMAINS):
+    for domain in domains:
         try:
-            version = registry.get(domain, "production")
-            console.print(f"[green]{domain}[/green]: production is {version.version}")
+            console.print(f"[green]{domain}[/green]: production is {registry.get(domain, 'production').version}")
         except RegistryError:
             console.rule(f"{domain}: no production model, training the {profile} profile")
             version = _promote(domain, run_training(domain, settings, profile=profile).version)
-        run_evaluation(domain, settings, version.version, out)
-        console.print(f"{domain} {version.version}: evaluated, report {out / (domain + '.json')}")
+            console.print(f"{domain}: {version.version} trained and promoted")
+
+
+@main.command()
+@click.option("--profile", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
+              help="What to train for a domain without a production model.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--domain", "domains", type=DOMAIN, multiple=True, help="Only these domains (repeatable).")
+@click.pass_context
+@friendly_errors
+def run(ctx: click.Context, profile: str, port: int, domains: tuple[str, ...]) -> None:
+    """The whole platform: production models (training where none), Ray, Serve, a demo tenant."""
+    ensure_production(domains or sorted(DOMAINS), profile)
+    ctx.invoke(serve_up, port=port, domains=domains, demo=True)
+
+
+main.add_command(serve)
+main.add_command(tenants)
+main.add_command(usage)

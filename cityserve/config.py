@@ -26,12 +26,23 @@ class Settings(BaseSettings):
         None, description="Join this Ray cluster ('auto' or host:port); unset starts a local one of our own."
     )
     ray_temp_dir: Path | None = Field(None, description="Ray's session files for a local cluster.")
+    state_dir: Path = Field(Path("state"), description="The local platform's record, Ray session and logs.")
+    ledger_url: str = Field(
+        "sqlite:///state/cityserve.db",
+        description="Tenants, keys, audit log and usage ledger: sqlite:///FILE or postgresql://user:pw@host/db.")
 
     def storage_uri(self) -> str:
         """Ray needs an absolute path or a URI (a relative path fails inside `fit()`)."""
         if "://" in self.storage_path:
             return self.storage_path
         return str(Path(self.storage_path).resolve())
+
+    def ledger_location(self) -> str:
+        """Replicas run elsewhere than this shell: a SQLite path is made absolute."""
+        prefix = "sqlite:///"
+        if self.ledger_url.startswith(prefix):
+            return prefix + str(Path(self.ledger_url.removeprefix(prefix)).resolve())
+        return self.ledger_url
 
     def registry_location(self) -> str:
         if "://" in self.registry_uri:

@@ -67,6 +67,15 @@ class Evaluation:
     notes: list[str] = field(default_factory=list)
 
 
+def request_example(model: type[BaseModel]) -> dict[str, Any]:
+    """The first example a request model documents (OpenAPI, the printed curls, tests)."""
+    extra = model.model_config.get("json_schema_extra")
+    examples = extra.get("examples") if isinstance(extra, dict) else None
+    if not isinstance(examples, list) or not examples or not isinstance(examples[0], dict):
+        raise TypeError(f"{model.__name__} documents no example request")
+    return dict(examples[0])
+
+
 class Predictor(ABC):
     """A loaded model version, ready to answer requests (used by serving, batch scoring, evaluation)."""
 

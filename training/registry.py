@@ -3,12 +3,13 @@
 Layout under the registry root (a local folder or any pyarrow filesystem URI such as s3://bucket/x):
 
     <domain>/v<N>/            model.pt, config.json, meta.json, domain extras, version.json
-    <domain>/stages.json      {"production": "v3", "history": ["v1", "v3"]}
+    <domain>/stages.json      {"production": "v3", "history": ["v1", "v3"], "generation": 4}
 
 A version exists only once its `version.json` is written, and that file is written last (locally
 the whole folder is renamed into place), so a crash mid-write never leaves a half version. Every
 version starts as a `candidate`; `promote` makes one `production`, `rollback` returns to the one
-before. Serving names the `production` alias, never a version number.
+before. Serving names the `production` alias, never a version number; each promote or rollback
+bumps the domain's `generation`, which the serve config carries so replicas know to reload.
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ class Registry:
 
     def stages(self, domain: str) -> dict[str, Any]:
         return self._read_json(self._path(domain, STAGES_FILE)) or {PRODUCTION: None, "history": []}
+
+    def generation(self, domain: str) -> int:
+        """How many times the domain's production stage has moved."""
+        return int(self.stages(domain).get("generation", 0))
 
     def _stage_of(self, version: str, stages: dict[str, Any]) -> str:
         if stages.get(PRODUCTION) == version:
@@ -219,7 +224,8 @@ class Registry:
             history = [v for v in stages.get("history", []) if v != target.version]
             if current:
                 history.append(current)
-            self._write_json(self._path(domain, STAGES_FILE), {PRODUCTION: target.version, "history": history})
+            self._write_json(self._path(domain, STAGES_FILE), {PRODUCTION: target.version, "history": history,
+                                                               "generation": int(stages.get("generation", 0)) + 1})
         return self.get(domain, target.version)
 
     def rollback(self, domain: str) -> Version:
@@ -230,5 +236,6 @@ class Registry:
             if not history:
                 raise RegistryError(f"{domain} has no earlier production version to roll back to")
             previous = history.pop()
-            self._write_json(self._path(domain, STAGES_FILE), {PRODUCTION: previous, "history": history})
+            self._write_json(self._path(domain, STAGES_FILE), {PRODUCTION: previous, "history": history,
+                                                               "generation": int(stages.get("generation", 0)) + 1})
         return self.get(domain, previous)

@@ -1,0 +1,47 @@
+"""What every CLI command shares: the console, one-line errors, tables with a --json twin."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from domains import DOMAINS
+from domains.errors import CityServeError, Interrupted
+
+console = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+DOMAIN = click.Choice(sorted(DOMAINS))
+
+
+def friendly_errors(func: F) -> F:
+    """Prints the platform's own errors as one clear line (exit 2; 130 when interrupted), never a traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CityServeError as exc:
+            console.print(f"[red]error[/red] ({exc.code}): {exc.message}")
+            sys.exit(130 if isinstance(exc, Interrupted) else 2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], as_json: bool) -> None:
+    """A table for people, or JSON (a list of objects) for machines."""
+    if as_json:
+        click.echo(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], indent=2, default=str))
+        return
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)

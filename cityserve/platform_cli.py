@@ -1,0 +1,387 @@
+"""`cityserve serve|tenants|usage|batch`: run the platform, manage who may call it, bill them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cityserve.config import Settings, get_settings
+from cityserve.console import DOMAIN, console, friendly_errors, print_table
+from domains import DOMAINS
+from domains.errors import ConfigError, InvalidInput
+
+CONFIG_FILE = "serve-config.json"  # the config last deployed, beside platform.json
+DEMO_TENANT = "demo"
+
+
+def _store() -> Any:
+    from services.tenants import Store
+
+    return Store(get_settings().ledger_location())
+
+
+# ---- serve -------------------------------------------------------------------------------------
+@click.group()
+def serve() -> None:
+    """Start, inspect and stop the local platform (Ray, the four domains, the gateway)."""
+
+
+def serve_config(settings: Settings, environment: str, domains: Sequence[str], port: int) -> dict[str, Any]:
+    """The environment's config plus this run's values: absolute paths, port, each domain's generation."""
+    from services.config import ServeOverlay, build_config
+    from training.registry import Registry
+
+    registry = Registry(settings.registry_location())
+    served = list(domains) or sorted(DOMAINS)
+    run = ServeOverlay(http_options={"port": port},
+                       args={"registry_uri": settings.registry_location(), "ledger_url": settings.ledger_location()},
+                       deployments={d: {"user_config": {"generation": registry.generation(d)}} for d in served})
+    return build_config(environment, run, domains=served)
+
+
+def platform_up(settings: Settings, config: dict[str, Any], *, num_cpus: int, timeout_s: float = 900) -> Any:
+    """Starts Ray (unless running), deploys `config`, waits until every domain answers."""
+    from cluster.serve import Platform, deploy, start_head, wait_ready
+
+    state = settings.state_dir
+    port = int(config["http_options"]["port"])
+    platform = Platform.load(state)
+    if platform is None:
+        console.print(f"starting Ray (2-core machines: 10-30 s); log {state / 'ray-head.log'}")
+        platform = start_head(state, num_cpus=num_cpus, http_port=port)
+        platform.save(state)  # saved before deploying: `serve down` can stop a half-started platform
+    elif not platform.gateway_url.endswith(f":{port}"):
+        raise ConfigError(f"the platform already runs with its gateway at {platform.gateway_url}; "
+                          "`cityserve serve down` first to change the port", field="port")
+    deploy(platform, config)
+    _save_config(state, config)
+    with console.status("deploying: replicas load their models") as status:
+        wait_ready(platform.gateway_url, timeout_s, progress=lambda last: status.update(f"waiting: {last[:100]}"))
+    return platform
+
+
+def _save_config(state: Path, config: dict[str, Any]) -> None:
+    tmp = state / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, state / CONFIG_FILE)
+
+
+def platform_down(settings: Settings) -> bool:
+    """Deletes the app (replicas finish in-flight requests) and stops our Ray head."""
+    from cluster.serve import Platform, _client, details, stop_head
+
+    platform = Platform.load(settings.state_dir)
+    if platform is None:
+        return False
+    try:
+        _client(platform).delete_applications()
+        deadline = time.monotonic() + 60
+        while details(platform).get("applications") and time.monotonic() < deadline:
+            time.sleep(1)
+    except Exception as exc:  # Ray already half gone: stopping the head is what is left to do
+        console.print(f"[yellow]serve shutdown incomplete ({type(exc).__name__}); stopping Ray[/yellow]")
+    stop_head(platform)
+    (settings.state_dir / "platform.json").unlink(missing_ok=True)
+    return True
+
+
+def reload_domain(settings: Settings, domain: str, version: str, timeout_s: float = 300) -> bool:
+    """After a promote/rollback: bump the domain's generation in the running config and wait until
+    the gateway reports `version`. False when no platform runs here (nothing to reload)."""
+    from cluster.serve import Platform, deploy
+    from training.registry import Registry
+
+    platform = Platform.load(settings.state_dir)
+    path = settings.state_dir / CONFIG_FILE
+    if platform is None or not path.exists():
+        return False
+    config = json.loads(path.read_text())
+    (app,) = config["applications"]
+    deployment = next((d for d in app["deployments"] if d["name"] == domain), None)
+    if deployment is None:
+        return False
+    deployment.setdefault("user_config", {})["generation"] = Registry(settings.registry_location()).generation(domain)
+    deploy(platform, config)
+    _save_config(settings.state_dir, config)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        serving = {d["domain"]: d.get("version") for d in _get_json(f"{platform.gateway_url}/v1/models")["domains"]}
+        if serving.get(domain) == version:
+            return True
+        time.sleep(1)
+    raise ConfigError(f"{domain} did not report {version} within {timeout_s:.0f} s; see `cityserve serve status`")
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        data: dict[str, Any] = json.loads(resp.read())
+        return data
+
+
+def demo_tenant(settings: Settings) -> str:
+    """A tenant granted every domain; a fresh key each run (the previous one stops working)."""
+    from services.tenants import Tenant
+
+    store = _store()
+    try:
+        return str(store.create_tenant(Tenant(DEMO_TENANT, sorted(DOMAINS), 600, 6000, 16), key_ttl_days=30))
+    except InvalidInput:
+        return str(store.rotate(DEMO_TENANT, key_ttl_days=30, grace_hours=0))
+
+
+def print_examples(settings: Settings, gateway_url: str, key: str, domains: Sequence[str]) -> None:
+    """One curl per domain, its body the domain's documented example (written to state/examples/)."""
+    from domains import get_domain
+    from domains.base import request_example
+    from services.config import VERBS
+
+    folder = settings.state_dir / "examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    console.print(f"\ngateway: {gateway_url}   docs: {gateway_url}/docs   demo key: {key}\n")
+    for name in domains:
+        example = request_example(get_domain(name).request_model)
+        body = folder / f"{name}.json"
+        body.write_text(json.dumps(example))
+        console.print(f"curl -s -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
+                      f"-d @{shlex.quote(str(body))} {gateway_url}/v1/{name}/{VERBS[name]}", soft_wrap=True)
+
+
+@serve.command("up")
+@click.option("--env", "environment", default="local", show_default=True, help="Overlay in helm/serve/.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Gateway port on 127.0.0.1.")
+@click.option("--num-cpus", type=int, default=os.cpu_count(), show_default=True)
+@click.option("--domain", "domains", type=DOMAIN, multiple=True, help="Serve only these (repeatable).")
+@click.option("--demo", is_flag=True, help="Create (or re-key) the demo tenant and print a curl per domain.")
+@click.option("--detach", is_flag=True, help="Return once ready; `cityserve serve down` stops it.")
+@friendly_errors
+def serve_up(environment: str, port: int, num_cpus: int, domains: tuple[str, ...], demo: bool, detach: bool) -> None:
+    """Start the platform (or re-apply the config to the running one) and wait until it answers."""
+    settings = get_settings()
+    config = serve_config(settings, environment, domains, port)
+    started = time.monotonic()
+    platform = platform_up(settings, config, num_cpus=num_cpus)
+    console.print(f"[green]ready[/green] in {time.monotonic() - started:.0f} s at {platform.gateway_url}")
+    if demo:
+        print_examples(settings, platform.gateway_url, demo_tenant(settings), domains or sorted(DOMAINS))
+    if detach:
+        return
+    console.print("\nserving; Ctrl-C stops the platform")
+    try:
+        while platform.alive():
+            time.sleep(1)
+        console.print("[red]Ray stopped unexpectedly[/red]; see state/ray-head.log")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("stopping (in-flight requests finish first)")
+        platform_down(settings)
+        console.print("stopped")
+
+
+@serve.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def serve_status(as_json: bool) -> None:
+    """Deployments, their status and replicas, and the version each domain serves."""
+    from cluster.serve import Platform, details
+
+    settings = get_settings()
+    platform = Platform.load(settings.state_dir)
+    if platform is None:
+        raise ConfigError("no platform runs here; start it with `cityserve serve up`")
+    apps = details(platform).get("applications", {})
+    try:
+        serving = {d["domain"]: d.get("version") for d in _get_json(f"{platform.gateway_url}/v1/models")["domains"]}
+    except OSError:
+        serving = {}
+    rows = []
+    for app in apps.values():
+        for name, dep in app.get("deployments", {}).items():
+            running = sum(1 for r in dep.get("replicas", []) if r.get("state") == "RUNNING")
+            rows.append((name, dep.get("status", ""), running, serving.get(name, ""), dep.get("message", "")[:80]))
+    print_table(f"platform at {platform.gateway_url} (Ray {platform.gcs_address})",
+                ["deployment", "status", "replicas", "version", "message"], rows, as_json)
+
+
+@serve.command("down")
+@friendly_errors
+def serve_down() -> None:
+    """Stop the platform started by `serve up` (in-flight requests finish first)."""
+    if platform_down(get_settings()):
+        console.print("stopped")
+    else:
+        console.print("no platform runs here")
+
+
+# ---- tenants -----------------------------------------------------------------------------------
+@click.group()
+def tenants() -> None:
+    """Tenant apps: keys (shown once), domain grants, quotas; every change goes to the audit log."""
+
+
+GRANT = click.option("--grant", "grants", type=DOMAIN, multiple=True, help="A domain it may call (repeatable).")
+RPM = click.option("--requests-per-minute", "rpm", type=int, help="Requests in any 60 s window.")
+IPM = click.option("--items-per-minute", "ipm", type=int, help="Items in any 60 s window.")
+CONCURRENCY = click.option("--max-concurrent", "concurrency", type=int, help="Requests in flight at once.")
+KEY_TTL = click.option("--key-ttl-days", type=float, default=90, show_default=True, help="Key lifetime.")
+
+
+@tenants.command("create")
+@click.argument("name")
+@GRANT
+@RPM
+@IPM
+@CONCURRENCY
+@KEY_TTL
+@friendly_errors
+def tenants_create(name: str, grants: tuple[str, ...], rpm: int | None, ipm: int | None, concurrency: int | None,
+                   key_ttl_days: float) -> None:
+    """Add tenant NAME (default: no grants, 600 requests / 6,000 items a minute, 8 concurrent)."""
+    from services.tenants import Tenant
+
+    tenant = Tenant(name, list(grants), rpm or 600, ipm or 6000, concurrency or 8)
+    key = _store().create_tenant(tenant, key_ttl_days)
+    console.print(f"tenant {name} created; its key (shown once, store it now):")
+    click.echo(key)
+
+
+@tenants.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def tenants_list(as_json: bool) -> None:
+    """Tenants with grants, quotas and live keys (ids only: secrets are never stored)."""
+    store = _store()
+    now = time.time()
+    rows = []
+    for t in store.tenants():
+        live = [k.key_id for k in store.api_keys(t.name) if k.problem(now) is None]
+        rows.append((t.name, ",".join(t.grants), t.requests_per_minute, t.items_per_minute, t.max_concurrent,
+                     ",".join(live), "revoked" if t.revoked_at else "active"))
+    print_table("tenants", ["tenant", "grants", "requests/min", "items/min", "concurrent", "live keys", "state"],
+                rows, as_json)
+
+
+@tenants.command("rotate")
+@click.argument("name")
+@click.option("--grace-hours", type=float, default=24, show_default=True, help="Old keys keep working this long.")
+@KEY_TTL
+@friendly_errors
+def tenants_rotate(name: str, grace_hours: float, key_ttl_days: float) -> None:
+    """A new key for NAME; its current keys expire after the grace period."""
+    key = _store().rotate(name, key_ttl_days, grace_hours)
+    console.print(f"new key for {name} (shown once); old keys expire in {grace_hours:g} h:")
+    click.echo(key)
+
+
+@tenants.command("revoke")
+@click.argument("name")
+@click.option("--key", "key_id", help="Revoke only this key id (see `tenants list`).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@friendly_errors
+def tenants_revoke(name: str, key_id: str | None, yes: bool) -> None:
+    """Revoke tenant NAME (all its keys), or one key. Gateways refuse it within 2 s."""
+    if not yes:
+        click.confirm(f"Revoke {'key ' + key_id + ' of ' if key_id else 'tenant '}{name}?", abort=True)
+    _store().revoke(name, key_id)
+    console.print(f"revoked {'key ' + key_id if key_id else 'tenant ' + name}")
+
+
+@tenants.command("set-quota")
+@click.argument("name")
+@GRANT
+@RPM
+@IPM
+@CONCURRENCY
+@friendly_errors
+def tenants_set_quota(name: str, grants: tuple[str, ...], rpm: int | None, ipm: int | None,
+                      concurrency: int | None) -> None:
+    """Change NAME's grants (replaced when given) and limits. Gateways apply it within 2 s."""
+    tenant = _store().set_quota(name, grants=list(grants) or None, requests_per_minute=rpm,
+                                items_per_minute=ipm, max_concurrent=concurrency)
+    console.print(f"{name}: grants {tenant.grants}, {tenant.requests_per_minute} requests/min, "
+                  f"{tenant.items_per_minute} items/min, {tenant.max_concurrent} concurrent")
+
+
+@tenants.command("audit")
+@click.option("--tenant", help="Only this tenant.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def tenants_audit(tenant: str | None, as_json: bool) -> None:
+    """The audit log: every admin action, who ran it, when."""
+    rows = [(_iso(at), actor, action, name, detail) for at, actor, action, name, detail in _store().audit_log(tenant)]
+    print_table("audit log", ["at", "actor", "action", "tenant", "detail"], rows, as_json)
+
+
+def _iso(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+# ---- usage -------------------------------------------------------------------------------------
+def parse_since(value: str | None, now: float) -> float | None:
+    """'24h', '7d', '30m' ago, or an ISO date/time (UTC unless it says otherwise)."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([mhd])", value.strip())
+    if match:
+        return now - float(match.group(1)) * {"m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    from datetime import UTC, datetime
+
+    try:
+        stamp = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidInput(f"--since {value!r}: use 30m, 24h, 7d or an ISO date", field="since") from exc
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+
+
+def usage_summary(rows: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Per tenant and domain: requests, answered, items billed, errors, p50/p99 latency, versions."""
+    import numpy as np
+
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for u in rows:
+        groups.setdefault((u.tenant, u.domain), []).append(u)
+    out = []
+    for (tenant, domain), us in sorted(groups.items()):
+        ok = [u for u in us if u.status == 200]
+        latency = np.array([u.latency_ms for u in us])
+        out.append((tenant, domain, len(us), len(ok), sum(u.items for u in ok), len(us) - len(ok),
+                    round(float(np.percentile(latency, 50)), 1), round(float(np.percentile(latency, 99)), 1),
+                    ",".join(sorted({u.model_version for u in ok if u.model_version}))))
+    return out
+
+
+@click.command()
+@click.option("--tenant", help="Only this tenant.")
+@click.option("--since", help="30m, 24h, 7d, or an ISO date/time.")
+@click.option("--detail", is_flag=True, help="Every request instead of totals.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--csv", "as_csv", is_flag=True, help="CSV on stdout (for chargeback spreadsheets).")
+@friendly_errors
+def usage(tenant: str | None, since: str | None, detail: bool, as_json: bool, as_csv: bool) -> None:
+    """Metered usage from the ledger: per tenant and domain, or per request with --detail."""
+    from services.tenants import USAGE_COLUMNS
+
+    rows = _store().usage(tenant, parse_since(since, time.time()))
+    if detail:
+        columns: list[str] = list(USAGE_COLUMNS)
+        table = [u.row() for u in rows]
+    else:
+        columns = ["tenant", "domain", "requests", "answered", "items", "errors", "p50_ms", "p99_ms", "versions"]
+        table = usage_summary(rows)
+    if as_csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(table)
+        return
+    print_table("usage" + (f" since {since}" if since else ""), columns, table, as_json)

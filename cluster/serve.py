@@ -1,0 +1,160 @@
+"""The local platform: a Ray head of our own (`ray start --head --block`, bound to 127.0.0.1) and
+the serve config applied through the dashboard's REST API — the same call `serve deploy` and
+KubeRay make. `state/platform.json` records what runs so `serve status|down` and `models promote`
+find it from another shell.
+
+Token auth stays on (Ray 2.60's default for local clusters): the head runs with
+`RAY_AUTH_MODE=token`, and our REST calls send the token Ray keeps in `~/.ray/auth_token`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.local import free_port
+from domains.errors import ConfigError
+
+STATE_FILE = "platform.json"
+# Serve's per-request overhead is the bottleneck on small machines (RAY_NOTES trap 2); these apply
+# to the controller, proxy and replicas, so they go to the head's environment.
+SERVE_ENV = {"RAY_AUTH_MODE": "token", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+@dataclass
+class Platform:
+    """A running local platform, as `state/platform.json` records it."""
+
+    pid: int
+    gcs_address: str
+    dashboard_url: str
+    gateway_url: str
+    temp_dir: str
+    environment: str
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Platform | None:
+        """The recorded platform if its head process still runs; a stale record is removed."""
+        path = state_dir / STATE_FILE
+        if not path.exists():
+            return None
+        platform = cls(**json.loads(path.read_text()))
+        if not platform.alive():
+            path.unlink(missing_ok=True)
+            return None
+        return platform
+
+    def save(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = state_dir / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, state_dir / STATE_FILE)
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # someone else's process reusing the pid
+            return False
+        return True
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, **SERVE_ENV}
+
+
+def start_head(state_dir: Path, *, num_cpus: int, http_port: int) -> Platform:
+    """Starts a Ray head of our own; returns once its dashboard answers (up to 120 s)."""
+    temp = (state_dir / "ray").resolve()
+    temp.mkdir(parents=True, exist_ok=True)
+    port, dash = free_port(), free_port()  # ephemeral ports: outside Ray's worker range 10002-19999
+    log = open(state_dir / "ray-head.log", "ab")  # noqa: SIM115 - the child keeps it
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
+           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--num-cpus={num_cpus}", f"--temp-dir={temp}", "--disable-usage-stats"]
+    # A session of its own: Ctrl-C in our terminal reaches us, and we stop Ray in order.
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    platform = Platform(proc.pid, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{http_port}",
+                        str(temp), "")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ConfigError(f"Ray did not start (exit {proc.returncode}); see {state_dir / 'ray-head.log'}")
+        try:
+            with urllib.request.urlopen(f"{platform.dashboard_url}/api/version", timeout=2):
+                return platform
+        except urllib.error.HTTPError:  # it answers (401 without the token): it is up
+            return platform
+        except (urllib.error.URLError, OSError):
+            time.sleep(1)
+    stop_head(platform)
+    raise ConfigError(f"Ray's dashboard did not answer within 120 s; see {state_dir / 'ray-head.log'}")
+
+
+def auth_headers() -> dict[str, str]:
+    """The dashboard's bearer token, where Ray keeps it (`RAY_AUTH_TOKEN`, its path, ~/.ray)."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+        token = path.read_text().strip() if path.exists() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _client(platform: Platform) -> Any:
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    return ServeSubmissionClient(platform.dashboard_url, headers=auth_headers())
+
+
+def deploy(platform: Platform, config: dict[str, Any]) -> None:
+    """Applies a whole serve config; Serve changes only what differs (a user_config: no restart)."""
+    _client(platform).deploy_applications(config)
+
+
+def details(platform: Platform) -> dict[str, Any]:
+    result: dict[str, Any] = _client(platform).get_serve_details()
+    return result
+
+
+def wait_ready(gateway_url: str, timeout_s: float, progress: Any = None) -> dict[str, Any]:
+    """Polls the gateway's /readyz until every domain has a model loaded."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{gateway_url}/readyz", timeout=5) as resp:
+                ready: dict[str, Any] = json.loads(resp.read())
+                return ready
+        except urllib.error.HTTPError as exc:
+            last = exc.read().decode(errors="replace")[:300]
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+        if progress is not None:
+            progress(last)
+        time.sleep(2)
+    raise ConfigError(f"the gateway was not ready within {timeout_s:.0f} s: {last}")
+
+
+def stop_head(platform: Platform, timeout_s: float = 60) -> None:
+    """Stops the head we started (SIGTERM to its `ray start --block`, which stops its children)."""
+    if not platform.alive():
+        return
+    os.kill(platform.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and platform.alive():
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(platform.pid, os.WNOHANG)  # reap it when it is our child
+        time.sleep(0.5)
+    if platform.alive():
+        os.kill(platform.pid, signal.SIGKILL)

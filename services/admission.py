@@ -1,0 +1,177 @@
+"""Admission: the one owner per cluster of tenant keys, quotas, concurrency leases and the ledger.
+
+Every gateway replica asks this named, detached actor before it calls a model, and tells it when
+the request is done. One actor sees every replica's traffic, so a tenant's quota holds however
+many replicas serve it. `Gatekeeper` is the arithmetic (unit-tested without Ray); `Admission` is
+the actor around it, which also batches usage rows into the ledger — its single writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from services.tenants import WINDOW_S, ApiKey, Leases, SlidingWindow, Store, Tenant, Usage, same_digest
+
+logger = logging.getLogger("cityserve.admission")
+
+ACTOR_NAME = "cityserve-admission"
+NAMESPACE = "cityserve"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the gateway does with a request: go ahead (status 200, with a lease) or refuse it."""
+
+    status: int
+    tenant: str = ""
+    lease: str = ""
+    code: str = ""
+    message: str = ""
+    field: str | None = None
+    retry_after: float = 0.0
+
+
+class Gatekeeper:
+    """Keys, grants, sliding-window quotas and leases over a `Store`.
+
+    Args:
+        store: where tenants and keys live; re-read every `refresh_s` so a revoke or a new quota
+            reaches every replica within that time.
+        refresh_s: how stale the cached tenants may be.
+    """
+
+    def __init__(self, store: Store, refresh_s: float = 2.0) -> None:
+        self.store = store
+        self.refresh_s = refresh_s
+        self.loaded_at = -float("inf")
+        self.keys: dict[str, ApiKey] = {}
+        self.tenants: dict[str, Tenant] = {}
+        self.requests: dict[str, SlidingWindow] = {}
+        self.items: dict[str, SlidingWindow] = {}
+        self.leases = Leases()
+        self.pending: list[Usage] = []
+
+    def refresh(self, now: float) -> None:
+        if now - self.loaded_at < self.refresh_s:
+            return
+        self.tenants = {t.name: t for t in self.store.tenants()}
+        self.keys = {k.key_id: k for k in self.store.api_keys()}
+        self.loaded_at = now
+
+    def authenticate(self, key_id: str, key_digest: str, domain: str, wall: float) -> Decision:
+        """Who is calling and may they call `domain` (401/403), without touching any quota."""
+        key = self.keys.get(key_id)
+        if key is None or not same_digest(key.digest, key_digest):
+            return Decision(401, code="unauthorized", message="invalid API key")
+        problem = key.problem(wall)
+        tenant = self.tenants.get(key.tenant)
+        if problem is None and (tenant is None or tenant.revoked_at is not None):
+            problem = "tenant revoked"
+        if problem is not None or tenant is None:
+            return Decision(401, code="unauthorized", message=problem or "invalid API key")
+        if domain not in tenant.grants:
+            return Decision(403, tenant=tenant.name, code="forbidden",
+                            message=f"tenant {tenant.name!r} is not granted the {domain} domain", field="domain")
+        return Decision(200, tenant=tenant.name)
+
+    def admit(self, key_id: str, key_digest: str, domain: str, items: int, lease_ttl: float,
+              now: float, wall: float) -> Decision:
+        """Authenticates, then admits `items` items under the tenant's quotas with a lease.
+
+        `items == 0` only authenticates (a request whose body is invalid takes no quota).
+        """
+        self.refresh(now)
+        who = self.authenticate(key_id, key_digest, domain, wall)
+        if who.status != 200 or items == 0:
+            return who
+        tenant = self.tenants[who.tenant]
+        if items > tenant.items_per_minute:
+            return Decision(413, tenant=tenant.name, code="too_large", field="items",
+                            message=f"{items} items exceed the tenant's quota of {tenant.items_per_minute} "
+                                    "items per minute; send smaller batches")
+        requests = self.requests.setdefault(tenant.name, SlidingWindow())
+        item_window = self.items.setdefault(tenant.name, SlidingWindow())
+        wait = max(requests.wait(now, 1, tenant.requests_per_minute),
+                   item_window.wait(now, items, tenant.items_per_minute))
+        if wait > 0:
+            return Decision(429, tenant=tenant.name, code="quota_exceeded", retry_after=wait,
+                            message=f"over quota ({tenant.requests_per_minute} requests and "
+                                    f"{tenant.items_per_minute} items per {WINDOW_S:.0f} s)")
+        lease = self.leases.acquire(tenant.name, tenant.max_concurrent, now, lease_ttl)
+        if lease is None:
+            return Decision(429, tenant=tenant.name, code="too_many_concurrent", retry_after=1.0,
+                            message=f"more than {tenant.max_concurrent} requests in flight")
+        requests.add(now, 1)
+        item_window.add(now, items)
+        return Decision(200, tenant=tenant.name, lease=lease)
+
+    def release(self, lease: str, usage: Usage | None) -> None:
+        self.leases.release(lease)
+        if usage is not None:
+            self.pending.append(usage)
+
+    def flush(self) -> int:
+        """Writes pending usage rows; on failure they stay pending and the next flush retries."""
+        rows, self.pending = self.pending, []
+        try:
+            self.store.record(rows)
+        except Exception:
+            self.pending = rows + self.pending
+            raise
+        return len(rows)
+
+
+class Admission:
+    """The actor: `Gatekeeper` behind async methods, and a task flushing the ledger.
+
+    Usage rows are written within `flush_s` of the response (and on shutdown); a row is acknowledged
+    to the gateway only once it is in the actor, so a gateway replica restarting loses none.
+    """
+
+    def __init__(self, ledger_url: str, refresh_s: float = 2.0, flush_s: float = 0.2) -> None:
+        self.keeper = Gatekeeper(Store(ledger_url), refresh_s)
+        self.flush_s = flush_s
+        self.flusher: asyncio.Task[None] | None = None
+
+    def _start(self) -> None:
+        if self.flusher is None:
+            self.flusher = asyncio.get_running_loop().create_task(self._flush_forever())
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_s)
+            try:
+                self.keeper.flush()
+            except Exception:  # the database is away: keep the rows, retry next tick
+                logger.exception("usage ledger write failed; %d rows kept for retry", len(self.keeper.pending))
+
+    async def admit(self, key_id: str, key_digest: str, domain: str, items: int, lease_ttl: float) -> Decision:
+        self._start()
+        return self.keeper.admit(key_id, key_digest, domain, items, lease_ttl, time.monotonic(), time.time())
+
+    async def release(self, lease: str, usage: Usage | None) -> None:
+        self._start()
+        self.keeper.release(lease, usage)
+
+    async def flush(self) -> int:
+        return self.keeper.flush()
+
+    async def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {"pending_usage": len(self.keeper.pending),
+                "leases": {t: self.keeper.leases.active(t, now) for t in self.keeper.leases.held}}
+
+
+def admission_actor(ledger_url: str) -> Any:
+    """The cluster's admission actor, created by the first gateway replica that asks."""
+    import ray
+
+    actor_class = ray.remote(Admission)
+    return actor_class.options(
+        name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        num_cpus=0, max_restarts=-1, max_concurrency=1000,
+    ).remote(ledger_url)

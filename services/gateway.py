@@ -1,0 +1,350 @@
+"""The gateway: one FastAPI ingress on Serve in front of the four domain deployments.
+
+A request goes: size check → API key → body parsed with the domain's request model → one call
+to the admission actor (key, grant, quotas, a concurrency lease) → the domain deployment, within
+the domain's timeout → one call to release the lease with the usage row. `create_api(backend)`
+builds the HTTP layer over a `Backend`; on Serve the backend is `ServeBackend` (handles and the
+admission actor), in unit tests an in-process one — FastAPI's TestClient drives the same routes.
+
+Request bodies (texts, series) are never logged; logs and responses carry the request id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+
+from domains import get_domain
+from domains.base import request_example
+from domains.errors import CityServeError
+from services.admission import Decision
+from services.config import GATEWAY, VERBS, ModelConfig, PlatformArgs
+from services.errors import (
+    BY_STATUS,
+    ErrorBody,
+    GatewayTimeout,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+    Unprocessable,
+    field_path,
+    register_exception_handlers,
+    status_of,
+)
+from services.tenants import Usage, split_key
+
+logger = logging.getLogger("ray.serve")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# A lease outlives the request's timeout by this much, so only a lost release ever expires one.
+LEASE_MARGIN_S = 5.0
+
+
+class Backend(Protocol):
+    """What the HTTP layer needs from the platform."""
+
+    async def admit(self, key_id: str, key_digest: str, domain: str, items: int, lease_ttl: float) -> Decision: ...
+
+    async def release(self, lease: str, usage: Usage | None) -> None: ...
+
+    async def predict(self, domain: str, items: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]: ...
+
+    async def info(self, domain: str) -> dict[str, Any]: ...
+
+
+class Metrics:
+    """Counters and latency histograms through Ray's metrics system: every replica's values reach
+    Prometheus through each node's metrics agent (no-ops outside a Ray worker)."""
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter, Histogram
+
+        tags = ("tenant", "domain", "status")
+        self.requests = Counter("cityserve_requests_total", description="Gateway requests.", tag_keys=tags)
+        self.items = Counter("cityserve_items_total", description="Items in answered requests.", tag_keys=tags)
+        self.latency = Histogram("cityserve_request_latency_ms", description="Gateway latency.", tag_keys=tags,
+                                 boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000])
+
+    def observe(self, tenant: str, domain: str, status: int, items: int, latency_ms: float) -> None:
+        tags = {"tenant": tenant or "-", "domain": domain, "status": str(status)}
+        self.requests.inc(1, tags=tags)
+        if status == 200:
+            self.items.inc(items, tags=tags)
+        self.latency.observe(latency_ms, tags=tags)
+
+
+def decision_error(decision: Decision) -> CityServeError:
+    cls = BY_STATUS[decision.status]
+    return cls(decision.message, field=decision.field, code=decision.code,
+               retry_after=decision.retry_after if decision.status == 429 else None)
+
+
+def bearer_key(request: Request) -> tuple[str, str]:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", field="Authorization")
+    parts = split_key(token.strip()) if scheme.lower() == "bearer" else None
+    if parts is None:
+        raise Unauthorized("malformed Authorization header: expected 'Bearer csk_...'", field="Authorization")
+    return parts
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than `limit` bytes without reading them all."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"body of {declared} bytes; the limit is {limit}", field="body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"body over {limit} bytes", field="body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_items(model: type[BaseModel], raw: bytes, max_items: int) -> tuple[list[BaseModel], bool]:
+    """The request's items (one object, or a list of them) and whether it was a single object."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Unprocessable(f"body is not valid JSON: {exc}", field="body") from exc
+    single = isinstance(data, dict)
+    items = [data] if single else data
+    if not isinstance(items, list):
+        raise Unprocessable(f"body must be an object or a list of objects, got {type(data).__name__}", field="body")
+    if not items:
+        raise Unprocessable("body is an empty list; send at least one item", field="body")
+    if len(items) > max_items:
+        raise TooLarge(f"{len(items)} items; this endpoint takes at most {max_items} per request", field="body")
+    parsed = []
+    for i, item in enumerate(items):
+        try:
+            parsed.append(model.model_validate(item))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            path = field_path(tuple(err["loc"]))
+            raise Unprocessable(f"{err['msg']}", field=path if single else f"[{i}].{path}".rstrip(".")) from exc
+    return parsed, single
+
+
+def request_id(request: Request) -> str:
+    """Serve's request id (the proxy honours a client's X-Request-Id), else the header or a new one."""
+    try:
+        rid = serve.context._get_serve_request_context().request_id
+    except Exception:  # outside a Serve replica (unit tests)
+        rid = ""
+    rid = rid or request.headers.get("x-request-id", "")
+    return rid if REQUEST_ID.match(rid) else uuid.uuid4().hex
+
+
+def create_api(args: PlatformArgs, backend: Backend) -> FastAPI:
+    """The gateway's HTTP routes over `backend`."""
+    api = FastAPI(title="CityServe", version="1", description=(
+        "The city's model endpoints. Authenticate with `Authorization: Bearer <key>` "
+        "(`cityserve tenants create`). Each POST takes one item (an object) or a list of items; a list "
+        "answers with a list in the same order. Errors are `{code, message, field}`; 429 and 503 carry "
+        "`Retry-After`."))
+    register_exception_handlers(api)
+    metrics = Metrics()
+    request_models = {d: get_domain(d).request_model for d in args.domains}
+    errors: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody, "description": cls.__name__}
+              for status, cls in BY_STATUS.items() if status not in (404,)}
+
+    async def handle(domain: str, request: Request) -> JSONResponse:
+        started = time.monotonic()
+        rid = request_id(request)
+        limits = args.domains[domain]
+        tenant, status, items, version = "", 500, 0, ""
+        decision: Decision | None = None
+        try:
+            raw = await read_body(request, args.max_body_bytes)
+            key_id, key_digest = bearer_key(request)
+            problem: CityServeError | None = None
+            try:
+                parsed, single = parse_items(request_models[domain], raw, limits.max_items)
+                items = len(parsed)
+            except CityServeError as exc:  # told only to a caller whose key is good
+                problem = exc
+            try:
+                decision = await backend.admit(key_id, key_digest, domain, 0 if problem else items,
+                                               limits.timeout_s + LEASE_MARGIN_S)
+            except CityServeError:
+                raise
+            except Exception as exc:  # the admission actor is restarting: nobody can be admitted
+                raise Unavailable("admission service unavailable; retry shortly", retry_after=2) from exc
+            tenant = decision.tenant
+            if decision.status != 200:
+                raise decision_error(decision)
+            if problem is not None:
+                raise problem
+            answer = await backend.predict(domain, [p.model_dump(mode="json") for p in parsed], limits.timeout_s)
+            version = answer["version"]
+            status = 200
+            body = answer["items"][0] if single else answer["items"]
+            return JSONResponse(body, headers={"X-Request-Id": rid, "X-Model-Version": version})
+        except CityServeError as exc:
+            status = status_of(exc)
+            raise
+        finally:
+            latency = (time.monotonic() - started) * 1000
+            if decision is not None and decision.lease:
+                usage = Usage(rid, time.time(), tenant, domain, items, status, latency, version)
+                await backend.release(decision.lease, usage)
+            metrics.observe(tenant, domain, status, items, latency)
+            logger.info("request %s tenant=%s domain=%s items=%d status=%d %.1f ms", rid, tenant or "-", domain,
+                        items, status, latency)
+
+    for name in args.domains:
+        dom = get_domain(name)
+        limit = args.domains[name].max_items
+
+        async def route(request: Request, _name: str = name) -> JSONResponse:
+            return await handle(_name, request)
+
+        api.add_api_route(
+            f"/v1/{name}/{VERBS[name]}", route, methods=["POST"], name=f"{name}_{VERBS[name]}",
+            summary=f"{name}: {VERBS[name]} (one item, or a list of up to {limit})",
+            description=(dom.request_model.__doc__ or "").strip(),
+            response_model=dom.response_model | list[dom.response_model],  # type: ignore[name-defined]
+            responses=errors, openapi_extra=_request_body(dom.request_model, limit))
+
+    @api.get("/v1/models", summary="The model version each domain serves")
+    async def models() -> dict[str, Any]:
+        return {"domains": await asyncio.gather(*(_info(backend, d) for d in args.domains))}
+
+    @api.get("/healthz", summary="Liveness: the gateway answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz", summary="Readiness: every domain has a model loaded",
+             responses={503: {"model": ErrorBody}})
+    async def readyz() -> JSONResponse:
+        infos = await asyncio.gather(*(_info(backend, d) for d in args.domains))
+        waiting = [i["domain"] for i in infos if not i["ready"]]
+        if waiting:
+            return JSONResponse({"code": "not_ready", "message": f"no model loaded yet for {waiting}",
+                                 "field": None}, status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse({"status": "ready", "domains": infos})
+
+    @api.api_route("/v1/{domain}/{verb}", methods=["POST"], include_in_schema=False)
+    async def unknown(domain: str, verb: str) -> None:
+        served = [f"/v1/{d}/{VERBS[d]}" for d in args.domains]
+        raise NotFound(f"no route POST /v1/{domain}/{verb}; served: {served}", field="path")
+
+    _add_request_schemas(api, list(request_models.values()))
+    return api
+
+
+async def _info(backend: Backend, domain: str) -> dict[str, Any]:
+    try:
+        info = await asyncio.wait_for(backend.info(domain), timeout=5)
+        return {**info, "ready": info.get("version") is not None}
+    except Exception as exc:  # not started, restarting or failing: reported, never raised
+        return {"domain": domain, "version": None, "ready": False, "error": type(exc).__name__}
+
+
+def _request_body(model: type[BaseModel], limit: int) -> dict[str, Any]:
+    """OpenAPI for a body we parse ourselves (auth comes before validation): one item or a list."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    example = request_example(model)
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"oneOf": [ref, {"type": "array", "items": ref, "minItems": 1, "maxItems": limit}]},
+        "examples": {"one item": {"value": example}, "a batch": {"value": [example, example]}},
+    }}}}
+
+
+def _add_request_schemas(api: FastAPI, models: list[type[BaseModel]]) -> None:
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            schema = get_openapi(title=api.title, version=api.version, description=api.description,
+                                 routes=api.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            api.openapi_schema = schema
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
+
+
+class ServeBackend:
+    """The backend on Serve: the domain deployments' handles and the cluster's admission actor."""
+
+    def __init__(self, handles: dict[str, Any], ledger_url: str) -> None:
+        from services.admission import admission_actor
+
+        self.handles = handles
+        self.admission = admission_actor(ledger_url)
+
+    async def admit(self, key_id: str, key_digest: str, domain: str, items: int, lease_ttl: float) -> Decision:
+        decision: Decision = await self.admission.admit.remote(key_id, key_digest, domain, items, lease_ttl)
+        return decision
+
+    async def release(self, lease: str, usage: Usage | None) -> None:
+        await self.admission.release.remote(lease, usage)
+
+    async def predict(self, domain: str, items: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        response = self.handles[domain].remote(items)
+        try:
+            answer: dict[str, Any] = await asyncio.wait_for(_resolve(response), timeout_s)
+        except TimeoutError as exc:
+            response.cancel()
+            raise GatewayTimeout(f"{domain} did not answer within {timeout_s:g} s") from exc
+        except (BackPressureError, DeploymentUnavailableError) as exc:
+            raise Unavailable(f"{domain} is at capacity; retry shortly", retry_after=1) from exc
+        if "error" in answer:
+            raise BY_STATUS[answer["status"]](answer["error"]["message"], field=answer["error"].get("field"),
+                                              code=answer["error"]["code"],
+                                              retry_after=2 if answer["status"] == 503 else None)
+        return answer
+
+    async def info(self, domain: str) -> dict[str, Any]:
+        info: dict[str, Any] = await self.handles[domain].info.remote()
+        return info
+
+
+async def _resolve(response: Any) -> Any:
+    return await response
+
+
+@serve.deployment
+@serve.ingress()
+class Gateway:
+    """The ingress deployment (its options come from the serve config)."""
+
+    def __init__(self, args: dict[str, Any], handles: dict[str, Any]) -> None:
+        self.args = PlatformArgs.model_validate(args)
+        self.backend = ServeBackend(handles, self.args.ledger_url)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self.args, self.backend)
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The application builder the serve config names (`services.gateway:build_app`)."""
+    from services.model import ModelServer
+
+    platform = PlatformArgs.model_validate(args)
+    handles = {
+        name: ModelServer.options(name=name, user_config=ModelConfig().model_dump()).bind(  # type: ignore[attr-defined]
+            name, platform.registry_uri, limits.torch_threads)
+        for name, limits in platform.domains.items()
+    }
+    return Gateway.options(name=GATEWAY).bind(platform.model_dump(), handles)  # type: ignore[attr-defined]

@@ -1,0 +1,150 @@
+"""One Serve deployment class for every domain: the registry stage's model behind `@serve.batch`.
+
+The serve config binds this class once per domain (deployment name = domain name), so the four
+endpoints share one implementation of batching, reloading and health, and each domain's model
+code stays in `domains/`. Requests arrive from the gateway as lists of already-validated item
+dicts; one batch gathers the items of many requests into a single `Predictor.predict` call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ray import serve
+
+from domains import get_domain
+from domains.base import Predictor
+from domains.errors import CityServeError, InvalidInput, RegistryError
+from services.config import ModelConfig
+from training.registry import Registry
+
+logger = logging.getLogger("ray.serve")
+
+
+class ModelNotReady(CityServeError):
+    """The replica has no model loaded (yet): the gateway answers 503 with Retry-After."""
+
+    code = "model_not_ready"
+
+
+def predict_groups(predictor: Predictor, groups: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    """Answers several requests' items in one `predict` call: per request `{"version", "items"}`,
+    or `{"status", "error"}` for a request the model refuses.
+
+    A request whose items the model refuses (an unknown sensor, say) must fail alone, not take the
+    other requests of its batch with it: on `InvalidInput` each request is retried on its own.
+    """
+    def answer(items: Sequence[Any]) -> dict[str, Any]:
+        return {"version": predictor.version, "items": [a.model_dump(mode="json") for a in predictor.predict(items)]}
+
+    if len(groups) == 1:
+        try:
+            return [answer(groups[0])]
+        except InvalidInput as exc:
+            return [refusal(exc, 422)]
+    try:
+        everything = answer([item for group in groups for item in group])
+    except InvalidInput:
+        return [predict_groups(predictor, [group])[0] for group in groups]
+    out, start = [], 0
+    for group in groups:
+        out.append({"version": predictor.version, "items": everything["items"][start:start + len(group)]})
+        start += len(group)
+    return out
+
+
+def refusal(exc: CityServeError, status: int) -> dict[str, Any]:
+    """An error as a value: cheaper than an exception across Ray, and keeps its status and field."""
+    return {"status": status, "error": exc.as_json()}
+
+
+@serve.deployment
+class ModelServer:
+    """Serves one domain's `stage` model; `reconfigure` swaps versions without a restart.
+
+    Args:
+        domain: the domain's name.
+        registry_uri: where versions and stages live.
+        torch_threads: torch's intra-op threads. Ray sets OMP_NUM_THREADS to the replica's whole
+            CPUs (1 for a fractional replica): say what we mean instead (RAY_NOTES trap 14).
+    """
+
+    def __init__(self, domain: str, registry_uri: str, torch_threads: int = 1) -> None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        self.domain = get_domain(domain)
+        self.registry = Registry(registry_uri)
+        self.predictor: Predictor | None = None
+        self.config = ModelConfig()
+        self.loaded_at = 0.0
+        self._batch_sizes = _batch_histogram(domain)
+
+    def _load(self, stage: str) -> Predictor:
+        version = self.registry.get(self.domain.name, stage)
+        with self.registry.model_dir(self.domain.name, version.version) as path:
+            return self.domain.load_predictor(path, version.version)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Applies a new user_config: batch settings at once; a new generation reloads the stage.
+
+        The new model loads in a thread while the old one keeps answering, then replaces it in one
+        assignment. A version that fails to load leaves the old one serving (a replica with none
+        yet fails to start, which Serve reports).
+        """
+        config = ModelConfig.model_validate(user_config)
+        batcher: Any = self.predict_batch  # @serve.batch adds these setters at run time
+        batcher.set_max_batch_size(config.max_batch_size)
+        batcher.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        if self.predictor is not None and config.generation == self.config.generation \
+                and config.stage == self.config.stage:
+            self.config = config
+            return
+        try:
+            predictor = await asyncio.to_thread(self._load, config.stage)
+        except (RegistryError, OSError, RuntimeError, ValueError) as exc:
+            if self.predictor is None:
+                raise
+            logger.error("%s: generation %d did not load (%s); still serving %s", self.domain.name,
+                         config.generation, exc, self.predictor.version)
+            return
+        self.predictor, self.config, self.loaded_at = predictor, config, time.time()
+        logger.info("%s: serving %s (generation %d)", self.domain.name, predictor.version, config.generation)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def predict_batch(self, groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        predictor = self.predictor
+        if predictor is None:
+            return [refusal(ModelNotReady(f"{self.domain.name} has no model loaded yet"), 503)] * len(groups)
+        model = self.domain.request_model
+        self._batch_sizes.observe(sum(len(g) for g in groups))
+        items = [[model.model_validate(item) for item in group] for group in groups]
+        # In a thread: the event loop keeps taking requests (the next batch fills meanwhile) and
+        # health checks while torch works, and torch releases the GIL.
+        return await asyncio.to_thread(predict_groups, predictor, items)
+
+    async def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """One request's items: `{"version", "items"}`, or `{"status", "error"}` if refused."""
+        answer: dict[str, Any] = await self.predict_batch(items)
+        return answer
+
+    async def info(self) -> dict[str, Any]:
+        return {"domain": self.domain.name, "version": self.predictor.version if self.predictor else None,
+                "stage": self.config.stage, "generation": self.config.generation, "loaded_at": self.loaded_at}
+
+    def check_health(self) -> None:
+        if self.predictor is None:
+            raise ModelNotReady(f"{self.domain.name} has no model loaded")
+
+
+def _batch_histogram(domain: str) -> Any:
+    from ray.util.metrics import Histogram
+
+    histogram = Histogram("cityserve_batch_items", description="Items per model batch.",
+                          boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=("domain",))
+    histogram.set_default_tags({"domain": domain})
+    return histogram

@@ -1,0 +1,391 @@
+"""Tenants, their API keys, quotas and usage: the arithmetic, and the database that keeps them.
+
+Keys look like `csk_<key id>_<secret>`. Only the SHA-256 of the secret is stored: the secret holds
+256 random bits, so a fast hash is as safe as a slow one and costs microseconds per request. The
+key id is public (it finds the row); the digest is compared in constant time.
+
+Quotas mean what a tenant reads in its contract: in any 60 s window the requests (and items) it
+was admitted never exceed its per-minute quota. `SlidingWindow` keeps the admitted events of the
+last minute, so there is no fixed-window edge where twice the quota gets through. Concurrency
+slots are `Leases` with a time-to-live: a gateway replica killed mid-request cannot leak one.
+
+The `Store` is SQLite (one file, the default) or PostgreSQL (a `postgresql://` URL); the same SQL
+runs on both. The admission actor (`services.admission`) is its only writer of usage rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hashlib
+import hmac
+import json
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from domains.errors import ConfigError, InvalidInput
+
+KEY_PREFIX = "csk"
+WINDOW_S = 60.0
+
+
+# ---- keys ----------------------------------------------------------------------------------------
+def new_key() -> tuple[str, str, str]:
+    """A fresh API key: (the key to hand out once, its public id, the digest to store)."""
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    return f"{KEY_PREFIX}_{key_id}_{secret}", key_id, digest(secret)
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(key id, digest of the secret) of a well-formed key; None for anything else."""
+    parts = key.split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or not parts[2]:
+        return None
+    return parts[1], digest(parts[2])
+
+
+def same_digest(a: str, b: str) -> bool:
+    """Constant-time comparison: the time taken says nothing about how much of a guess was right."""
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+# ---- quota arithmetic ----------------------------------------------------------------------------
+class SlidingWindow:
+    """Amounts admitted in the last `span` seconds (requests: amount 1; items: the batch size)."""
+
+    def __init__(self, span: float = WINDOW_S) -> None:
+        self.span = span
+        self.events: deque[tuple[float, int]] = deque()
+        self.total = 0
+
+    def _expire(self, now: float) -> None:
+        while self.events and self.events[0][0] <= now - self.span:
+            self.total -= self.events.popleft()[1]
+
+    def wait(self, now: float, amount: int, limit: int) -> float:
+        """Seconds until `amount` more fits under `limit` (0: it fits now). `amount > limit`
+        never fits; callers refuse that before asking."""
+        self._expire(now)
+        excess = self.total + amount - limit
+        if excess <= 0:
+            return 0.0
+        freed = 0
+        for at, n in self.events:  # oldest first: the window frees them in this order
+            freed += n
+            if freed >= excess:
+                return at + self.span - now
+        return self.span
+
+    def add(self, now: float, amount: int) -> None:
+        self.events.append((now, amount))
+        self.total += amount
+
+
+class Leases:
+    """Concurrency slots per tenant, each with an expiry so a lost release frees itself."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, dict[str, float]] = {}  # tenant -> lease id -> expiry (monotonic)
+        self.owner: dict[str, str] = {}  # lease id -> tenant
+
+    def active(self, tenant: str, now: float) -> int:
+        leases = self.held.get(tenant, {})
+        for lease in [k for k, expiry in leases.items() if expiry <= now]:
+            del leases[lease]
+            self.owner.pop(lease, None)
+        return len(leases)
+
+    def acquire(self, tenant: str, cap: int, now: float, ttl: float) -> str | None:
+        if self.active(tenant, now) >= cap:
+            return None
+        lease = uuid.uuid4().hex
+        self.held.setdefault(tenant, {})[lease] = now + ttl
+        self.owner[lease] = tenant
+        return lease
+
+    def release(self, lease: str) -> None:
+        tenant = self.owner.pop(lease, None)
+        if tenant is not None:
+            self.held.get(tenant, {}).pop(lease, None)
+
+
+# ---- records -------------------------------------------------------------------------------------
+@dataclass
+class Tenant:
+    """A tenant app: which domains it may call and how much."""
+
+    name: str
+    grants: list[str]
+    requests_per_minute: int
+    items_per_minute: int
+    max_concurrent: int
+    created_at: float = 0.0
+    revoked_at: float | None = None
+
+
+@dataclass
+class ApiKey:
+    key_id: str
+    tenant: str
+    digest: str
+    created_at: float
+    expires_at: float
+    revoked_at: float | None = None
+
+    def problem(self, now: float) -> str | None:
+        """Why this key is refused now, or None."""
+        if self.revoked_at is not None:
+            return "API key revoked"
+        if self.expires_at <= now:
+            return f"API key expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.expires_at))}"
+        return None
+
+
+@dataclass
+class Usage:
+    """One admitted request, as the ledger keeps it for chargeback."""
+
+    request_id: str
+    at: float
+    tenant: str
+    domain: str
+    items: int
+    status: int
+    latency_ms: float
+    model_version: str = ""
+
+    def row(self) -> tuple[Any, ...]:
+        return (self.request_id, self.at, self.tenant, self.domain, self.items, self.status, self.latency_ms,
+                self.model_version)
+
+
+USAGE_COLUMNS = ("request_id", "at", "tenant", "domain", "items", "status", "latency_ms", "model_version")
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, grants TEXT NOT NULL,
+       requests_per_minute INTEGER NOT NULL, items_per_minute INTEGER NOT NULL, max_concurrent INTEGER NOT NULL,
+       created_at DOUBLE PRECISION NOT NULL, revoked_at DOUBLE PRECISION)""",
+    """CREATE TABLE IF NOT EXISTS api_keys (key_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, digest TEXT NOT NULL,
+       created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION NOT NULL, revoked_at DOUBLE PRECISION)""",
+    """CREATE TABLE IF NOT EXISTS audit (id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, actor TEXT NOT NULL,
+       action TEXT NOT NULL, tenant TEXT NOT NULL, detail TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS usage (request_id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL,
+       tenant TEXT NOT NULL, domain TEXT NOT NULL, items INTEGER NOT NULL, status INTEGER NOT NULL,
+       latency_ms DOUBLE PRECISION NOT NULL, model_version TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS usage_tenant_at ON usage (tenant, at)",
+)
+
+
+@dataclass
+class Store:
+    """Tenants, keys, the audit log and the usage ledger in one SQL database.
+
+    Args:
+        url: `sqlite:///path/to/file.db` (relative paths from the working directory) or
+            `postgresql://user:password@host/db`.
+    """
+
+    url: str
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _conn: Any = field(default=None, repr=False)
+
+    @property
+    def postgres(self) -> bool:
+        return self.url.startswith(("postgresql://", "postgres://"))
+
+    def _connect(self) -> Any:
+        if self.postgres:
+            import psycopg
+
+            return psycopg.connect(self.url, autocommit=False)
+        if not self.url.startswith("sqlite:///"):
+            raise ConfigError(f"ledger URL {self.url!r}: use sqlite:///FILE or postgresql://...", field="ledger_url")
+        path = Path(self.url.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")  # readers (the CLI) never block the ledger's writer
+        conn.execute("PRAGMA synchronous=FULL")  # a committed usage row survives a power cut
+        return conn
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Any]:
+        with self._lock:
+            if self._conn is None:
+                self._conn = self._connect()
+                cur = self._conn.cursor()
+                for statement in SCHEMA:
+                    cur.execute(statement)
+                self._conn.commit()
+            cur = self._conn.cursor()
+            try:
+                yield cur
+                self._conn.commit()
+            except BaseException:
+                self._conn.rollback()
+                raise
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.postgres else sql
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        with self._tx() as cur:
+            cur.execute(self._sql(sql), params)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._tx() as cur:
+            cur.execute(self._sql(sql), params)
+            return list(cur.fetchall())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    # ---- tenants and keys ------------------------------------------------------------------------
+    def audit(self, cur: Any, action: str, tenant: str, detail: dict[str, Any]) -> None:
+        actor = f"{getpass.getuser()}@{socket.gethostname()}"
+        cur.execute(self._sql("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?)"),
+                    (uuid.uuid4().hex, time.time(), actor, action, tenant, json.dumps(detail, sort_keys=True)))
+
+    def tenant(self, name: str) -> Tenant:
+        rows = self.query("SELECT * FROM tenants WHERE name = ?", (name,))
+        if not rows:
+            raise InvalidInput(f"no tenant {name!r}; see `cityserve tenants list`", field="tenant")
+        return _tenant(rows[0])
+
+    def tenants(self) -> list[Tenant]:
+        return [_tenant(r) for r in self.query("SELECT * FROM tenants ORDER BY name")]
+
+    def api_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        sql, params = "SELECT * FROM api_keys", ()  # type: tuple[str, tuple[Any, ...]]
+        if tenant is not None:
+            sql, params = sql + " WHERE tenant = ?", (tenant,)
+        return [ApiKey(*r) for r in self.query(sql + " ORDER BY created_at", params)]
+
+    def create_tenant(self, tenant: Tenant, key_ttl_days: float) -> str:
+        """Adds a tenant with its first key; returns the key (shown once, never stored)."""
+        _check_limits(tenant)
+        if self.query("SELECT name FROM tenants WHERE name = ?", (tenant.name,)):
+            raise InvalidInput(f"tenant {tenant.name!r} exists; rotate its key with `cityserve tenants rotate`",
+                               field="name")
+        now = time.time()
+        key, key_id, key_digest = new_key()
+        with self._tx() as cur:
+            cur.execute(self._sql("INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                        (tenant.name, json.dumps(sorted(tenant.grants)), tenant.requests_per_minute,
+                         tenant.items_per_minute, tenant.max_concurrent, now, None))
+            cur.execute(self._sql("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?)"),
+                        (key_id, tenant.name, key_digest, now, now + key_ttl_days * 86400, None))
+            self.audit(cur, "create", tenant.name, {"grants": sorted(tenant.grants), "key_id": key_id,
+                                                    "requests_per_minute": tenant.requests_per_minute,
+                                                    "items_per_minute": tenant.items_per_minute,
+                                                    "max_concurrent": tenant.max_concurrent})
+        return key
+
+    def rotate(self, name: str, key_ttl_days: float, grace_hours: float) -> str:
+        """A new key for `name`; its current keys keep working for `grace_hours`, then expire."""
+        if self.tenant(name).revoked_at is not None:
+            raise InvalidInput(f"tenant {name!r} is revoked", field="tenant")
+        now = time.time()
+        key, key_id, key_digest = new_key()
+        with self._tx() as cur:
+            cur.execute(self._sql("UPDATE api_keys SET expires_at = ? WHERE tenant = ? AND revoked_at IS NULL "
+                                  "AND expires_at > ?"), (now + grace_hours * 3600, name, now + grace_hours * 3600))
+            cur.execute(self._sql("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?)"),
+                        (key_id, name, key_digest, now, now + key_ttl_days * 86400, None))
+            self.audit(cur, "rotate", name, {"key_id": key_id, "old_keys_expire_in_hours": grace_hours})
+        return key
+
+    def revoke(self, name: str, key_id: str | None = None) -> None:
+        """Revokes one key, or the tenant and all its keys."""
+        self.tenant(name)
+        now = time.time()
+        with self._tx() as cur:
+            if key_id is None:
+                cur.execute(self._sql("UPDATE tenants SET revoked_at = ? WHERE name = ?"), (now, name))
+                cur.execute(self._sql("UPDATE api_keys SET revoked_at = ? WHERE tenant = ? AND revoked_at IS NULL"),
+                            (now, name))
+            else:
+                cur.execute(self._sql("UPDATE api_keys SET revoked_at = ? WHERE tenant = ? AND key_id = ?"),
+                            (now, name, key_id))
+                if cur.rowcount == 0:
+                    raise InvalidInput(f"tenant {name!r} has no key {key_id!r}", field="key_id")
+            self.audit(cur, "revoke", name, {"key_id": key_id} if key_id else {"all_keys": True})
+
+    def set_quota(self, name: str, **changes: Any) -> Tenant:
+        """Changes grants and limits (only those given)."""
+        tenant = self.tenant(name)
+        changes = {k: v for k, v in changes.items() if v is not None}
+        for k, v in changes.items():
+            setattr(tenant, k, v)
+        _check_limits(tenant)
+        with self._tx() as cur:
+            cur.execute(self._sql("UPDATE tenants SET grants = ?, requests_per_minute = ?, items_per_minute = ?, "
+                                  "max_concurrent = ? WHERE name = ?"),
+                        (json.dumps(sorted(tenant.grants)), tenant.requests_per_minute, tenant.items_per_minute,
+                         tenant.max_concurrent, name))
+            self.audit(cur, "set-quota", name, {k: sorted(v) if k == "grants" else v for k, v in changes.items()})
+        return tenant
+
+    def audit_log(self, tenant: str | None = None) -> list[tuple[Any, ...]]:
+        sql, params = "SELECT at, actor, action, tenant, detail FROM audit", ()  # type: tuple[str, tuple[Any, ...]]
+        if tenant is not None:
+            sql, params = sql + " WHERE tenant = ?", (tenant,)
+        return self.query(sql + " ORDER BY at", params)
+
+    # ---- usage ledger ----------------------------------------------------------------------------
+    def record(self, usage: Sequence[Usage]) -> None:
+        """Appends usage rows in one transaction; a row already there (a retried flush) is kept once."""
+        if not usage:
+            return
+        sql = self._sql(f"INSERT INTO usage VALUES ({', '.join('?' * len(USAGE_COLUMNS))}) "
+                        "ON CONFLICT (request_id) DO NOTHING")
+        with self._tx() as cur:
+            cur.executemany(sql, [u.row() for u in usage])
+
+    def usage(self, tenant: str | None = None, since: float | None = None) -> list[Usage]:
+        where: list[str] = []
+        params: list[Any] = []
+        if tenant is not None:
+            where.append("tenant = ?")
+            params.append(tenant)
+        if since is not None:
+            where.append("at >= ?")
+            params.append(since)
+        sql = f"SELECT {', '.join(USAGE_COLUMNS)} FROM usage"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return [Usage(*r) for r in self.query(sql + " ORDER BY at", params)]
+
+
+def _tenant(row: Sequence[Any]) -> Tenant:
+    name, grants, rpm, ipm, conc, created, revoked = row
+    return Tenant(name, json.loads(grants), rpm, ipm, conc, created, revoked)
+
+
+def _check_limits(tenant: Tenant) -> None:
+    from domains import DOMAINS
+
+    if not tenant.name or not tenant.name.replace("-", "").replace("_", "").isalnum():
+        raise InvalidInput(f"tenant name {tenant.name!r}: use letters, digits, '-' and '_'", field="name")
+    unknown = sorted(set(tenant.grants) - set(DOMAINS))
+    if unknown:
+        raise InvalidInput(f"unknown domains {unknown}; choose from {sorted(DOMAINS)}", field="grants")
+    for name in ("requests_per_minute", "items_per_minute", "max_concurrent"):
+        if getattr(tenant, name) < 1:
+            raise InvalidInput(f"{name} must be at least 1, got {getattr(tenant, name)}", field=name)
