@@ -58,7 +58,8 @@ class Backend(Protocol):
 
     async def release(self, lease: str, usage: Usage | None) -> None: ...
 
-    async def predict(self, domain: str, items: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]: ...
+    async def predict(self, domain: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """`{"version", "items"}`, or `{"status", "error"}` when the model refuses the items."""
 
     async def info(self, domain: str) -> dict[str, Any]: ...
 
@@ -190,7 +191,7 @@ def create_api(args: PlatformArgs, backend: Backend) -> FastAPI:
                 raise decision_error(decision)
             if problem is not None:
                 raise problem
-            answer = await backend.predict(domain, [p.model_dump(mode="json") for p in parsed], limits.timeout_s)
+            answer = await predict(backend, domain, [p.model_dump(mode="json") for p in parsed], limits.timeout_s)
             version = answer["version"]
             status = 200
             body = answer["items"][0] if single else answer["items"]
@@ -248,6 +249,18 @@ def create_api(args: PlatformArgs, backend: Backend) -> FastAPI:
     return api
 
 
+async def predict(backend: Backend, domain: str, items: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
+    try:
+        answer = await asyncio.wait_for(backend.predict(domain, items), timeout_s)
+    except TimeoutError as exc:
+        raise GatewayTimeout(f"{domain} did not answer within {timeout_s:g} s", field="timeout_s") from exc
+    if "error" in answer:
+        error = answer["error"]
+        raise BY_STATUS[answer["status"]](error["message"], field=error.get("field"), code=error["code"],
+                                          retry_after=2 if answer["status"] == 503 else None)
+    return answer
+
+
 async def _info(backend: Backend, domain: str) -> dict[str, Any]:
     try:
         info = await asyncio.wait_for(backend.info(domain), timeout=5)
@@ -298,30 +311,22 @@ class ServeBackend:
     async def release(self, lease: str, usage: Usage | None) -> None:
         await self.admission.release.remote(lease, usage)
 
-    async def predict(self, domain: str, items: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
+    async def predict(self, domain: str, items: list[dict[str, Any]]) -> dict[str, Any]:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         response = self.handles[domain].remote(items)
         try:
-            answer: dict[str, Any] = await asyncio.wait_for(_resolve(response), timeout_s)
-        except TimeoutError as exc:
+            answer: dict[str, Any] = await response
+        except asyncio.CancelledError:  # the gateway's timeout: the replica drops it too
             response.cancel()
-            raise GatewayTimeout(f"{domain} did not answer within {timeout_s:g} s") from exc
+            raise
         except (BackPressureError, DeploymentUnavailableError) as exc:
             raise Unavailable(f"{domain} is at capacity; retry shortly", retry_after=1) from exc
-        if "error" in answer:
-            raise BY_STATUS[answer["status"]](answer["error"]["message"], field=answer["error"].get("field"),
-                                              code=answer["error"]["code"],
-                                              retry_after=2 if answer["status"] == 503 else None)
         return answer
 
     async def info(self, domain: str) -> dict[str, Any]:
         info: dict[str, Any] = await self.handles[domain].info.remote()
         return info
-
-
-async def _resolve(response: Any) -> Any:
-    return await response
 
 
 @serve.deployment

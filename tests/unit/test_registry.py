@@ -92,3 +92,15 @@ def test_folder_without_version_file_is_not_a_version(registry: Registry, model_
     (Path(registry.root) / "energy" / "v2").mkdir()  # e.g. a copy to object storage cut short
     assert [v.version for v in registry.versions("energy")] == ["v1"]
     assert registry.register("energy", model_dir, {}).version == "v3"
+
+
+def test_promote_and_rollback_bump_the_generation_replicas_reload_on(registry: Registry, model_dir: Path) -> None:
+    a = registry.register("energy", model_dir, {})
+    b = registry.register("energy", model_dir, {})
+    assert registry.generation("energy") == 0
+    registry.promote("energy", a.version)
+    registry.promote("energy", b.version)
+    assert registry.generation("energy") == 2
+    registry.rollback("energy")
+    assert registry.generation("energy") == 3
+    assert registry.get("energy").version == a.version

@@ -1,0 +1,194 @@
+"""The gateway's HTTP layer through FastAPI's TestClient, with the model calls injected and the
+real admission arithmetic over a SQLite store (Serve's `_local_testing_mode` breaks on
+`@serve.batch`, so the Serve wiring is covered by the integration tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from domains import DOMAINS, get_domain
+from domains.base import request_example
+from domains.errors import InvalidInput
+from services.admission import Decision, Gatekeeper
+from services.config import VERBS, PlatformArgs
+from services.gateway import create_api
+from services.model import predict_groups
+from services.tenants import Store, Tenant, Usage
+
+Answer = Callable[[str, list[dict[str, Any]]], Awaitable[dict[str, Any]]]
+
+
+class LocalBackend:
+    """The admission arithmetic in-process; `answer` stands in for the domain deployments."""
+
+    def __init__(self, store: Store, answer: Answer) -> None:
+        self.keeper = Gatekeeper(store, refresh_s=0.0)
+        self.answer = answer
+        self.released: list[Usage | None] = []
+
+    async def admit(self, key_id: str, key_digest: str, domain: str, items: int, lease_ttl: float) -> Decision:
+        return self.keeper.admit(key_id, key_digest, domain, items, lease_ttl, time.monotonic(), time.time())
+
+    async def release(self, lease: str, usage: Usage | None) -> None:
+        self.keeper.release(lease, usage)
+        self.released.append(usage)
+
+    async def predict(self, domain: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return await self.answer(domain, items)
+
+    async def info(self, domain: str) -> dict[str, Any]:
+        return {"domain": domain, "version": None if domain == "traffic" else "v7"}
+
+
+async def echo(domain: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Answers each item with its position, so order and batching are visible."""
+    if domain == "traffic" and items[0].get("network") == "nowhere":
+        return {"status": 422, "error": InvalidInput("unknown network 'nowhere'", field="network").as_json()}
+    if domain == "energy":
+        await asyncio.sleep(5)  # slower than the 0.2 s timeout below
+    return {"version": "v7", "items": [{"n": i} for i in range(len(items))]}
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[TestClient, LocalBackend, dict[str, str]]:
+    store = Store(f"sqlite:///{tmp_path / 'ledger.db'}")
+    keys = {
+        "hotline": store.create_tenant(Tenant("hotline", ["events", "traffic", "energy"], 5, 40, 4), 1),
+        "press": store.create_tenant(Tenant("press", ["sentiment"], 100, 1000, 4), 1),
+        "gone": store.create_tenant(Tenant("gone", ["events"], 100, 1000, 4), 1),
+    }
+    store.revoke("gone")
+    args = PlatformArgs(registry_uri="unused", ledger_url="unused", max_body_bytes=4096,
+                        domains={d: {"max_items": 8, "timeout_s": 0.2} for d in DOMAINS})
+    backend = LocalBackend(store, echo)
+    return TestClient(create_api(args, backend)), backend, keys
+
+
+def post(client: TestClient, path: str, body: Any, key: str | None = None, **headers: str) -> Any:
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    return client.post(path, json=body, headers=headers)
+
+
+def test_auth_matrix(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
+    client, backend, keys = setup
+    event = request_example(get_domain("events").request_model)
+    assert post(client, "/v1/events/classify", event).json()["code"] == "unauthorized"
+    assert post(client, "/v1/events/classify", event, None, Authorization="Basic abc").status_code == 401
+    forged = keys["hotline"][:-4] + "AAAA"
+    assert post(client, "/v1/events/classify", event, forged).json()["message"] == "invalid API key"
+    assert post(client, "/v1/events/classify", event, keys["gone"]).json()["message"] == "API key revoked"
+    refused = post(client, "/v1/events/classify", event, keys["press"])
+    assert refused.status_code == 403 and refused.json() == {
+        "code": "forbidden", "message": "tenant 'press' is not granted the events domain", "field": "domain"}
+    # An unauthenticated caller learns nothing about the body, even a broken one.
+    assert post(client, "/v1/events/classify", {"nope": 1}).status_code == 401
+    ok = post(client, "/v1/events/classify", event, keys["hotline"], **{"X-Request-Id": "abc-123"})
+    assert ok.status_code == 200 and ok.json() == {"n": 0}
+    assert ok.headers["X-Request-Id"] == "abc-123" and ok.headers["X-Model-Version"] == "v7"
+    assert [u.status for u in backend.released if u] == [200]  # refused requests hold no lease
+
+
+def test_items_one_or_a_batch_with_fields_named(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
+    client, _, keys = setup
+    key = keys["hotline"]
+    batch = post(client, "/v1/events/classify", [{"text": "a"}, {"text": "b"}, {"text": "c"}], key)
+    assert batch.status_code == 200 and batch.json() == [{"n": 0}, {"n": 1}, {"n": 2}]
+    bad = post(client, "/v1/events/classify", [{"text": "a"}, {"text": ""}], key)
+    assert bad.status_code == 422 and bad.json()["field"] == "[1].text"
+    single = post(client, "/v1/events/classify", {"text": "a", "extra": 1}, key)
+    assert single.status_code == 422 and single.json()["field"] == "extra"
+    assert post(client, "/v1/events/classify", [], key).json()["field"] == "body"
+    assert post(client, "/v1/events/classify", "text", key).status_code == 422
+    garbled = client.post("/v1/events/classify", content=b"{not json", headers={"Authorization": f"Bearer {key}"})
+    assert garbled.status_code == 422 and garbled.json()["code"] == "invalid_input"
+    too_many = post(client, "/v1/events/classify", [{"text": "a"}] * 9, key)
+    assert too_many.status_code == 413 and "at most 8" in too_many.json()["message"]
+    huge = post(client, "/v1/events/classify", {"text": "x" * 5000}, key)
+    assert huge.status_code == 413 and huge.json()["code"] == "too_large"
+
+
+def test_model_refusals_timeouts_and_quotas(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
+    client, backend, keys = setup
+    key = keys["hotline"]
+    traffic = {**request_example(get_domain("traffic").request_model), "network": "nowhere"}
+    refused = post(client, "/v1/traffic/forecast", traffic, key)
+    assert refused.status_code == 422 and refused.json()["field"] == "network"
+    energy = request_example(get_domain("energy").request_model)
+    slow = post(client, "/v1/energy/forecast", energy, key)
+    assert slow.status_code == 504 and slow.json()["code"] == "timeout"
+    statuses = [post(client, "/v1/events/classify", {"text": "a"}, key).status_code for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]  # 5 requests a minute: 2 went to traffic and energy
+    over = post(client, "/v1/events/classify", {"text": "a"}, key)
+    assert over.json()["code"] == "quota_exceeded" and 55 <= int(over.headers["Retry-After"]) <= 60
+    metered = [(u.domain, u.status) for u in backend.released if u]
+    assert metered == [("traffic", 422), ("energy", 504), ("events", 200), ("events", 200), ("events", 200)]
+
+
+def test_unknown_routes_and_methods_answer_json(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
+    client, _, keys = setup
+    missing = post(client, "/v1/water/classify", {}, keys["hotline"])
+    assert missing.status_code == 404 and "/v1/events/classify" in missing.json()["message"]
+    assert client.get("/nowhere").json()["code"] == "not_found"
+    wrong = client.get("/v1/events/classify")
+    assert wrong.status_code == 405 and wrong.json()["code"] == "method_not_allowed"
+
+
+def test_health_readiness_and_models(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
+    client, _, _ = setup
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and "traffic" in ready.json()["message"] and ready.headers["Retry-After"]
+    models = {m["domain"]: m for m in client.get("/v1/models").json()["domains"]}
+    assert models["events"]["version"] == "v7" and not models["traffic"]["ready"]
+
+
+def test_openapi_documents_every_route_with_an_example(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
+    client, _, _ = setup
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+
+    def refs(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            own = [node["$ref"]] if "$ref" in node else []
+            return own + [r for v in node.values() for r in refs(v)]
+        return [r for v in node for r in refs(v)] if isinstance(node, list) else []
+
+    for name in DOMAINS:
+        op = spec["paths"][f"/v1/{name}/{VERBS[name]}"]["post"]
+        body = op["requestBody"]["content"]["application/json"]
+        assert body["examples"]["one item"]["value"] == request_example(get_domain(name).request_model)
+        assert {"401", "403", "413", "422", "429", "503", "504"} <= set(op["responses"])
+    for ref in refs(spec):
+        assert ref.removeprefix("#/components/schemas/") in schemas, ref
+    assert client.get("/docs").status_code == 200
+
+
+class Doubler:
+    """A stand-in predictor: refuses items whose value is negative."""
+
+    version = "v1"
+
+    def predict(self, items: list[Any]) -> list[Any]:
+        from pydantic import BaseModel
+
+        class Out(BaseModel):
+            y: int
+
+        if any(i < 0 for i in items):
+            raise InvalidInput("negative", field="x")
+        return [Out(y=2 * i) for i in items]
+
+
+def test_a_refused_request_fails_alone_in_its_batch() -> None:
+    answers = predict_groups(Doubler(), [[1, 2], [-1], [3]])  # type: ignore[arg-type]
+    assert answers[0] == {"version": "v1", "items": [{"y": 2}, {"y": 4}]}
+    assert answers[1]["status"] == 422 and answers[1]["error"]["field"] == "x"
+    assert answers[2] == {"version": "v1", "items": [{"y": 6}]}

@@ -1,0 +1,140 @@
+"""Keys, sliding windows, leases, the tenant store and the admission decisions, without Ray."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from domains.errors import InvalidInput
+from services.admission import Decision, Gatekeeper
+from services.tenants import Leases, SlidingWindow, Store, Tenant, Usage, digest, new_key, split_key
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'ledger.db'}")
+
+
+def test_keys_are_stored_only_as_digests_and_parse_back() -> None:
+    key, key_id, key_digest = new_key()
+    assert key.startswith(f"csk_{key_id}_")
+    secret = key.split("_", 2)[2]
+    assert secret not in key_digest and key_digest == digest(secret)
+    assert split_key(key) == (key_id, key_digest)
+    for bad in ["", "csk_", "csk_abc", "Bearer x", "sk_abc_def", f"csk__{secret}"]:
+        assert split_key(bad) is None
+
+
+def test_sliding_window_never_admits_more_than_the_quota_in_any_window() -> None:
+    window, limit, admitted = SlidingWindow(60.0), 10, []
+    now = 0.0
+    while now < 300:
+        if window.wait(now, 1, limit) == 0:
+            window.add(now, 1)
+            admitted.append(now)
+        now += 0.7
+    for start in admitted:  # every window that starts at an admission holds at most `limit`
+        assert sum(1 for t in admitted if start <= t < start + 60) <= limit
+    assert len(admitted) >= 4 * limit  # and the quota is usable: ~10 per minute over 5 minutes
+
+
+def test_sliding_window_says_when_enough_frees_up() -> None:
+    window = SlidingWindow(60.0)
+    window.add(0.0, 4)
+    window.add(10.0, 4)
+    assert window.wait(20.0, 2, 10) == 0
+    assert window.wait(20.0, 4, 10) == pytest.approx(40.0)  # the first 4 leave the window at t=60
+    assert window.wait(20.0, 8, 10) == pytest.approx(50.0)  # both batches must leave: the second at t=70
+    assert window.wait(61.0, 4, 10) == 0
+
+
+def test_leases_cap_concurrency_and_expire_when_never_released() -> None:
+    leases = Leases()
+    a = leases.acquire("t", 2, now=0.0, ttl=10.0)
+    b = leases.acquire("t", 2, now=1.0, ttl=10.0)
+    assert a and b and leases.acquire("t", 2, now=2.0, ttl=10.0) is None
+    leases.release(a)
+    assert leases.acquire("t", 2, now=3.0, ttl=10.0) is not None
+    assert leases.acquire("t", 2, now=5.0, ttl=10.0) is None
+    # b's holder died without releasing: at t=11 its lease has expired
+    assert leases.acquire("t", 2, now=11.5, ttl=10.0) is not None
+    assert leases.acquire("other", 1, now=0.0, ttl=10.0) is not None
+
+
+def test_store_creates_rotates_revokes_and_audits(store: Store) -> None:
+    key = store.create_tenant(Tenant("hotline", ["events"], 60, 600, 2), key_ttl_days=1)
+    with pytest.raises(InvalidInput, match="exists"):
+        store.create_tenant(Tenant("hotline", ["events"], 60, 600, 2), key_ttl_days=1)
+    with pytest.raises(InvalidInput, match="unknown domains"):
+        store.create_tenant(Tenant("x", ["water"], 60, 600, 2), key_ttl_days=1)
+    with pytest.raises(InvalidInput, match="at least 1"):
+        store.create_tenant(Tenant("y", ["events"], 0, 600, 2), key_ttl_days=1)
+    new = store.rotate("hotline", key_ttl_days=1, grace_hours=1)
+    keys = store.api_keys("hotline")
+    assert len(keys) == 2 and all(k.problem(time.time()) is None for k in keys)  # both work while rotating
+    assert keys[0].expires_at <= time.time() + 3601
+    assert key not in str(store.query("SELECT * FROM api_keys")) and new not in str(store.query("SELECT * FROM audit"))
+    store.set_quota("hotline", grants=["events", "sentiment"], requests_per_minute=120)
+    assert store.tenant("hotline").grants == ["events", "sentiment"]
+    store.revoke("hotline", keys[0].key_id)
+    store.revoke("hotline")
+    assert store.tenant("hotline").revoked_at is not None
+    assert [a[2] for a in store.audit_log("hotline")] == ["create", "rotate", "set-quota", "revoke", "revoke"]
+
+
+def test_usage_rows_are_kept_once_and_filtered(store: Store) -> None:
+    rows = [Usage(f"r{i}", 100.0 + i, "a" if i % 2 else "b", "events", 1, 200, 5.0, "v1") for i in range(6)]
+    store.record(rows)
+    store.record(rows[:2])  # a retried flush writes nothing twice
+    assert len(store.usage()) == 6
+    assert [u.request_id for u in store.usage("a", since=102.0)] == ["r3", "r5"]
+
+
+def _keeper(store: Store, **limits: int) -> tuple[Gatekeeper, tuple[str, str]]:
+    tenant = Tenant("press", ["sentiment"], limits.get("rpm", 3), limits.get("ipm", 10), limits.get("conc", 2))
+    key = store.create_tenant(tenant, key_ttl_days=1)
+    parts = split_key(key)
+    assert parts is not None
+    return Gatekeeper(store, refresh_s=0.0), parts
+
+
+def test_admission_decisions_cover_auth_grants_quotas_and_leases(store: Store) -> None:
+    keeper, (key_id, key_digest) = _keeper(store)
+
+    def admit(domain: str = "sentiment", items: int = 1, now: float = 0.0, digest_: str = key_digest) -> Decision:
+        return keeper.admit(key_id, digest_, domain, items, lease_ttl=30, now=now, wall=time.time())
+
+    assert admit(digest_="0" * 64).status == 401
+    assert keeper.admit("nokey", key_digest, "sentiment", 1, 30, 0.0, time.time()).status == 401
+    assert admit("energy").status == 403
+    assert admit(items=11).status == 413
+    first = admit(items=4)
+    assert first.status == 200 and first.lease
+    second = admit(items=4, now=1.0)
+    assert second.status == 200
+    crowded = admit(items=1, now=2.0)
+    assert crowded.status == 429 and crowded.code == "too_many_concurrent"
+    keeper.release(first.lease, Usage("r1", 1.0, "press", "sentiment", 4, 200, 3.0, "v1"))
+    over_items = admit(items=3, now=3.0)  # 8 + 3 > 10 items in the window
+    assert over_items.status == 429 and over_items.retry_after == pytest.approx(57.0)
+    assert admit(items=0, now=3.0).status == 200  # authentication only: takes no quota
+    third = admit(items=1, now=4.0)
+    assert third.status == 200
+    keeper.release(second.lease, None)
+    keeper.release(third.lease, None)
+    over_requests = admit(items=1, now=5.0)  # 3 requests in the window already
+    assert over_requests.status == 429 and over_requests.retry_after == pytest.approx(55.0)
+    assert admit(items=1, now=61.0).status == 200
+    assert keeper.flush() == 1 and store.usage()[0].request_id == "r1"
+
+
+def test_revoked_and_expired_keys_are_refused(store: Store) -> None:
+    keeper, (key_id, key_digest) = _keeper(store)
+    now = time.time()
+    assert keeper.admit(key_id, key_digest, "sentiment", 1, 30, 0.0, now + 2 * 86400).message.startswith(
+        "API key expired")
+    store.revoke("press")
+    refused = keeper.admit(key_id, key_digest, "sentiment", 1, 30, 10.0, now)
+    assert refused.status == 401 and refused.message == "API key revoked"
