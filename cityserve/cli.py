@@ -11,7 +11,7 @@ import click
 
 from cityserve.config import get_settings
 from cityserve.console import DOMAIN, console, friendly_errors, print_table
-from cityserve.platform_cli import reload_domain, serve, serve_up, tenants, usage
+from cityserve.platform_cli import batch, reload_domain, serve, serve_up, tenants, usage
 from domains import DOMAINS
 
 
@@ -265,3 +265,4 @@ def run(ctx: click.Context, profile: str, port: int, domains: tuple[str, ...]) -
 main.add_command(serve)
 main.add_command(tenants)
 main.add_command(usage)
+main.add_command(batch)

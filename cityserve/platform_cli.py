@@ -36,8 +36,10 @@ def serve() -> None:
     """Start, inspect and stop the local platform (Ray, the four domains, the gateway)."""
 
 
-def serve_config(settings: Settings, environment: str, domains: Sequence[str], port: int) -> dict[str, Any]:
-    """The environment's config plus this run's values: absolute paths, port, each domain's generation."""
+def serve_config(settings: Settings, environment: str, domains: Sequence[str], port: int,
+                 *extra: Any) -> dict[str, Any]:
+    """The environment's config plus this run's values (absolute paths, port, each domain's
+    generation) and `extra` overlays."""
     from services.config import ServeOverlay, build_config
     from training.registry import Registry
 
@@ -46,12 +48,12 @@ def serve_config(settings: Settings, environment: str, domains: Sequence[str], p
     run = ServeOverlay(http_options={"port": port},
                        args={"registry_uri": settings.registry_location(), "ledger_url": settings.ledger_location()},
                        deployments={d: {"user_config": {"generation": registry.generation(d)}} for d in served})
-    return build_config(environment, run, domains=served)
+    return build_config(environment, run, *extra, domains=served)
 
 
 def platform_up(settings: Settings, config: dict[str, Any], *, num_cpus: int, timeout_s: float = 900) -> Any:
     """Starts Ray (unless running), deploys `config`, waits until every domain answers."""
-    from cluster.serve import Platform, deploy, start_head, wait_ready
+    from cluster.serve import Platform, deploy, start_head, wait_deployed, wait_ready
 
     state = settings.state_dir
     port = int(config["http_options"]["port"])
@@ -63,9 +65,11 @@ def platform_up(settings: Settings, config: dict[str, Any], *, num_cpus: int, ti
     elif not platform.gateway_url.endswith(f":{port}"):
         raise ConfigError(f"the platform already runs with its gateway at {platform.gateway_url}; "
                           "`cityserve serve down` first to change the port", field="port")
-    deploy(platform, config)
+    since = time.time()  # Serve stamps the deploy with this machine's clock: it runs here
+    deploy(platform.dashboard_url, config)
     _save_config(state, config)
     with console.status("deploying: replicas load their models") as status:
+        wait_deployed(platform.dashboard_url, since, timeout_s)
         wait_ready(platform.gateway_url, timeout_s, progress=lambda last: status.update(f"waiting: {last[:100]}"))
     return platform
 
@@ -78,15 +82,15 @@ def _save_config(state: Path, config: dict[str, Any]) -> None:
 
 def platform_down(settings: Settings) -> bool:
     """Deletes the app (replicas finish in-flight requests) and stops our Ray head."""
-    from cluster.serve import Platform, _client, details, stop_head
+    from cluster.serve import Platform, client, details, stop_head
 
     platform = Platform.load(settings.state_dir)
     if platform is None:
         return False
     try:
-        _client(platform).delete_applications()
+        client(platform.dashboard_url).delete_applications()
         deadline = time.monotonic() + 60
-        while details(platform).get("applications") and time.monotonic() < deadline:
+        while details(platform.dashboard_url).get("applications") and time.monotonic() < deadline:
             time.sleep(1)
     except Exception as exc:  # Ray already half gone: stopping the head is what is left to do
         console.print(f"[yellow]serve shutdown incomplete ({type(exc).__name__}); stopping Ray[/yellow]")
@@ -111,7 +115,7 @@ def reload_domain(settings: Settings, domain: str, version: str, timeout_s: floa
     if deployment is None:
         return False
     deployment.setdefault("user_config", {})["generation"] = Registry(settings.registry_location()).generation(domain)
-    deploy(platform, config)
+    deploy(platform.dashboard_url, config)
     _save_config(settings.state_dir, config)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -200,7 +204,7 @@ def serve_status(as_json: bool) -> None:
     platform = Platform.load(settings.state_dir)
     if platform is None:
         raise ConfigError("no platform runs here; start it with `cityserve serve up`")
-    apps = details(platform).get("applications", {})
+    apps = details(platform.dashboard_url).get("applications", {})
     try:
         serving = {d["domain"]: d.get("version") for d in _get_json(f"{platform.gateway_url}/v1/models")["domains"]}
     except OSError:
@@ -385,3 +389,28 @@ def usage(tenant: str | None, since: str | None, detail: bool, as_json: bool, as
         writer.writerows(table)
         return
     print_table("usage" + (f" since {since}" if since else ""), columns, table, as_json)
+
+
+# ---- batch -------------------------------------------------------------------------------------
+@click.command()
+@click.argument("domain", type=DOMAIN)
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--version", "ref", default="production", show_default=True, help="Version id or alias.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--concurrency", type=int, default=1, show_default=True, help="Scoring actors (each loads the model).")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def batch(domain: str, source: Path, dest: Path, ref: str, batch_size: int, concurrency: int, as_json: bool) -> None:
+    """Score SOURCE (Parquet or CSV, one request item per row) into the Parquet file DEST."""
+    from services.batch import score_file
+
+    report = score_file(domain, get_settings(), source, dest, ref=ref, batch_size=batch_size,
+                        concurrency=concurrency)
+    if as_json:
+        click.echo(json.dumps(report.__dict__, indent=2))
+        return
+    console.print(f"{domain} {report.version}: {report.scored} of {report.rows} rows scored into {report.output}")
+    if report.failed_count:
+        print_table(f"{report.failed_count} rows refused (first {len(report.failed)}; `error` column in the output)",
+                    ["row", "reason"], report.failed[:20], False)

@@ -26,9 +26,15 @@ from cluster.local import free_port
 from domains.errors import ConfigError
 
 STATE_FILE = "platform.json"
-# Serve's per-request overhead is the bottleneck on small machines (RAY_NOTES trap 2); these apply
-# to the controller, proxy and replicas, so they go to the head's environment.
-SERVE_ENV = {"RAY_AUTH_MODE": "token", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# Process-wide Serve settings, so they go to the head's environment (the controller, proxy and
+# replicas inherit it): per-request overhead is the bottleneck on small machines (RAY_NOTES trap 2),
+# and autoscaling metrics pushed every 10 s (the default) would make a scale-up take 10 s more.
+SERVE_ENV = {
+    "RAY_AUTH_MODE": "token",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+}
 
 
 @dataclass
@@ -111,20 +117,37 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _client(platform: Platform) -> Any:
+def client(dashboard_url: str) -> Any:
+    """Ray's Serve REST client (what `serve deploy` uses) with our token."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    return ServeSubmissionClient(platform.dashboard_url, headers=auth_headers())
+    return ServeSubmissionClient(dashboard_url, headers=auth_headers())
 
 
-def deploy(platform: Platform, config: dict[str, Any]) -> None:
+def deploy(dashboard_url: str, config: dict[str, Any]) -> None:
     """Applies a whole serve config; Serve changes only what differs (a user_config: no restart)."""
-    _client(platform).deploy_applications(config)
+    client(dashboard_url).deploy_applications(config)
 
 
-def details(platform: Platform) -> dict[str, Any]:
-    result: dict[str, Any] = _client(platform).get_serve_details()
+def details(dashboard_url: str) -> dict[str, Any]:
+    result: dict[str, Any] = client(dashboard_url).get_serve_details()
     return result
+
+
+def wait_deployed(dashboard_url: str, since: float, timeout_s: float) -> None:
+    """Waits until every application took a config deployed after `since` (wall clock) and runs:
+    until then the old replicas still answer, with the old settings."""
+    deadline = time.monotonic() + timeout_s
+    last = "no applications"
+    while time.monotonic() < deadline:
+        apps = details(dashboard_url).get("applications", {})
+        fresh = [a for a in apps.values() if a.get("last_deployed_time_s", 0) >= since]
+        if apps and len(fresh) == len(apps) and all(a.get("status") == "RUNNING" for a in fresh):
+            return
+        if apps:
+            last = "; ".join(f"{name}: {a.get('status')} {a.get('message', '')[:200]}" for name, a in apps.items())
+        time.sleep(1)
+    raise ConfigError(f"the serve config was not running within {timeout_s:.0f} s: {last}")
 
 
 def wait_ready(gateway_url: str, timeout_s: float, progress: Any = None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ the actor around it, which also batches usage rows into the ledger — its singl
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ logger = logging.getLogger("cityserve.admission")
 
 ACTOR_NAME = "cityserve-admission"
 NAMESPACE = "cityserve"
+MISS_REFRESH_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,11 @@ class Gatekeeper:
         self.leases = Leases()
         self.pending: list[Usage] = []
 
-    def refresh(self, now: float) -> None:
-        if now - self.loaded_at < self.refresh_s:
+    def refresh(self, now: float, key_id: str = "") -> None:
+        """Re-reads tenants and keys when stale, or sooner for an unknown key (a tenant created a
+        moment ago works at once), at most every `MISS_REFRESH_S` so bogus keys cannot flood the DB."""
+        age = now - self.loaded_at
+        if age < self.refresh_s and (key_id in self.keys or age < MISS_REFRESH_S):
             return
         self.tenants = {t.name: t for t in self.store.tenants()}
         self.keys = {k.key_id: k for k in self.store.api_keys()}
@@ -84,7 +89,7 @@ class Gatekeeper:
 
         `items == 0` only authenticates (a request whose body is invalid takes no quota).
         """
-        self.refresh(now)
+        self.refresh(now, key_id)
         who = self.authenticate(key_id, key_digest, domain, wall)
         if who.status != 200 or items == 0:
             return who
@@ -170,8 +175,10 @@ def admission_actor(ledger_url: str) -> Any:
     """The cluster's admission actor, created by the first gateway replica that asks."""
     import ray
 
+    # One actor per ledger: a config that moves the ledger gets an owner that writes to the new one.
+    name = f"{ACTOR_NAME}-{hashlib.sha256(ledger_url.encode()).hexdigest()[:12]}"
     actor_class = ray.remote(Admission)
     return actor_class.options(
-        name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         num_cpus=0, max_restarts=-1, max_concurrency=1000,
     ).remote(ledger_url)

@@ -151,8 +151,8 @@ def request_id(request: Request) -> str:
     return rid if REQUEST_ID.match(rid) else uuid.uuid4().hex
 
 
-def create_api(args: PlatformArgs, backend: Backend) -> FastAPI:
-    """The gateway's HTTP routes over `backend`."""
+def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastAPI:
+    """The gateway's HTTP routes over `backend`; `replica` names this replica in X-Gateway-Replica."""
     api = FastAPI(title="CityServe", version="1", description=(
         "The city's model endpoints. Authenticate with `Authorization: Bearer <key>` "
         "(`cityserve tenants create`). Each POST takes one item (an object) or a list of items; a list "
@@ -195,7 +195,8 @@ def create_api(args: PlatformArgs, backend: Backend) -> FastAPI:
             version = answer["version"]
             status = 200
             body = answer["items"][0] if single else answer["items"]
-            return JSONResponse(body, headers={"X-Request-Id": rid, "X-Model-Version": version})
+            return JSONResponse(body, headers={"X-Request-Id": rid, "X-Model-Version": version,
+                                               "X-Gateway-Replica": replica})
         except CityServeError as exc:
             status = status_of(exc)
             raise
@@ -337,9 +338,10 @@ class Gateway:
     def __init__(self, args: dict[str, Any], handles: dict[str, Any]) -> None:
         self.args = PlatformArgs.model_validate(args)
         self.backend = ServeBackend(handles, self.args.ledger_url)
+        self.replica = serve.get_replica_context().replica_id.unique_id
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self.args, self.backend)
+        return create_api(self.args, self.backend, self.replica)
 
 
 def build_app(args: dict[str, Any]) -> Any:

@@ -9,13 +9,22 @@ import pytest
 from cityserve.config import Settings
 from cluster.local import connect
 
+# Serving runs last: it reuses the versions that training and sweeping registered, and its
+# replicas' CPUs would otherwise keep training runs waiting.
+ORDER = ("test_train.py", "test_tune.py", "test_serve.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: ORDER.index(item.path.name) if item.path.name in ORDER else -1)
+
 
 @pytest.fixture(scope="session")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     root = tmp_path_factory.mktemp("cityserve")
     return Settings(data_dir=root / "data", registry_uri=str(root / "registry"),
                     storage_path=str(root / "ray_results"), reports_dir=root / "reports",
-                    ray_temp_dir=tmp_path_factory.mktemp("ray"))
+                    ray_temp_dir=tmp_path_factory.mktemp("ray"), state_dir=root / "state",
+                    ledger_url=f"sqlite:///{root / 'state' / 'ledger.db'}")
 
 
 @pytest.fixture(scope="session")

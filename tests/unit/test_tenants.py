@@ -138,3 +138,16 @@ def test_revoked_and_expired_keys_are_refused(store: Store) -> None:
     store.revoke("press")
     refused = keeper.admit(key_id, key_digest, "sentiment", 1, 30, 10.0, now)
     assert refused.status == 401 and refused.message == "API key revoked"
+
+
+def test_a_new_key_works_at_once_and_bogus_keys_do_not_reread_the_store(store: Store) -> None:
+    keeper = Gatekeeper(store, refresh_s=60.0)
+    keeper.refresh(0.0)
+    key = store.create_tenant(Tenant("late", ["events"], 10, 100, 2), key_ttl_days=1)
+    parts = split_key(key)
+    assert parts is not None
+    assert keeper.admit(*parts, "events", 1, 30, now=0.1, wall=time.time()).status == 401  # within 0.25 s
+    assert keeper.admit(*parts, "events", 1, 30, now=0.5, wall=time.time()).status == 200
+    loaded = keeper.loaded_at
+    keeper.admit("bogus", "0" * 64, "events", 1, 30, now=0.6, wall=time.time())
+    assert keeper.loaded_at == loaded

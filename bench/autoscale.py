@@ -1,0 +1,102 @@
+"""Autoscaling: a load step on one domain of a platform this script starts; seconds from load
+start until an added replica is RUNNING (Serve routes to it from then on), and from load end
+until it is gone. Writes `bench/results/autoscale.json` (`shared/schemas/autoscale.schema.json`).
+
+    .venv/bin/python -m bench.autoscale [--domain energy] [--concurrency 96] [--port 8322]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import RESULTS
+from bench.serve_load import _drive, cityserve
+from cluster.serve import Platform, details
+from domains import DOMAINS, get_domain
+from domains.base import request_example
+from services.config import VERBS
+from training.evaluate import write_json_atomic
+
+
+def running(dashboard_url: str, domain: str) -> int:
+    apps: dict[str, Any] = details(dashboard_url).get("applications", {})
+    app: dict[str, Any] = next(iter(apps.values()), {})
+    dep: dict[str, Any] = app.get("deployments", {}).get(domain, {})
+    return sum(1 for r in dep.get("replicas", []) if r.get("state") == "RUNNING")
+
+
+def wait_for(predicate: Any, timeout_s: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.25)
+    raise TimeoutError(f"not within {timeout_s:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--domain", default="energy", choices=sorted(DOMAINS))
+    parser.add_argument("--concurrency", type=int, default=96, help="above 2x the target ongoing requests")
+    parser.add_argument("--port", type=int, default=8322)
+    args = parser.parse_args()
+    state = Path(tempfile.mkdtemp(prefix="cityserve-autoscale-"))
+    env = {**os.environ, "CITYSERVE_STATE_DIR": str(state), "CITYSERVE_LEDGER_URL": f"sqlite:///{state}/ledger.db"}
+    cityserve("serve", "up", "--detach", f"--port={args.port}", f"--domain={args.domain}", env=env)
+    try:
+        platform = Platform.load(state)
+        assert platform is not None
+        key = cityserve("tenants", "create", "bench", f"--grant={args.domain}", "--requests-per-minute=10000000",
+                        "--items-per-minute=100000000", "--max-concurrent=1000", env=env).strip().splitlines()[-1]
+        time.sleep(3)  # the admission actor re-reads tenants every 2 s
+        before = running(platform.dashboard_url, args.domain)
+        body = json.dumps(request_example(get_domain(args.domain).request_model)).encode()
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+        url = f"{platform.gateway_url}/v1/{args.domain}/{VERBS[args.domain]}"
+        stop = threading.Event()
+        load: dict[str, Any] = {}
+
+        def drive() -> None:
+            async def until_stopped() -> dict[str, Any]:
+                tasks = [asyncio.create_task(_drive(url, body, headers, args.concurrency, 5.0))]
+                while not stop.is_set():  # consecutive 5 s rounds keep the load on
+                    await tasks[-1]
+                    if not stop.is_set():
+                        tasks.append(asyncio.create_task(_drive(url, body, headers, args.concurrency, 5.0)))
+                return tasks[-1].result()
+
+            load.update(asyncio.run(until_stopped()))
+
+        thread = threading.Thread(target=drive)
+        thread.start()
+        try:
+            up = wait_for(lambda: running(platform.dashboard_url, args.domain) > before, 120)
+            time.sleep(5)
+        finally:
+            stop.set()
+            thread.join()
+        down = wait_for(lambda: running(platform.dashboard_url, args.domain) <= before, 300)
+        from services.config import build_config
+
+        (app,) = build_config("local", domains=[args.domain])["applications"]
+        dep = next(d for d in app["deployments"] if d["name"] == args.domain)
+        result = {"domain": args.domain, "scale_up_s": round(up, 2), "scale_down_s": round(down, 2),
+                  "config": {"autoscaling_config": dep["autoscaling_config"], "concurrency": args.concurrency,
+                             "replicas_before": before, "load_errors_last_round": load.get("errors")},
+                  "load_average": round(os.getloadavg()[0], 2)}
+        write_json_atomic(RESULTS / "autoscale.json", result)
+        print(json.dumps(result))
+    finally:
+        cityserve("serve", "down", env=env)
+
+
+if __name__ == "__main__":
+    main()

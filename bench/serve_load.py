@@ -1,0 +1,225 @@
+"""Serving throughput, per domain, in one run: (a) the model in-process at its batch size — the
+limit; (b) the same model behind one plain FastAPI/uvicorn process — what a user would pick
+instead; (c) the full gateway path (auth, quotas, metering on) of a platform this script starts.
+
+Every cell (concurrency 1/16/64 × 1/16 items per request) runs the same aiohttp client for the
+same time against (b) and (c); torch uses the same thread count in (a), (b) and the replicas.
+(b) and (c) never run at the same time. Writes `bench/results/serve_load.json`
+(`shared/schemas/serve_load.schema.json`) and prints each row with its ratios.
+
+    .venv/bin/python -m bench.serve_load [--domain D ...] [--seconds 10] [--port 8321]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform as host
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+
+from bench import RESULTS
+from cityserve.config import get_settings
+from cluster.local import free_port
+from domains import DOMAINS, get_domain
+from domains.base import request_example
+from services.config import VERBS, build_config, model_configs
+from training.evaluate import write_json_atomic
+
+CONCURRENCY = (1, 16, 64)
+ITEMS = (1, 16)
+THREADS = 1  # the local overlay's torch_threads for every domain
+
+
+def in_process_rate(domain: str, seconds: float) -> float:
+    """Items/s of `predict` on full batches of the deployment's max_batch_size (median of rounds)."""
+    import torch
+
+    from training.registry import Registry
+
+    torch.set_num_threads(THREADS)
+    dom = get_domain(domain)
+    registry = Registry(get_settings().registry_location())
+    version = registry.get(domain)
+    with registry.model_dir(domain, version.version) as path:
+        predictor = dom.load_predictor(path, version.version)
+    size = model_configs(build_config("local"))[domain].max_batch_size
+    batch = [dom.request_model.model_validate(request_example(dom.request_model))] * size
+    predictor.predict(batch)  # warm-up
+    rates: list[float] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end or len(rates) < 3:
+        start = time.perf_counter()
+        predictor.predict(batch)
+        rates.append(size / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+async def _drive(url: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float) -> dict[str, Any]:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+
+    async def worker(session: aiohttp.ClientSession, end: float) -> None:
+        nonlocal errors
+        while time.monotonic() < end:
+            start = time.monotonic()
+            try:
+                async with session.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    ok = resp.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            latencies.append(time.monotonic() - start)
+            errors += not ok
+
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        await asyncio.gather(*(worker(session, time.monotonic() + 1.0) for _ in range(concurrency)))  # warm-up
+        latencies.clear()
+        errors = 0
+        started = time.monotonic()
+        await asyncio.gather(*(worker(session, started + seconds) for _ in range(concurrency)))
+        elapsed = time.monotonic() - started
+    ms = np.array(latencies) * 1000
+    return {"requests_per_s": (len(ms) - errors) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "errors": errors}
+
+
+def drive(url: str, domain: str, items: int, concurrency: int, seconds: float, key: str = "") -> dict[str, Any]:
+    example = request_example(get_domain(domain).request_model)
+    body = json.dumps(example if items == 1 else [example] * items).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    result = asyncio.run(_drive(url, body, headers, concurrency, seconds))
+    result["items_per_s"] = result["requests_per_s"] * items
+    return result
+
+
+# ---- (b): one plain FastAPI + uvicorn process -------------------------------------------------
+def plain_app(domain: str) -> Any:
+    """What a user would write: validate, call the model per request (FastAPI's thread pool)."""
+    import torch
+    from fastapi import Body, FastAPI
+
+    from training.registry import Registry
+
+    torch.set_num_threads(THREADS)
+    dom = get_domain(domain)
+    registry = Registry(get_settings().registry_location())
+    version = registry.get(domain)
+    with registry.model_dir(domain, version.version) as path:
+        predictor = dom.load_predictor(path, version.version)
+    app = FastAPI()
+    model = dom.request_model
+
+    @app.post("/predict")
+    def predict(body: Annotated[Any, Body()]) -> Any:  # one item or a list, like the gateway
+        items = [model.model_validate(i) for i in (body if isinstance(body, list) else [body])]
+        out = [a.model_dump(mode="json") for a in predictor.predict(items)]
+        return out if isinstance(body, list) else out[0]
+
+    return app
+
+
+def _wait_http(url: str, timeout_s: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def plain_rates(domain: str, seconds: float) -> dict[tuple[int, int], dict[str, Any]]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.serve_load", "--plain-server", domain, "--port", str(port)],
+                            env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/docs", 120)
+        return {(c, n): drive(f"http://127.0.0.1:{port}/predict", domain, n, c, seconds)
+                for c in CONCURRENCY for n in ITEMS}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+# ---- (c): the platform -------------------------------------------------------------------------
+def cityserve(*args: str, env: dict[str, str]) -> str:
+    return subprocess.run([str(Path(sys.executable).with_name("cityserve")), *args], env=env, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def gateway_rates(domains: list[str], seconds: float, port: int) -> dict[str, dict[tuple[int, int], dict[str, Any]]]:
+    state = Path(tempfile.mkdtemp(prefix="cityserve-bench-"))
+    env = {**os.environ, "CITYSERVE_STATE_DIR": str(state), "CITYSERVE_LEDGER_URL": f"sqlite:///{state}/ledger.db"}
+    domain_flags = [f"--domain={d}" for d in domains]
+    cityserve("serve", "up", "--detach", f"--port={port}", *domain_flags, env=env)
+    try:
+        grants = [f"--grant={d}" for d in domains]
+        key = cityserve("tenants", "create", "bench", *grants, "--requests-per-minute=10000000",
+                        "--items-per-minute=100000000", "--max-concurrent=1000", env=env).strip().splitlines()[-1]
+        time.sleep(3)  # the admission actor re-reads tenants every 2 s
+        url = f"http://127.0.0.1:{port}"
+        return {d: {(c, n): drive(f"{url}/v1/{d}/{VERBS[d]}", d, n, c, seconds, key)
+                    for c in CONCURRENCY for n in ITEMS} for d in domains}
+    finally:
+        cityserve("serve", "down", env=env)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--domain", action="append", choices=sorted(DOMAINS))
+    parser.add_argument("--seconds", type=float, default=10.0, help="per cell, after a 1 s warm-up")
+    parser.add_argument("--port", type=int, default=8321)
+    parser.add_argument("--plain-server", metavar="DOMAIN", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain_server:
+        import uvicorn
+
+        uvicorn.run(plain_app(args.plain_server), host="127.0.0.1", port=args.port, log_level="warning")
+        return
+    domains = args.domain or sorted(DOMAINS)
+    limit = {d: in_process_rate(d, args.seconds) for d in domains}
+    plain = {d: plain_rates(d, args.seconds) for d in domains}
+    gateway = gateway_rates(domains, args.seconds, args.port)
+    rows = []
+    for d in domains:
+        for c in CONCURRENCY:
+            for n in ITEMS:
+                b, g = plain[d][(c, n)], gateway[d][(c, n)]
+                row = {"domain": d, "concurrency": c, "items_per_request": n,
+                       "in_process_items_per_s": round(limit[d], 1),
+                       "uvicorn_items_per_s": round(b["items_per_s"], 1),
+                       "uvicorn_p50_ms": round(b["p50_ms"], 1), "uvicorn_p99_ms": round(b["p99_ms"], 1),
+                       "gateway_items_per_s": round(g["items_per_s"], 1),
+                       "gateway_p50_ms": round(g["p50_ms"], 1), "gateway_p99_ms": round(g["p99_ms"], 1),
+                       "errors": int(g["errors"]),
+                       "gateway_vs_in_process": round(g["items_per_s"] / limit[d], 3),
+                       "gateway_vs_uvicorn": round(g["items_per_s"] / max(b["items_per_s"], 1e-9), 3)}
+                rows.append(row)
+                print(json.dumps(row))
+    result = {"device": f"cpu: {os.cpu_count()} cores ({host.processor() or host.machine()})",
+              "load_average": round(os.getloadavg()[0], 2), "torch_threads": THREADS,
+              "seconds_per_cell": args.seconds, "rows": rows}
+    write_json_atomic(RESULTS / "serve_load.json", result)
+
+
+if __name__ == "__main__":
+    main()

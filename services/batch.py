@@ -1,0 +1,157 @@
+"""Batch scoring: a Parquet or CSV file through a domain's model with Ray Data `map_batches`.
+
+The same request model validates each row and the same `Predictor` answers it as on the
+endpoint. A row that does not validate, or that the model refuses, is reported by its number
+(0-based data row) in the output's `error` column; the other rows are scored. The output is one
+Parquet file with the input's columns plus `row`, `error` and `result` (the response as JSON),
+written beside the destination and renamed into place: never half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ValidationError
+
+from cityserve.config import Settings
+from domains import get_domain
+from domains.errors import ConfigError, DataError
+from services.errors import field_path
+from services.model import predict_groups
+from training.registry import Registry
+
+
+@dataclass
+class BatchReport:
+    """What a batch run did: counts, the version that scored, the first refused rows."""
+
+    version: str
+    rows: int
+    scored: int
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (row, reason), the first 100
+    failed_count: int = 0
+    output: str = ""
+
+
+def read_table(path: Path) -> pa.Table:
+    if not path.exists():
+        raise DataError(str(path), "no such file")
+    try:
+        if path.suffix.lower() == ".parquet":
+            return pq.read_table(path)
+        if path.suffix.lower() == ".csv":
+            return pacsv.read_csv(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(str(path), f"unreadable: {exc}") from exc
+    raise DataError(str(path), "expected a .parquet or .csv file")
+
+
+def _text_field(annotation: Any) -> bool:
+    """Whether a request field takes text (so a CSV cell is its value, not JSON to decode)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return all(a is str or a is type(None) for a in args)
+    return annotation is str
+
+
+def row_item(model: type[BaseModel], row: dict[str, Any]) -> BaseModel:
+    """A request item from one row: empty cells are absent, list cells in CSV are JSON text."""
+    data = {}
+    for name, info in model.model_fields.items():
+        value = row.get(name)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        if isinstance(value, str) and not _text_field(info.annotation):
+            value = json.loads(value)
+        elif hasattr(value, "tolist"):  # numpy arrays from Parquet list columns
+            value = value.tolist()
+        data[name] = value
+    return model.model_validate(data)
+
+
+class Scorer:
+    """A Ray Data callable class: each actor loads the version once and scores batches."""
+
+    def __init__(self, domain: str, registry_uri: str, version: str, torch_threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        self.domain = get_domain(domain)
+        registry = Registry(registry_uri)
+        with registry.model_dir(domain, version) as path:
+            self.predictor = self.domain.load_predictor(path, version)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        errors: list[str | None] = [None] * len(batch)
+        results: list[str | None] = [None] * len(batch)
+        items, where = [], []
+        for i, row in enumerate(batch.to_dict("records")):
+            try:
+                items.append(row_item(self.domain.request_model, row))
+                where.append(i)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                errors[i] = f"{field_path(tuple(err['loc']))}: {err['msg']}"
+            except ValueError as exc:  # a JSON cell that does not parse
+                errors[i] = f"not JSON: {exc}"
+        answers = predict_groups(self.predictor, [[item] for item in items]) if items else []
+        for i, answer in zip(where, answers, strict=True):
+            if "error" in answer:
+                errors[i] = f"{answer['error'].get('field') or ''}: {answer['error']['message']}".lstrip(": ")
+            else:
+                results[i] = json.dumps(answer["items"][0])
+        return batch.assign(error=errors, result=results)
+
+
+def score_file(domain: str, settings: Settings, source: Path, dest: Path, *, ref: str = "production",
+               batch_size: int = 64, concurrency: int = 1, torch_threads: int = 1) -> BatchReport:
+    """Scores `source` with `domain`'s `ref` version into the Parquet file `dest`."""
+    import ray
+
+    from cluster.local import connect
+
+    dom = get_domain(domain)
+    table = read_table(source)
+    missing = [n for n, f in dom.request_model.model_fields.items() if f.is_required() and n not in table.column_names]
+    if missing:
+        raise DataError(str(source), f"lacks the columns {missing} that {domain} requests need",
+                        column=missing[0])
+    if batch_size < 1 or concurrency < 1:
+        raise ConfigError("batch size and concurrency must be at least 1", field="batch_size")
+    registry = Registry(settings.registry_location())
+    version = registry.get(domain, ref).version
+    table = table.append_column("row", pa.array(range(table.num_rows), pa.int64()))
+
+    connect(settings)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = True  # a long job shows how far it is
+    scored = ray.data.from_arrow(table).map_batches(
+        Scorer, fn_constructor_args=(domain, settings.registry_location(), version, torch_threads),
+        batch_size=batch_size, batch_format="pandas", concurrency=concurrency, num_cpus=torch_threads)
+    out = scored.to_arrow_refs()
+    result = pa.concat_tables(ray.get(out)).sort_by("row") if out else table
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        pq.write_table(result, tmp / "out.parquet")
+        os.replace(tmp / "out.parquet", dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    error_col = result.column("error").to_pylist()
+    rows_col = result.column("row").to_pylist()
+    failed = [(r, e) for r, e in zip(rows_col, error_col, strict=True) if e is not None]
+    return BatchReport(version, result.num_rows, result.num_rows - len(failed), failed[:100], len(failed), str(dest))

@@ -1,0 +1,236 @@
+"""The platform over real HTTP: the serve config deployed through the dashboard's REST API onto
+the session's Ray cluster, exactly as `cityserve serve up` does, with smoke-trained models.
+
+Serves traffic, events and energy (sentiment runs the same text code as events) behind two
+gateway replicas, so quotas are seen to hold across replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from cityserve.config import Settings
+from cityserve.platform_cli import platform_up, reload_domain, serve_config
+from cluster.local import free_port
+from cluster.serve import Platform, client
+from domains import get_domain
+from domains.base import request_example
+from services.batch import score_file
+from services.config import VERBS, ServeOverlay
+from services.tenants import Store, Tenant
+from training.registry import Registry
+from training.trainer import train
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+SERVED = ("energy", "events", "traffic")
+# Two gateway replicas; one replica per model, no autoscaling: the cluster has 2 CPUs.
+TEST_OVERLAY = ServeOverlay(deployments={
+    "Gateway": {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}, "ray_actor_options": {"num_cpus": 0.2}},
+    **{d: {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 0.2}}
+       for d in SERVED}})
+
+
+def _ensure_versions(settings: Settings, domain: str, count: int) -> list[str]:
+    """At least `count` versions (training and sweeping tests leave some; train smoke runs for the rest)."""
+    registry = Registry(settings.registry_location())
+    while len(registry.versions(domain)) < count:
+        train(domain, settings, profile="smoke", num_workers=1, cpus_per_worker=1)
+    return [v.version for v in registry.versions(domain)]
+
+
+def http(method: str, url: str, body: Any = None, key: str | None = None) -> tuple[int, dict[str, str], Any]:
+    """(status, headers with lower-case names, JSON body)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, json.loads(exc.read())
+
+
+def test_batch_scoring_reports_a_bad_row_and_scores_the_rest(settings: Settings, tmp_path: Path) -> None:
+    # First in the module: its scoring actor needs a whole CPU, which the app's replicas would hold.
+    versions = _ensure_versions(settings, "events", 1)
+    source = tmp_path / "reports.csv"
+    pd.DataFrame({"case": [10, 11, 12, 13],
+                  "text": ["Water main break on Fulton St", "", "loud party next door", "pothole on 5th ave"]},
+                 ).to_csv(source, index=False)
+    dest = tmp_path / "scored.parquet"
+    report = score_file("events", settings, source, dest, ref=versions[-1], batch_size=2)
+    assert (report.rows, report.scored, report.failed_count) == (4, 3, 1)
+    assert report.failed[0][0] == 1 and "text" in report.failed[0][1]
+    out = pd.read_parquet(dest)
+    assert list(out["case"]) == [10, 11, 12, 13] and out["result"].isna().tolist() == [False, True, False, False]
+    get_domain("events").response_model.model_validate(json.loads(out["result"][0]))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".scored")]  # no temporary left behind
+
+
+@pytest.fixture(scope="module")
+def platform(settings: Settings) -> Iterator[Platform]:
+    """The app on the session cluster, deployed the way `cityserve serve up` deploys it."""
+    import ray
+
+    registry = Registry(settings.registry_location())
+    for domain in SERVED:
+        versions = _ensure_versions(settings, domain, 2 if domain == "energy" else 1)
+        registry.promote(domain, versions[-1])
+    node = ray._private.worker.global_worker.node
+    port = free_port()
+    record = Platform(os.getpid(), node.gcs_address, f"http://{node.webui_url}", f"http://127.0.0.1:{port}", "",
+                      "local")
+    record.save(settings.state_dir)  # our own process stands in for `ray start`'s
+    platform_up(settings, serve_config(settings, "local", SERVED, port, TEST_OVERLAY), num_cpus=2, timeout_s=600)
+    yield record
+    client(record.dashboard_url).delete_applications()
+    (settings.state_dir / "platform.json").unlink()
+
+
+@pytest.fixture(scope="module")
+def keys(settings: Settings) -> dict[str, str]:
+    store = Store(settings.ledger_location())
+    return {
+        "hotline": store.create_tenant(Tenant("hotline", list(SERVED), 100_000, 1_000_000, 64), 1),
+        "press": store.create_tenant(Tenant("press", ["sentiment"], 100, 1000, 4), 1),
+        "tight": store.create_tenant(Tenant("tight", ["energy"], 10, 1000, 64), 1),
+    }
+
+
+def test_every_domain_answers_its_documented_example(platform: Platform, keys: dict[str, str]) -> None:
+    for domain in SERVED:
+        example = request_example(get_domain(domain).request_model)
+        status, headers, body = http("POST", f"{platform.gateway_url}/v1/{domain}/{VERBS[domain]}", example,
+                                     keys["hotline"])
+        assert status == 200, body
+        get_domain(domain).response_model.model_validate(body)
+        assert headers["x-model-version"].startswith("v") and headers["x-request-id"]
+    status, _, body = http("POST", f"{platform.gateway_url}/v1/events/classify",
+                           [{"text": "pothole"}, {"text": "no heat in apartment"}], keys["hotline"])
+    assert status == 200 and len(body) == 2
+    models = http("GET", f"{platform.gateway_url}/v1/models")[2]
+    assert {m["domain"] for m in models["domains"] if m["ready"]} == set(SERVED)
+
+
+def test_auth_matrix_and_errors_over_http(platform: Platform, keys: dict[str, str]) -> None:
+    url = f"{platform.gateway_url}/v1/events/classify"
+    event = {"text": "street light out"}
+    cases = {
+        "no key": http("POST", url, event),
+        "unknown key": http("POST", url, event, "csk_000000000000_" + "A" * 43),
+        "not granted": http("POST", url, event, keys["press"]),
+        "invalid": http("POST", url, {"text": ""}, keys["hotline"]),
+        "unknown route": http("POST", f"{platform.gateway_url}/v1/water/forecast", event, keys["hotline"]),
+        "too many": http("POST", url, [event] * 65, keys["hotline"]),
+    }
+    traffic = {**request_example(get_domain("traffic").request_model), "sensors": ["L00-10", "nope"]}
+    cases["unknown sensor"] = http("POST", f"{platform.gateway_url}/v1/traffic/forecast", traffic, keys["hotline"])
+    expected = {"no key": 401, "unknown key": 401, "not granted": 403, "invalid": 422, "unknown route": 404,
+                "too many": 413, "unknown sensor": 422}
+    assert {k: v[0] for k, v in cases.items()} == expected
+    for name, (_, _, body) in cases.items():
+        assert set(body) <= {"code", "message", "field"} and body["message"], name
+    assert cases["unknown sensor"][2]["field"] == "sensors[1]"
+
+
+def test_quota_holds_across_two_gateway_replicas(platform: Platform, keys: dict[str, str]) -> None:
+    url = f"{platform.gateway_url}/v1/energy/forecast"
+    example = request_example(get_domain("energy").request_model)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: http("POST", url, example, keys["tight"]), range(30)))
+    statuses = Counter(a[0] for a in answers)
+    assert statuses == {200: 10, 429: 20}  # 10 a minute for the tenant, whichever replica answered
+    replicas = {a[1]["x-gateway-replica"] for a in answers if a[0] == 200}
+    refused = {a[1].get("retry-after") for a in answers if a[0] == 429}
+    assert len(replicas) == 2, "the load reached only one gateway replica"
+    assert refused and all(r is not None and 1 <= int(r) <= 60 for r in refused)
+
+
+def _ledger_counts(store: Store, tenant: str, expected: int) -> Counter[int]:
+    deadline = time.monotonic() + 10  # the admission actor flushes every 0.2 s
+    while len(store.usage(tenant)) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # and nothing more arrives
+    return Counter(u.status for u in store.usage(tenant))
+
+
+def _metering_round(gateway: str, store: Store) -> None:
+    tenant = f"meter-{uuid.uuid4().hex[:8]}"
+    key = store.create_tenant(Tenant(tenant, ["events", "traffic"], 1000, 10_000, 64), 1)
+    traffic = {**request_example(get_domain("traffic").request_model), "sensors": ["nope", "L10-00"]}
+    sent = [http("POST", f"{gateway}/v1/events/classify", {"text": f"report {i}"}, key)[0] for i in range(12)]
+    sent += [http("POST", f"{gateway}/v1/traffic/forecast", traffic, key)[0] for _ in range(3)]
+    sent += [http("POST", f"{gateway}/v1/events/classify", {"text": ""}, key)[0] for _ in range(2)]
+    assert Counter(sent) == {200: 12, 422: 5}
+    # Admitted requests are metered with their outcome; a body refused before admission is not.
+    assert _ledger_counts(store, tenant, 15) == {200: 12, 422: 3}
+
+
+def test_metering_counts_equal_requests_sent_sqlite(platform: Platform, settings: Settings) -> None:
+    _metering_round(platform.gateway_url, Store(settings.ledger_location()))
+
+
+def test_promote_and_rollback_under_load_fail_nothing(platform: Platform, keys: dict[str, str],
+                                                      settings: Settings) -> None:
+    registry = Registry(settings.registry_location())
+    before = registry.get("energy").version
+    other = next(v.version for v in reversed(registry.versions("energy")) if v.version != before)
+    url = f"{platform.gateway_url}/v1/energy/forecast"
+    example = request_example(get_domain("energy").request_model)
+    seen: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            status, headers, _ = http("POST", url, example, keys["hotline"])
+            seen.append((status, headers.get("x-model-version", "")))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        registry.promote("energy", other)
+        assert reload_domain(settings, "energy", other, timeout_s=120)
+        time.sleep(2)
+        registry.rollback("energy")
+        assert reload_domain(settings, "energy", before, timeout_s=120)
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    statuses = Counter(s for s, _ in seen)
+    assert statuses == {200: len(seen)}, statuses
+    versions = [v for _, v in seen]
+    assert other in versions and versions[-1] == before  # it switched, and switched back
+
+
+def test_metering_counts_equal_requests_sent_postgresql(platform: Platform, settings: Settings,
+                                                        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Last: moves the ledger to a real PostgreSQL server (pgserver runs the postgres binaries)."""
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    try:
+        moved = settings.model_copy(update={"ledger_url": server.get_uri()})
+        port = int(platform.gateway_url.rsplit(":", 1)[1])
+        platform_up(moved, serve_config(moved, "local", SERVED, port, TEST_OVERLAY), num_cpus=2, timeout_s=600)
+        _metering_round(platform.gateway_url, Store(moved.ledger_location()))
+    finally:
+        server.cleanup()
