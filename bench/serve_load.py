@@ -4,7 +4,8 @@ instead; (c) the full gateway path (auth, quotas, metering on) of a platform thi
 
 Every cell (concurrency 1/16/64 × 1/16 items per request) runs the same aiohttp client for the
 same time against (b) and (c); torch uses the same thread count in (a), (b) and the replicas.
-(b) and (c) never run at the same time. Writes `bench/results/serve_load.json`
+(b) and (c) never run at the same time. Also records the idle platform's resident memory (all
+four domains, gateway, Ray). Writes `bench/results/serve_load.json`
 (`shared/schemas/serve_load.schema.json`) and prints each row with its ratios.
 
     .venv/bin/python -m bench.serve_load [--domain D ...] [--seconds 10] [--port 8321]
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+from fastapi import Body, FastAPI
 
 from bench import RESULTS
 from cityserve.config import get_settings
@@ -109,7 +111,6 @@ def drive(url: str, domain: str, items: int, concurrency: int, seconds: float, k
 def plain_app(domain: str) -> Any:
     """What a user would write: validate, call the model per request (FastAPI's thread pool)."""
     import torch
-    from fastapi import Body, FastAPI
 
     from training.registry import Registry
 
@@ -166,12 +167,29 @@ def cityserve(*args: str, env: dict[str, str]) -> str:
                           capture_output=True, text=True).stdout
 
 
-def gateway_rates(domains: list[str], seconds: float, port: int) -> dict[str, dict[tuple[int, int], dict[str, Any]]]:
+def platform_rss_gb(state: Path) -> float:
+    """Resident memory of the platform: the Ray head process and everything it started."""
+    import psutil
+
+    from cluster.serve import Platform
+
+    platform = Platform.load(state)
+    if platform is None:
+        raise RuntimeError("the platform is not running")
+    head = psutil.Process(platform.pid)
+    processes = [head, *head.children(recursive=True)]
+    return sum(p.memory_info().rss for p in processes if p.is_running()) / 2**30
+
+
+def gateway_rates(domains: list[str], seconds: float, port: int,
+                  idle: dict[str, float]) -> dict[str, dict[tuple[int, int], dict[str, Any]]]:
     state = Path(tempfile.mkdtemp(prefix="cityserve-bench-"))
     env = {**os.environ, "CITYSERVE_STATE_DIR": str(state), "CITYSERVE_LEDGER_URL": f"sqlite:///{state}/ledger.db"}
     domain_flags = [f"--domain={d}" for d in domains]
     cityserve("serve", "up", "--detach", f"--port={port}", *domain_flags, env=env)
     try:
+        time.sleep(10)  # settled: replicas loaded, nothing in flight
+        idle["idle_rss_gb"] = round(platform_rss_gb(state), 2)
         grants = [f"--grant={d}" for d in domains]
         key = cityserve("tenants", "create", "bench", *grants, "--requests-per-minute=10000000",
                         "--items-per-minute=100000000", "--max-concurrent=1000", env=env).strip().splitlines()[-1]
@@ -198,7 +216,8 @@ def main() -> None:
     domains = args.domain or sorted(DOMAINS)
     limit = {d: in_process_rate(d, args.seconds) for d in domains}
     plain = {d: plain_rates(d, args.seconds) for d in domains}
-    gateway = gateway_rates(domains, args.seconds, args.port)
+    idle: dict[str, float] = {}
+    gateway = gateway_rates(domains, args.seconds, args.port, idle)
     rows = []
     for d in domains:
         for c in CONCURRENCY:
@@ -208,6 +227,7 @@ def main() -> None:
                        "in_process_items_per_s": round(limit[d], 1),
                        "uvicorn_items_per_s": round(b["items_per_s"], 1),
                        "uvicorn_p50_ms": round(b["p50_ms"], 1), "uvicorn_p99_ms": round(b["p99_ms"], 1),
+                       "uvicorn_errors": int(b["errors"]),
                        "gateway_items_per_s": round(g["items_per_s"], 1),
                        "gateway_p50_ms": round(g["p50_ms"], 1), "gateway_p99_ms": round(g["p99_ms"], 1),
                        "errors": int(g["errors"]),
@@ -217,7 +237,7 @@ def main() -> None:
                 print(json.dumps(row))
     result = {"device": f"cpu: {os.cpu_count()} cores ({host.processor() or host.machine()})",
               "load_average": round(os.getloadavg()[0], 2), "torch_threads": THREADS,
-              "seconds_per_cell": args.seconds, "rows": rows}
+              "seconds_per_cell": args.seconds, **idle, "rows": rows}
     write_json_atomic(RESULTS / "serve_load.json", result)
 
 

@@ -154,13 +154,17 @@ class Admission:
             except Exception:  # the database is away: keep the rows, retry next tick
                 logger.exception("usage ledger write failed; %d rows kept for retry", len(self.keeper.pending))
 
-    async def admit(self, key_id: str, key_digest: str, domain: str, items: int, lease_ttl: float) -> Decision:
+    async def admit_many(self, requests: list[tuple[str, str, str, int, float]]) -> list[Decision]:
+        """Decisions for (key id, key digest, domain, items, lease ttl), in order."""
         self._start()
-        return self.keeper.admit(key_id, key_digest, domain, items, lease_ttl, time.monotonic(), time.time())
+        now, wall = time.monotonic(), time.time()
+        return [self.keeper.admit(*request, now=now, wall=wall) for request in requests]
 
-    async def release(self, lease: str, usage: Usage | None) -> None:
+    async def release_many(self, releases: list[tuple[str, Usage | None]]) -> list[None]:
         self._start()
-        self.keeper.release(lease, usage)
+        for lease, usage in releases:
+            self.keeper.release(lease, usage)
+        return [None] * len(releases)
 
     async def flush(self) -> int:
         return self.keeper.flush()

@@ -38,6 +38,10 @@ class DomainArgs(BaseModel):
     max_items: int = Field(64, ge=1, le=4096, description="Most items one request may carry (413 above).")
     timeout_s: float = Field(10.0, gt=0, le=600, description="A request still unanswered after this gets 504.")
     torch_threads: int = Field(1, ge=1, le=64, description="torch.set_num_threads in each model replica.")
+    max_inflight_items: int = Field(
+        1024, ge=1, description="Items one gateway replica lets wait on the domain at once; past it 503 with "
+        "Retry-After. Size it to what the model answers well within timeout_s, or overload makes every "
+        "request time out instead of a few being told to come back.")
 
 
 class PlatformArgs(BaseModel):
@@ -66,7 +70,7 @@ class ModelConfig(BaseModel):
 
     stage: str = Field("production", description="The registry alias served; never a version number.")
     generation: int = Field(0, ge=0, description="Bumped by promote/rollback so replicas reload the stage.")
-    max_batch_size: int = Field(32, ge=1, le=1024, description="@serve.batch size (items across requests).")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="@serve.batch size: requests per model batch.")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="How long a batch waits to fill.")
 
 

@@ -127,10 +127,11 @@ class ModelServer:
         # health checks while torch works, and torch releases the GIL.
         return await asyncio.to_thread(predict_groups, predictor, items)
 
-    async def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """One request's items: `{"version", "items"}`, or `{"status", "error"}` if refused."""
-        answer: dict[str, Any] = await self.predict_batch(items)
-        return answer
+    async def predict_many(self, groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Several requests' items (a gateway coalesces them into one call); per request
+        `{"version", "items"}`, or `{"status", "error"}` if refused. Calls from every gateway
+        replica meet in `predict_batch`'s batches."""
+        return list(await asyncio.gather(*(self.predict_batch(group) for group in groups)))
 
     async def info(self) -> dict[str, Any]:
         return {"domain": self.domain.name, "version": self.predictor.version if self.predictor else None,
