@@ -92,6 +92,7 @@ def platform(settings: Settings) -> Iterator[Platform]:
         versions = _ensure_versions(settings, domain, 2 if domain == "energy" else 1)
         registry.promote(domain, versions[-1])
     node = ray._private.worker.global_worker.node
+    assert node is not None, "the session's Ray cluster is not running"
     port = free_port()
     record = Platform(os.getpid(), node.gcs_address, f"http://{node.webui_url}", f"http://127.0.0.1:{port}", "",
                       "local")
