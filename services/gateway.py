@@ -318,8 +318,11 @@ class ServeBackend:
         admission = admission_actor(ledger_url)
         self.admits: Coalescer[tuple[Any, ...], Decision] = Coalescer(admission.admit_many.remote)
         self.releases: Coalescer[tuple[str, Usage | None], None] = Coalescer(admission.release_many.remote)
-        # A model call carries at most about a model batch of items: bigger calls only queue longer.
-        self.models = {name: Coalescer(self._caller(name), max_size=64, weight=len) for name in handles}
+        # A model call carries at most about a model batch of items (bigger calls only queue
+        # longer); 4 in flight keep 2 replicas busy, and let autoscaling see demand (its
+        # target counts these calls: helm/serve/base.yaml).
+        self.models = {name: Coalescer(self._caller(name), max_size=64, max_inflight=4, weight=len)
+                       for name in handles}
 
     def _caller(self, domain: str) -> Any:
         async def call(groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
