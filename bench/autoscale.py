@@ -11,14 +11,12 @@ import argparse
 import asyncio
 import json
 import os
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from bench import RESULTS
-from bench.serve_load import _drive, cityserve
+from bench.serve_load import _drive, bench_platform
 from cluster.serve import Platform, details
 from domains import DOMAINS, get_domain
 from domains.base import request_example
@@ -48,15 +46,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=96, help="above 2x the target ongoing requests")
     parser.add_argument("--port", type=int, default=8322)
     args = parser.parse_args()
-    state = Path(tempfile.mkdtemp(prefix="cityserve-autoscale-"))
-    env = {**os.environ, "CITYSERVE_STATE_DIR": str(state), "CITYSERVE_LEDGER_URL": f"sqlite:///{state}/ledger.db"}
-    cityserve("serve", "up", "--detach", f"--port={args.port}", f"--domain={args.domain}", env=env)
-    try:
+    with bench_platform([args.domain], args.port) as (state, key):
         platform = Platform.load(state)
         assert platform is not None
-        key = cityserve("tenants", "create", "bench", f"--grant={args.domain}", "--requests-per-minute=10000000",
-                        "--items-per-minute=100000000", "--max-concurrent=1000", env=env).strip().splitlines()[-1]
-        time.sleep(3)  # the admission actor re-reads tenants every 2 s
         before = running(platform.dashboard_url, args.domain)
         body = json.dumps(request_example(get_domain(args.domain).request_model)).encode()
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
@@ -94,8 +86,6 @@ def main() -> None:
                   "load_average": round(os.getloadavg()[0], 2)}
         write_json_atomic(RESULTS / "autoscale.json", result)
         print(json.dumps(result))
-    finally:
-        cityserve("serve", "down", env=env)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform as host
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,7 +35,7 @@ from bench import RESULTS
 from cityserve.config import get_settings
 from cluster.local import free_port
 from domains import DOMAINS, get_domain
-from domains.base import request_example
+from domains.base import Predictor, request_example
 from services.config import VERBS, build_config, model_configs
 from training.evaluate import write_json_atomic
 
@@ -42,18 +44,20 @@ ITEMS = (1, 16)
 THREADS = 1  # the local overlay's torch_threads for every domain
 
 
-def in_process_rate(domain: str, seconds: float) -> float:
-    """Items/s of `predict` on full batches of the deployment's max_batch_size (median of rounds)."""
+def production_predictor(domain: str) -> Predictor:
+    """The domain's production model with torch on the replicas' thread count."""
     import torch
 
     from training.registry import Registry
 
     torch.set_num_threads(THREADS)
+    return Registry(get_settings().registry_location()).load_predictor(get_domain(domain))
+
+
+def in_process_rate(domain: str, seconds: float) -> float:
+    """Items/s of `predict` on full batches of the deployment's max_batch_size (median of rounds)."""
     dom = get_domain(domain)
-    registry = Registry(get_settings().registry_location())
-    version = registry.get(domain)
-    with registry.model_dir(domain, version.version) as path:
-        predictor = dom.load_predictor(path, version.version)
+    predictor = production_predictor(domain)
     size = model_configs(build_config("local"))[domain].max_batch_size
     batch = [dom.request_model.model_validate(request_example(dom.request_model))] * size
     predictor.predict(batch)  # warm-up
@@ -110,18 +114,9 @@ def drive(url: str, domain: str, items: int, concurrency: int, seconds: float, k
 # ---- (b): one plain FastAPI + uvicorn process -------------------------------------------------
 def plain_app(domain: str) -> Any:
     """What a user would write: validate, call the model per request (FastAPI's thread pool)."""
-    import torch
-
-    from training.registry import Registry
-
-    torch.set_num_threads(THREADS)
-    dom = get_domain(domain)
-    registry = Registry(get_settings().registry_location())
-    version = registry.get(domain)
-    with registry.model_dir(domain, version.version) as path:
-        predictor = dom.load_predictor(path, version.version)
+    predictor = production_predictor(domain)
     app = FastAPI()
-    model = dom.request_model
+    model = get_domain(domain).request_model
 
     @app.post("/predict")
     def predict(body: Annotated[Any, Body()]) -> Any:  # one item or a list, like the gateway
@@ -181,24 +176,31 @@ def platform_rss_gb(state: Path) -> float:
     return sum(p.memory_info().rss for p in processes if p.is_running()) / 2**30
 
 
-def gateway_rates(domains: list[str], seconds: float, port: int,
-                  idle: dict[str, float]) -> dict[str, dict[tuple[int, int], dict[str, Any]]]:
+@contextlib.contextmanager
+def bench_platform(domains: list[str], port: int) -> Iterator[tuple[Path, str]]:
+    """A platform of the benchmark's own (state and ledger in a temporary folder) serving
+    `domains`, and the key of a tenant whose quotas never bind (it works at once: the admission
+    actor re-reads tenants on an unknown key); stopped afterwards."""
     state = Path(tempfile.mkdtemp(prefix="cityserve-bench-"))
     env = {**os.environ, "CITYSERVE_STATE_DIR": str(state), "CITYSERVE_LEDGER_URL": f"sqlite:///{state}/ledger.db"}
-    domain_flags = [f"--domain={d}" for d in domains]
-    cityserve("serve", "up", "--detach", f"--port={port}", *domain_flags, env=env)
+    cityserve("serve", "up", "--detach", f"--port={port}", *[f"--domain={d}" for d in domains], env=env)
     try:
+        key = cityserve("tenants", "create", "bench", *[f"--grant={d}" for d in domains],
+                        "--requests-per-minute=10000000", "--items-per-minute=100000000", "--max-concurrent=1000",
+                        env=env).strip().splitlines()[-1]
+        yield state, key
+    finally:
+        cityserve("serve", "down", env=env)
+
+
+def gateway_rates(domains: list[str], seconds: float, port: int,
+                  idle: dict[str, float]) -> dict[str, dict[tuple[int, int], dict[str, Any]]]:
+    with bench_platform(domains, port) as (state, key):
         time.sleep(10)  # settled: replicas loaded, nothing in flight
         idle["idle_rss_gb"] = round(platform_rss_gb(state), 2)
-        grants = [f"--grant={d}" for d in domains]
-        key = cityserve("tenants", "create", "bench", *grants, "--requests-per-minute=10000000",
-                        "--items-per-minute=100000000", "--max-concurrent=1000", env=env).strip().splitlines()[-1]
-        time.sleep(3)  # the admission actor re-reads tenants every 2 s
         url = f"http://127.0.0.1:{port}"
         return {d: {(c, n): drive(f"{url}/v1/{d}/{VERBS[d]}", d, n, c, seconds, key)
                     for c in CONCURRENCY for n in ITEMS} for d in domains}
-    finally:
-        cityserve("serve", "down", env=env)
 
 
 def main() -> None:

@@ -119,19 +119,19 @@ def reload_domain(settings: Settings, domain: str, version: str, timeout_s: floa
     _save_config(settings.state_dir, config)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        serving = {d["domain"]: d.get("version") for d in _get_json(f"{platform.gateway_url}/v1/models")["domains"]}
+        serving = serving_versions(platform.gateway_url)
         if serving.get(domain) == version:
             return True
         time.sleep(1)
     raise ConfigError(f"{domain} did not report {version} within {timeout_s:.0f} s; see `cityserve serve status`")
 
 
-def _get_json(url: str) -> dict[str, Any]:
+def serving_versions(gateway_url: str) -> dict[str, str | None]:
+    """The version each domain's replica answered with, from the gateway's /v1/models."""
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        data: dict[str, Any] = json.loads(resp.read())
-        return data
+    with urllib.request.urlopen(f"{gateway_url}/v1/models", timeout=10) as resp:
+        return {d["domain"]: d.get("version") for d in json.loads(resp.read())["domains"]}
 
 
 def demo_tenant(settings: Settings) -> str:
@@ -206,7 +206,7 @@ def serve_status(as_json: bool) -> None:
         raise ConfigError("no platform runs here; start it with `cityserve serve up`")
     apps = details(platform.dashboard_url).get("applications", {})
     try:
-        serving = {d["domain"]: d.get("version") for d in _get_json(f"{platform.gateway_url}/v1/models")["domains"]}
+        serving = serving_versions(platform.gateway_url)
     except OSError:
         serving = {}
     rows = []

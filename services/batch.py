@@ -90,9 +90,7 @@ class Scorer:
 
         torch.set_num_threads(torch_threads)
         self.domain = get_domain(domain)
-        registry = Registry(registry_uri)
-        with registry.model_dir(domain, version) as path:
-            self.predictor = self.domain.load_predictor(path, version)
+        self.predictor = Registry(registry_uri).load_predictor(self.domain, version)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         errors: list[str | None] = [None] * len(batch)

@@ -84,11 +84,6 @@ class ModelServer:
         self.loaded_at = 0.0
         self._batch_sizes = _batch_histogram(domain)
 
-    def _load(self, stage: str) -> Predictor:
-        version = self.registry.get(self.domain.name, stage)
-        with self.registry.model_dir(self.domain.name, version.version) as path:
-            return self.domain.load_predictor(path, version.version)
-
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Applies a new user_config: batch settings at once; a new generation reloads the stage.
 
@@ -105,7 +100,7 @@ class ModelServer:
             self.config = config
             return
         try:
-            predictor = await asyncio.to_thread(self._load, config.stage)
+            predictor = await asyncio.to_thread(self.registry.load_predictor, self.domain, config.stage)
         except (RegistryError, OSError, RuntimeError, ValueError) as exc:
             if self.predictor is None:
                 raise

@@ -83,6 +83,4 @@ def evaluate(domain_name: str, settings: Settings, ref: str = "production", out_
 def _score(registry: Registry, version: Version, settings: Settings, figure: Path) -> Evaluation:
     domain = get_domain(version.domain)
     data_dir = Path(version.record.get("config", {}).get("data_dir", settings.data_dir))
-    with registry.model_dir(version.domain, version.version) as model_dir:
-        predictor = domain.load_predictor(model_dir, version.version)
-        return domain.evaluate(predictor, data_dir, figure)
+    return domain.evaluate(registry.load_predictor(domain, version.version), data_dir, figure)

@@ -26,11 +26,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
 from domains.errors import RegistryError
+
+if TYPE_CHECKING:
+    from domains.base import Domain, Predictor
 
 VERSION_FILE = "version.json"
 STAGES_FILE = "stages.json"
@@ -154,6 +157,12 @@ class Registry:
         with tempfile.TemporaryDirectory(prefix=f"cityserve-{domain}-{version}-") as tmp:
             pafs.copy_files(src, tmp, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
             yield Path(tmp)
+
+    def load_predictor(self, domain: Domain, ref: str = PRODUCTION) -> Predictor:
+        """`domain`'s version `ref` (an id or alias), loaded for inference."""
+        version = self.get(domain.name, ref)
+        with self.model_dir(domain.name, version.version) as path:
+            return domain.load_predictor(path, version.version)
 
     # ---- writing -----------------------------------------------------------------------------
     @contextlib.contextmanager
