@@ -276,6 +276,15 @@ def tenants_list(as_json: bool) -> None:
                 rows, as_json)
 
 
+@tenants.command("new-key")
+def tenants_new_key() -> None:
+    """Print a fresh key without storing it: for a tenants file (a Kubernetes Secret), which the
+    platform applies itself."""
+    from services.tenants import new_key
+
+    click.echo(new_key()[0])
+
+
 @tenants.command("rotate")
 @click.argument("name")
 @click.option("--grace-hours", type=float, default=24, show_default=True, help="Old keys keep working this long.")

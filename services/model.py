@@ -82,33 +82,54 @@ class ModelServer:
         self.predictor: Predictor | None = None
         self.config = ModelConfig()
         self.loaded_at = 0.0
+        self.registry_generation = -1
+        self.loading = asyncio.Lock()
+        self.watcher: asyncio.Task[None] | None = None
         self._batch_sizes = _batch_histogram(domain)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Applies a new user_config: batch settings at once; a new generation reloads the stage.
-
-        The new model loads in a thread while the old one keeps answering, then replaces it in one
-        assignment. A version that fails to load leaves the old one serving (a replica with none
-        yet fails to start, which Serve reports).
-        """
+        """Applies a new user_config: batch settings at once; a new generation reloads the stage."""
         config = ModelConfig.model_validate(user_config)
         batcher: Any = self.predict_batch  # @serve.batch adds these setters at run time
         batcher.set_max_batch_size(config.max_batch_size)
         batcher.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-        if self.predictor is not None and config.generation == self.config.generation \
-                and config.stage == self.config.stage:
-            self.config = config
-            return
-        try:
-            predictor = await asyncio.to_thread(self.registry.load_predictor, self.domain, config.stage)
-        except (RegistryError, OSError, RuntimeError, ValueError) as exc:
-            if self.predictor is None:
-                raise
-            logger.error("%s: generation %d did not load (%s); still serving %s", self.domain.name,
-                         config.generation, exc, self.predictor.version)
-            return
-        self.predictor, self.config, self.loaded_at = predictor, config, time.time()
-        logger.info("%s: serving %s (generation %d)", self.domain.name, predictor.version, config.generation)
+        reload = self.predictor is None or (config.generation, config.stage) != (self.config.generation,
+                                                                                 self.config.stage)
+        self.config = config
+        if reload:
+            await self._load(f"generation {config.generation}")
+        if self.watcher is None and config.poll_s > 0:
+            self.watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _load(self, why: str) -> None:
+        """Loads the stage in a thread while the old model keeps answering, then swaps them in one
+        assignment. A version that fails to load leaves the old one serving (a replica with none
+        yet fails to start, which Serve reports)."""
+        async with self.loading:
+            try:
+                generation = await asyncio.to_thread(self.registry.generation, self.domain.name)
+                predictor = await asyncio.to_thread(self.registry.load_predictor, self.domain, self.config.stage)
+            except (RegistryError, OSError, RuntimeError, ValueError) as exc:
+                if self.predictor is None:
+                    raise
+                logger.error("%s: %s did not load (%s); still serving %s", self.domain.name, why, exc,
+                             self.predictor.version)
+                return
+            self.predictor, self.registry_generation, self.loaded_at = predictor, generation, time.time()
+            logger.info("%s: serving %s (%s)", self.domain.name, predictor.version, why)
+
+    async def _watch(self) -> None:
+        """Reloads when the registry's stages moved (a promote or rollback from anywhere)."""
+        while self.config.poll_s > 0:
+            await asyncio.sleep(self.config.poll_s)
+            try:
+                generation = await asyncio.to_thread(self.registry.generation, self.domain.name)
+            except (RegistryError, OSError) as exc:  # the store is away for a moment: keep serving
+                logger.warning("%s: registry not readable (%s)", self.domain.name, exc)
+                continue
+            if generation != self.registry_generation:
+                await self._load(f"registry generation {generation}")
+        self.watcher = None
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def predict_batch(self, groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ import getpass
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import socket
 import sqlite3
@@ -31,6 +32,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from domains.errors import ConfigError, InvalidInput
 
@@ -155,6 +158,54 @@ class ApiKey:
         return None
 
 
+class TenantEntry(BaseModel):
+    """A tenant as a tenants file lists it (a Kubernetes Secret mounted into the Ray pods)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="The tenant's name.")
+    grants: list[str] = Field(description="Domains it may call.")
+    requests_per_minute: int = Field(ge=1, description="Admitted requests in any 60 s window.")
+    items_per_minute: int = Field(ge=1, description="Admitted items in any 60 s window.")
+    max_concurrent: int = Field(ge=1, description="Requests in flight at once.")
+    keys: list[str] = Field(min_length=1, max_length=2, description="Its API keys (two while it rotates), each "
+                            "`csk_<id>_<secret>` as `cityserve tenants new-key` prints them.")
+
+    @field_validator("keys")
+    @classmethod
+    def _well_formed(cls, keys: list[str]) -> list[str]:
+        bad = [i for i, k in enumerate(keys) if split_key(k) is None]
+        if bad:  # never quote a key back: error messages reach logs
+            raise ValueError(f"keys {bad} are not csk_<id>_<secret>; make keys with `cityserve tenants new-key`")
+        return keys
+
+    def tenant(self) -> Tenant:
+        return Tenant(self.name, self.grants, self.requests_per_minute, self.items_per_minute, self.max_concurrent)
+
+
+def read_tenants_file(path: Path) -> list[TenantEntry]:
+    """The `tenants:` list of a YAML tenants file, validated."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        listed = data.get("tenants") or []
+    except (OSError, yaml.YAMLError, AttributeError) as exc:
+        raise ConfigError(f"tenants file {path}: {exc}", field="tenants_file") from exc
+    entries = []
+    for i, item in enumerate(listed):
+        try:
+            entries.append(TenantEntry.model_validate(item))
+        except ValidationError as exc:  # without the input values: they would be keys, and reach logs
+            problems = "; ".join(f"tenants[{i}].{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                 for e in exc.errors(include_input=False))
+            raise ConfigError(f"tenants file {path}: {problems}", field="tenants_file") from None
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"tenants file {path}: a tenant is listed twice ({sorted(names)})", field="tenants_file")
+    return entries
+
+
 @dataclass
 class Usage:
     """One admitted request, as the ledger keeps it for chargeback."""
@@ -187,7 +238,21 @@ SCHEMA = (
        tenant TEXT NOT NULL, domain TEXT NOT NULL, items INTEGER NOT NULL, status INTEGER NOT NULL,
        latency_ms DOUBLE PRECISION NOT NULL, model_version TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS usage_tenant_at ON usage (tenant, at)",
+    # Tenants a tenants file (a Kubernetes Secret) manages: one dropped from the file is revoked.
+    "CREATE TABLE IF NOT EXISTS file_tenants (name TEXT PRIMARY KEY)",
 )
+
+
+def resolve_url(url: str) -> str:
+    """A ledger URL, or `env:NAME` for the one in that environment variable: on Kubernetes a
+    PostgreSQL password comes from a Secret into the pods' environment, never into the serve config."""
+    if not url.startswith("env:"):
+        return url
+    value = os.environ.get(url.removeprefix("env:"), "")
+    if not value:
+        raise ConfigError(f"the ledger URL is {url!r}, but that environment variable is not set here",
+                          field="ledger_url")
+    return value
 
 
 @dataclass
@@ -199,9 +264,12 @@ class Store:
             `postgresql://user:password@host/db`.
     """
 
-    url: str
+    url: str = field(repr=False)  # it may hold a password
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _conn: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.url = resolve_url(self.url)
 
     @property
     def postgres(self) -> bool:
@@ -341,6 +409,66 @@ class Store:
                          tenant.max_concurrent, name))
             self.audit(cur, "set-quota", name, {k: sorted(v) if k == "grants" else v for k, v in changes.items()})
         return tenant
+
+    def sync_tenants(self, listed: Sequence[TenantEntry], key_ttl_days: float = 365.0) -> list[str]:
+        """Makes the database match a tenants file, which is the truth for the tenants it lists:
+        creates them or sets their grants and limits, keeps their listed keys valid for
+        `key_ttl_days` more, revokes their other keys, and revokes tenants the file dropped.
+        Tenants created with `cityserve tenants` are left alone. Returns what changed, per tenant."""
+        now = time.time()
+        changes = []
+        with self._tx() as cur:
+            cur.execute("SELECT name FROM file_tenants")
+            managed = {r[0] for r in cur.fetchall()}
+            dropped = managed - {e.name for e in listed}
+            for entry in listed:
+                tenant = entry.tenant()
+                _check_limits(tenant)
+                cur.execute(self._sql("SELECT * FROM tenants WHERE name = ?"), (tenant.name,))
+                row = cur.fetchone()
+                values = (json.dumps(sorted(tenant.grants)), tenant.requests_per_minute, tenant.items_per_minute,
+                          tenant.max_concurrent)
+                if row is None:
+                    cur.execute(self._sql("INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                                (tenant.name, *values, now, None))
+                elif tuple(row[1:5]) != values or row[6] is not None:
+                    cur.execute(self._sql("UPDATE tenants SET grants = ?, requests_per_minute = ?, "
+                                          "items_per_minute = ?, max_concurrent = ?, revoked_at = NULL WHERE name = ?"),
+                                (*values, tenant.name))
+                if tenant.name not in managed:
+                    cur.execute(self._sql("INSERT INTO file_tenants VALUES (?)"), (tenant.name,))
+                listed_keys = {pair for k in entry.keys if (pair := split_key(k)) is not None}  # all, validated
+                cur.execute(self._sql("SELECT key_id, digest FROM api_keys WHERE tenant = ? AND revoked_at IS NULL"),
+                            (tenant.name,))
+                held = {(r[0], r[1]) for r in cur.fetchall()}
+                for key_id, _ in held - listed_keys:
+                    cur.execute(self._sql("UPDATE api_keys SET revoked_at = ? WHERE key_id = ?"), (now, key_id))
+                for key_id, key_digest in listed_keys - held:
+                    cur.execute(self._sql("SELECT tenant FROM api_keys WHERE key_id = ?"), (key_id,))
+                    owner = cur.fetchone()
+                    if owner is not None and owner[0] != tenant.name:
+                        raise ConfigError(f"tenants file: {tenant.name}'s key {key_id} is {owner[0]}'s key id; "
+                                          "make a new key with `cityserve tenants new-key`", field="keys")
+                    cur.execute(self._sql("DELETE FROM api_keys WHERE key_id = ?"), (key_id,))  # its revoked row
+                    cur.execute(self._sql("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?)"),
+                                (key_id, tenant.name, key_digest, now, now, None))
+                cur.execute(self._sql("UPDATE api_keys SET expires_at = ? WHERE tenant = ? AND revoked_at IS NULL"),
+                            (now + key_ttl_days * 86400, tenant.name))
+                if row is None or tuple(row[1:5]) != values or row[6] is not None or held != listed_keys:
+                    changes.append(tenant.name)
+                    self.audit(cur, "sync", tenant.name, {"grants": sorted(tenant.grants),
+                                                          "key_ids": sorted(k for k, _ in listed_keys),
+                                                          "requests_per_minute": tenant.requests_per_minute,
+                                                          "items_per_minute": tenant.items_per_minute,
+                                                          "max_concurrent": tenant.max_concurrent})
+            for name in sorted(dropped):
+                cur.execute(self._sql("UPDATE tenants SET revoked_at = ? WHERE name = ?"), (now, name))
+                cur.execute(self._sql("UPDATE api_keys SET revoked_at = ? WHERE tenant = ? AND revoked_at IS NULL"),
+                            (now, name))
+                cur.execute(self._sql("DELETE FROM file_tenants WHERE name = ?"), (name,))
+                self.audit(cur, "sync-revoke", name, {"reason": "no longer in the tenants file"})
+                changes.append(name)
+        return changes
 
     def audit_log(self, tenant: str | None = None) -> list[tuple[Any, ...]]:
         sql, params = "SELECT at, actor, action, tenant, detail FROM audit", ()  # type: tuple[str, tuple[Any, ...]]

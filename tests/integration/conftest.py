@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from cityserve.config import Settings
 from cluster.local import connect
+from cluster.serve import serve_env
 
 # Serving runs last: it reuses the versions that training and sweeping registered, and its
 # replicas' CPUs would otherwise keep training runs waiting.
@@ -29,9 +31,15 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 @pytest.fixture(scope="session")
 def ray_cluster(settings: Settings) -> Iterator[None]:
-    """A local 2-CPU cluster of our own, bound to 127.0.0.1; shut down after the session."""
+    """A local 2-CPU cluster of our own, bound to 127.0.0.1, with the platform's Serve settings (its
+    processes inherit this environment); shut down after the session."""
     import ray
 
+    saved = dict(os.environ)
+    # Not RAY_AUTH_MODE: this process read it when it imported ray; the cluster keeps the default.
+    os.environ.update({k: v for k, v in serve_env().items() if k != "RAY_AUTH_MODE"})
     connect(settings, num_cpus=2)
     yield
     ray.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)

@@ -22,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import yaml
 
 from cityserve.config import Settings
 from cityserve.platform_cli import platform_up, reload_domain, serve_config
@@ -31,17 +32,28 @@ from domains import get_domain
 from domains.base import request_example
 from services.batch import score_file
 from services.config import VERBS, ServeOverlay
-from services.tenants import Store, Tenant
+from services.tenants import Store, Tenant, new_key
 from training.registry import Registry
 from training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 SERVED = ("energy", "events", "traffic")
-# Two gateway replicas; one replica per model, no autoscaling: the cluster has 2 CPUs.
+# Two gateway replicas; one replica per model, no autoscaling: the cluster has 2 CPUs. Replicas
+# re-read the registry's stages every second, not every 10.
 TEST_OVERLAY = ServeOverlay(deployments={
     "Gateway": {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}, "ray_actor_options": {"num_cpus": 0.2}},
-    **{d: {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 0.2}}
-       for d in SERVED}})
+    **{d: {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 0.2},
+           "user_config": {"poll_s": 1}} for d in SERVED}})
+GRID_KEY = new_key()[0]  # the tenants file's tenant, as a Kubernetes Secret would list it
+GRID = {"name": "grid", "grants": ["energy"], "requests_per_minute": 1000, "items_per_minute": 10_000,
+        "max_concurrent": 8, "keys": [GRID_KEY]}
+
+
+def write_tenants(path: Path, *tenants: dict[str, Any]) -> None:
+    """Replaced, not edited in place: how Kubernetes updates a mounted Secret."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump({"tenants": list(tenants)}))
+    os.replace(tmp, path)
 
 
 def _ensure_versions(settings: Settings, domain: str, count: int) -> list[str]:
@@ -97,7 +109,10 @@ def platform(settings: Settings) -> Iterator[Platform]:
     record = Platform(os.getpid(), node.gcs_address, f"http://{node.webui_url}", f"http://127.0.0.1:{port}", "",
                       "local")
     record.save(settings.state_dir)  # our own process stands in for `ray start`'s
-    platform_up(settings, serve_config(settings, "local", SERVED, port, TEST_OVERLAY), num_cpus=2, timeout_s=600)
+    tenants_file = settings.state_dir / "tenants.yaml"
+    write_tenants(tenants_file, GRID)
+    overlay = TEST_OVERLAY.model_copy(update={"args": {"tenants_file": str(tenants_file)}})
+    platform_up(settings, serve_config(settings, "local", SERVED, port, overlay), num_cpus=2, timeout_s=600)
     yield record
     client(record.dashboard_url).delete_applications()
     (settings.state_dir / "platform.json").unlink()
@@ -147,6 +162,26 @@ def test_auth_matrix_and_errors_over_http(platform: Platform, keys: dict[str, st
     for name, (_, _, body) in cases.items():
         assert set(body) <= {"code", "message", "field"} and body["message"], name
     assert cases["unknown sensor"][2]["field"] == "sensors[1]"
+
+
+def test_haproxy_fronts_the_gateway_on_loopback_only(platform: Platform) -> None:
+    """Serve's HAProxy takes the gateway port; `cluster/haproxy-local` narrowed the config Ray
+    wrote: nothing it serves listens beyond 127.0.0.1, and its own error page is our JSON 503."""
+    import psutil
+    import ray
+
+    config = f"/tmp/haproxy-serve/{ray.get_runtime_context().get_node_id()}/haproxy.cfg"
+    ours = [p for p in psutil.process_iter(["name", "cmdline"])
+            if p.info["name"] == "haproxy" and config in (p.info["cmdline"] or [])]
+    assert ours, f"no HAProxy runs with {config}"
+    listening = {c.laddr for p in ours for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    assert {a.ip for a in listening} == {"127.0.0.1"}
+    assert int(platform.gateway_url.rsplit(":", 1)[1]) in {a.port for a in listening}
+    pages = {line.split()[2] for line in Path(config).read_text().splitlines() if line.strip().startswith("errorfile")}
+    assert len(pages) == 1
+    head, _, body = Path(pages.pop()).read_bytes().decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 503") and "Retry-After: 1" in head
+    assert json.loads(body)["code"] == "unavailable"
 
 
 def test_quota_holds_across_two_gateway_replicas(platform: Platform, keys: dict[str, str]) -> None:
@@ -220,6 +255,49 @@ def test_promote_and_rollback_under_load_fail_nothing(platform: Platform, keys: 
     assert statuses == {200: len(seen)}, statuses
     versions = [v for _, v in seen]
     assert other in versions and versions[-1] == before  # it switched, and switched back
+
+
+def _serving(platform: Platform, domain: str) -> str:
+    models = http("GET", f"{platform.gateway_url}/v1/models")[2]
+    return str(next(m["version"] for m in models["domains"] if m["domain"] == domain))
+
+
+def _wait_serving(platform: Platform, domain: str, version: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _serving(platform, domain) != version:
+        assert time.monotonic() < deadline, f"{domain} still serves {_serving(platform, domain)}, not {version}"
+        time.sleep(0.5)
+
+
+def test_a_stage_moved_from_anywhere_reaches_the_replicas(platform: Platform, settings: Settings) -> None:
+    """On Kubernetes nothing re-applies the serve config after a promotion: replicas poll the stage."""
+    registry = Registry(settings.registry_location())
+    before = registry.get("energy").version
+    other = next(v.version for v in reversed(registry.versions("energy")) if v.version != before)
+    registry.promote("energy", other)  # the registry alone, as `cityserve cluster upgrade --model` does
+    _wait_serving(platform, "energy", other)
+    registry.rollback("energy")
+    _wait_serving(platform, "energy", before)
+
+
+def test_the_tenants_file_is_applied_at_start_and_on_change(platform: Platform, settings: Settings) -> None:
+    url = f"{platform.gateway_url}/v1/energy/forecast"
+    example = request_example(get_domain("energy").request_model)
+    assert http("POST", url, example, GRID_KEY)[0] == 200
+    path = settings.state_dir / "tenants.yaml"
+    rotated = new_key()[0]
+    write_tenants(path, {**GRID, "keys": [rotated], "grants": ["events"]})
+    deadline = time.monotonic() + 15
+    while http("POST", url, example, GRID_KEY)[0] != 401:  # the old key goes
+        assert time.monotonic() < deadline, "the changed tenants file was not applied"
+        time.sleep(0.5)
+    assert http("POST", url, example, rotated)[0] == 403  # energy no longer granted
+    assert http("POST", f"{platform.gateway_url}/v1/events/classify", {"text": "pothole"}, rotated)[0] == 200
+    write_tenants(path)  # dropped from the file: revoked
+    deadline = time.monotonic() + 15
+    while http("POST", f"{platform.gateway_url}/v1/events/classify", {"text": "pothole"}, rotated)[0] != 401:
+        assert time.monotonic() < deadline, "a tenant dropped from the file kept its access"
+        time.sleep(0.5)
 
 
 def test_metering_counts_equal_requests_sent_postgresql(platform: Platform, settings: Settings,

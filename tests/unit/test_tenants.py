@@ -7,9 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from domains.errors import InvalidInput
+from domains.errors import ConfigError, InvalidInput
 from services.admission import Decision, Gatekeeper
-from services.tenants import Leases, SlidingWindow, Store, Tenant, Usage, digest, new_key, split_key
+from services.tenants import (
+    Leases,
+    SlidingWindow,
+    Store,
+    Tenant,
+    Usage,
+    digest,
+    new_key,
+    read_tenants_file,
+    split_key,
+)
 
 
 @pytest.fixture
@@ -151,3 +161,76 @@ def test_a_new_key_works_at_once_and_bogus_keys_do_not_reread_the_store(store: S
     loaded = keeper.loaded_at
     keeper.admit("bogus", "0" * 64, "events", 1, 30, now=0.6, wall=time.time())
     assert keeper.loaded_at == loaded
+
+
+def _write(path: Path, *tenants: dict[str, object]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({"tenants": list(tenants)}))
+    return path
+
+
+def test_a_tenants_file_is_the_truth_for_the_tenants_it_lists(store: Store, tmp_path: Path) -> None:
+    keeper = Gatekeeper(store, refresh_s=0)
+    cli_key = store.create_tenant(Tenant("press", ["sentiment"], 10, 100, 2), 1)
+    first, second = new_key()[0], new_key()[0]
+    grid = {"name": "grid", "grants": ["energy"], "requests_per_minute": 5, "items_per_minute": 50,
+            "max_concurrent": 2, "keys": [first]}
+    path = _write(tmp_path / "tenants.yaml", grid)
+
+    def status(key: str, domain: str = "energy") -> int:
+        key_id, key_digest = split_key(key) or ("", "")
+        decision = keeper.admit(key_id, key_digest, domain, 1, 10.0, now=time.monotonic(), wall=time.time())
+        keeper.release(decision.lease, None)
+        return decision.status
+
+    assert store.sync_tenants(read_tenants_file(path)) == ["grid"]
+    assert status(first) == 200 and status(first, "events") == 403
+    assert store.sync_tenants(read_tenants_file(path)) == []  # nothing changed: nothing audited
+    # rotation in the file: both keys work, then the old one goes
+    assert store.sync_tenants(read_tenants_file(_write(path, {**grid, "keys": [first, second]}))) == ["grid"]
+    assert status(first) == 200 and status(second) == 200
+    store.sync_tenants(read_tenants_file(_write(path, {**grid, "keys": [second], "grants": ["energy", "events"]})))
+    assert status(first) == 401 and status(second, "events") == 200
+    assert {k.key_id: k.expires_at > time.time() + 300 * 86400 for k in store.api_keys("grid")
+            if k.revoked_at is None} == {split_key(second)[0]: True}  # type: ignore[index]
+    # dropped from the file: revoked; tenants made with the CLI are never touched
+    assert store.sync_tenants(read_tenants_file(_write(path))) == ["grid"]
+    assert status(second) == 401 and status(cli_key, "sentiment") == 200
+    actions = [row[2] for row in store.audit_log("grid")]
+    assert actions.count("sync") == 3 and actions[-1] == "sync-revoke"
+    assert first not in path.read_text() and all(first not in str(row) for row in store.audit_log())
+
+
+def test_a_bad_tenants_file_is_refused_whole_without_quoting_keys(store: Store, tmp_path: Path) -> None:
+    key = new_key()[0]
+    good = {"name": "grid", "grants": ["energy"], "requests_per_minute": 5, "items_per_minute": 50,
+            "max_concurrent": 2, "keys": [key]}
+    for bad, expected in [({**good, "keys": ["not-a-key", key]}, r"tenants\[0\]\.keys: .*keys \[0\] are not"),
+                          ({**good, "requests_per_minute": 0}, r"tenants\[0\]\.requests_per_minute"),
+                          ({**good, "colour": "red"}, r"tenants\[0\]\.colour"),
+                          ({**good, "keys": []}, r"tenants\[0\]\.keys")]:
+        with pytest.raises(ConfigError, match=expected) as caught:
+            read_tenants_file(_write(tmp_path / "t.yaml", bad))
+        assert key not in str(caught.value)
+    with pytest.raises(ConfigError, match="listed twice"):
+        read_tenants_file(_write(tmp_path / "t.yaml", good, good))
+    (tmp_path / "t.yaml").write_text("tenants: [oops")
+    with pytest.raises(ConfigError, match="tenants file"):
+        read_tenants_file(tmp_path / "t.yaml")
+    with pytest.raises(InvalidInput, match="unknown domains"):
+        store.sync_tenants(read_tenants_file(_write(tmp_path / "t.yaml", {**good, "grants": ["water"]})))
+    assert store.tenants() == []  # nothing half-applied
+    other = store.create_tenant(Tenant("press", ["sentiment"], 10, 100, 2), 1)
+    with pytest.raises(ConfigError, match="key id"):
+        store.sync_tenants(read_tenants_file(_write(tmp_path / "t.yaml", {**good, "keys": [other]})))
+
+
+def test_a_ledger_url_may_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    monkeypatch.setenv("CITYSERVE_LEDGER_URL", url)
+    assert Store("env:CITYSERVE_LEDGER_URL").url == url
+    monkeypatch.delenv("CITYSERVE_LEDGER_URL")
+    with pytest.raises(ConfigError, match="CITYSERVE_LEDGER_URL"):
+        Store("env:CITYSERVE_LEDGER_URL")
+    assert "l.db" not in repr(Store(url))  # a URL may carry a password
