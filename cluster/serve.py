@@ -36,6 +36,9 @@ SERVE_ENV = {
     "RAY_AUTH_MODE": "token",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # Ray starts its workers at nice 15, so on a shared machine any other process (a build, a load
+    # generator) takes the CPU before a replica does, and a replica starting under load starves.
+    "RAY_worker_niceness": "0",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
 }

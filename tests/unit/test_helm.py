@@ -1,0 +1,473 @@
+"""The Helm chart: lint, render, validate what it renders, and check it keeps the contract with the code.
+
+`helm` comes from `make` (`.venv/bin/helm`); the Kubernetes schemas from the `kubernetes-validate`
+package (strict, Kubernetes 1.32); the KubeRay CRD schemas from `../shared/kuberay/`. Each values
+file (the defaults and every `helm/ci/*.yaml`) is rendered once per module.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import click
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from cityserve.cli import main as cli
+from cityserve.config import Settings
+from domains import DOMAINS
+from services.config import (
+    SERVE_DIR,
+    ServeOverlay,
+    apply_overlay,
+    deep_merge,
+    load_overlay,
+    model_configs,
+    validate_config,
+)
+from services.tenants import read_tenants_file
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm"
+KUBERAY = REPO.parent / "shared" / "kuberay"
+K8S_VERSION = "1.32"
+PODMONITOR_API = "monitoring.coreos.com/v1/PodMonitor"
+VALUES = ["default", *sorted(p.stem for p in (CHART / "ci").glob("*.yaml"))]
+RAY_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+TENANTS_DIR, LEDGER_DIR = "/etc/cityserve/tenants", "/var/lib/cityserve/ledger"
+
+Doc = dict[str, Any]
+
+
+# ---- helm ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def helm() -> str:
+    found = REPO / ".venv" / "bin" / "helm"
+    path = str(found) if found.exists() else shutil.which("helm")
+    if path is None:
+        pytest.fail("helm is missing: `make .venv/bin/helm` installs it (`make test` and `make unit` do)")
+    return path
+
+
+def values_args(name: str) -> list[str]:
+    return [] if name == "default" else ["-f", str(CHART / "ci" / f"{name}.yaml")]
+
+
+def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def template(helm: str, *args: str) -> list[Doc]:
+    proc = run_helm(helm, "template", "cityserve", str(CHART), "--namespace", "city", *args)
+    if proc.returncode != 0:
+        pytest.fail(f"helm template {' '.join(args)} failed:\n{proc.stderr}")
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def refused(helm: str, *args: str) -> str:
+    """helm template's error for values it must refuse."""
+    proc = run_helm(helm, "template", "cityserve", str(CHART), *args)
+    assert proc.returncode != 0, f"helm template {' '.join(args)} rendered what it should refuse"
+    return proc.stderr
+
+
+@pytest.fixture(scope="module")
+def rendered(helm: str) -> dict[str, list[Doc]]:
+    """Every values file rendered once, in a cluster that serves the PodMonitor kind."""
+    return {name: template(helm, *values_args(name), "--api-versions", PODMONITOR_API) for name in VALUES}
+
+
+def values_of(name: str) -> dict[str, Any]:
+    """The chart's values for a values file (Helm merges maps the way deep_merge does)."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    if name == "default":
+        return defaults
+    return deep_merge(defaults, yaml.safe_load((CHART / "ci" / f"{name}.yaml").read_text()))
+
+
+def one(docs: list[Doc], kind: str) -> Doc:
+    (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+def kinds(docs: list[Doc], kind: str) -> list[Doc]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def cluster_specs(docs: list[Doc]) -> Iterator[tuple[str, Doc]]:
+    """(owner, Ray cluster spec) of the RayService and of every RayJob."""
+    yield "RayService", one(docs, "RayService")["spec"]["rayClusterConfig"]
+    for job in kinds(docs, "RayJob"):
+        yield job["metadata"]["name"], job["spec"]["rayClusterSpec"]
+
+
+def pods(spec: Doc) -> Iterator[tuple[str, Doc]]:
+    """(group name, pod template) of a Ray cluster spec, the head first."""
+    yield "head", spec["headGroupSpec"]["template"]
+    for group in spec["workerGroupSpecs"]:
+        yield group["groupName"], group["template"]
+
+
+def serve_config(docs: list[Doc]) -> Doc:
+    config: Doc = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
+    return config
+
+
+# ---- lint and schemas ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", VALUES)
+def test_lint_strict(helm: str, name: str) -> None:
+    proc = run_helm(helm, "lint", "--strict", str(CHART), *values_args(name))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_builtin_kinds_match_kubernetes_schemas(rendered: dict[str, list[Doc]], name: str) -> None:
+    builtin = [d for d in rendered[name] if d["apiVersion"] not in ("ray.io/v1", "monitoring.coreos.com/v1")]
+    assert builtin
+    for doc in builtin:
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {exc.message} at {list(exc.absolute_path)}")
+
+
+def _strict(node: Any) -> None:
+    """KubeRay's schemas accept unknown fields; a typo must not pass, so object nodes are closed."""
+    if isinstance(node, dict):
+        if node.get("type") == "object" and isinstance(node.get("properties"), dict) \
+                and "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+            node["additionalProperties"] = False
+        for value in node.values():
+            _strict(value)
+    elif isinstance(node, list):
+        for value in node:
+            _strict(value)
+
+
+@cache
+def crd_validator(kind: str) -> jsonschema.Draft4Validator:
+    """The CRD's v1 schema, strict; loading takes seconds, so once per session."""
+    text = (KUBERAY / f"ray.io_{kind.lower()}s.yaml").read_text()
+    crd = yaml.load(text, Loader=yaml.CSafeLoader)  # the pure-Python loader takes ~3x longer
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = copy.deepcopy(version["schema"]["openAPIV3Schema"])
+    _strict(schema)
+    return jsonschema.Draft4Validator(schema)
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_ray_kinds_match_kuberay_crds(rendered: dict[str, list[Doc]], name: str) -> None:
+    if not KUBERAY.is_dir():
+        pytest.skip(f"no KubeRay CRD schemas at {KUBERAY} (they sit beside the project on dev machines and in CI)")
+    ray_docs = [d for d in rendered[name] if d["apiVersion"] == "ray.io/v1"]
+    assert {d["kind"] for d in ray_docs} >= {"RayService"}
+    for doc in ray_docs:
+        errors = sorted(crd_validator(doc["kind"]).iter_errors(doc), key=lambda e: list(e.absolute_path))
+        assert not errors, "\n".join(f"{doc['kind']} {list(e.absolute_path)}: {e.message}" for e in errors[:10])
+
+
+# ---- the one serve config --------------------------------------------------------------------------
+def chart_args(values: dict[str, Any]) -> dict[str, Any]:
+    """The args the chart owns, as agreed with services.config.PlatformArgs."""
+    args: dict[str, Any] = {"tenants_file": f"{TENANTS_DIR}/tenants.yaml"}
+    if values["ledger"]["backend"] == "sqlite":
+        args |= {"ledger_url": f"sqlite:///{LEDGER_DIR}/ledger.db", "ledger_resource": values["ledger"]["resource"]}
+    else:
+        args["ledger_url"] = "env:CITYSERVE_LEDGER_URL"
+    if values["registry"]["uri"]:
+        args["registry_uri"] = values["registry"]["uri"]
+    return args
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_serve_config_v2_is_base_plus_cluster_overlay_plus_values(rendered: dict[str, list[Doc]],
+                                                                  name: str) -> None:
+    """serveConfigV2 equals services.config's own merge (all-on sets min_replicas 0: falsy values merge too)."""
+    values = values_of(name)
+    expected = yaml.safe_load((SERVE_DIR / "base.yaml").read_text())
+    for overlay in (load_overlay("cluster"), ServeOverlay.model_validate(values["serve"]),
+                    ServeOverlay(args=chart_args(values))):
+        expected = apply_overlay(expected, overlay)
+    config = serve_config(rendered[name])
+    assert config == expected
+    args = validate_config(config)  # Ray's ServeDeploySchema, PlatformArgs, each ModelConfig
+    assert set(args.domains) == set(DOMAINS)
+    # What serves is the registry's stage: the chart never names a model version.
+    assert {c.stage for c in model_configs(config).values()} == {"production"}
+
+
+def test_unknown_deployment_in_values_is_refused(helm: str) -> None:
+    err = refused(helm, "--set-json", 'serve.deployments={"water": {"num_replicas": 1}}')
+    assert '"water"' in err and "lacks" in err and "Gateway" in err
+
+
+# ---- what each pod gets ----------------------------------------------------------------------------
+def env_of(container: Doc) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def mounts_of(pod: Doc) -> dict[str, str]:
+    (container,) = pod["spec"]["containers"]
+    return {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_every_ray_container_gets_serve_env_settings_and_ledger_url(rendered: dict[str, list[Doc]],
+                                                                  name: str) -> None:
+    docs, values = rendered[name], values_of(name)
+    settings = one(docs, "ConfigMap")
+    secrets = {d["metadata"]["name"]: d for d in kinds(docs, "Secret")}
+    for owner, spec in cluster_specs(docs):
+        for group, pod in pods(spec):
+            (container,) = pod["spec"]["containers"]
+            env = env_of(container)
+            assert {k: env.get(k) for k in RAY_ENV} == RAY_ENV, (owner, group)
+            assert container["envFrom"] == [{"configMapRef": {"name": settings["metadata"]["name"]}}]
+            if values["ledger"]["backend"] == "postgres":
+                ref = env["CITYSERVE_LEDGER_URL"]["secretKeyRef"]
+                pg = values["ledger"]["postgres"]
+                if pg["existingSecret"]:
+                    assert ref == {"name": pg["existingSecret"], "key": pg["existingSecretKey"]}
+                else:
+                    assert secrets[ref["name"]]["stringData"][ref["key"]].startswith("postgresql://")
+            else:
+                assert "CITYSERVE_LEDGER_URL" not in env
+    # The settings are real Settings fields (a typo would be silently ignored by pydantic-settings).
+    fields = {f"CITYSERVE_{f.upper()}" for f in Settings.model_fields}
+    assert set(settings["data"]) <= fields
+    assert settings["data"]["CITYSERVE_REGISTRY_URI"] == serve_config(docs)["applications"][0]["args"]["registry_uri"]
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_tenants_and_ledger_are_mounted_where_the_args_say(rendered: dict[str, list[Doc]], name: str,
+                                                           tmp_path: Path) -> None:
+    docs, values = rendered[name], values_of(name)
+    args = serve_config(docs)["applications"][0]["args"]
+    tenants_secret = values["tenants"]["existingSecret"] if not values["tenants"]["create"] else None
+    for owner, spec in cluster_specs(docs):
+        serving = owner == "RayService"
+        for group, pod in pods(spec):
+            mounts, volumes = mounts_of(pod), {v["name"]: v for v in pod["spec"]["volumes"]}
+            # The tenants file, read-only, in every serving container; jobs have no use for it.
+            assert (TENANTS_DIR in mounts) == serving, (owner, group)
+            if serving:
+                secret = volumes[mounts[TENANTS_DIR]]["secret"]
+                assert secret["items"] == [{"key": "tenants.yaml", "path": "tenants.yaml"}]
+                if tenants_secret:
+                    assert secret["secretName"] == tenants_secret
+                else:
+                    (created,) = [d for d in kinds(docs, "Secret") if d["metadata"]["name"] == secret["secretName"]]
+                    tenants_file = tmp_path / "tenants.yaml"
+                    tenants_file.write_text(created["stringData"]["tenants.yaml"])
+                    entries = read_tenants_file(tenants_file)  # what the platform reads at start
+                    assert [e.model_dump() for e in entries] == values["tenants"]["list"]
+            # The SQLite ledger: in the serving head only, beside the resource its writer needs.
+            sqlite_here = serving and group == "head" and values["ledger"]["backend"] == "sqlite"
+            assert (LEDGER_DIR in mounts) == sqlite_here, (owner, group)
+    head_params = one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
+    if values["ledger"]["backend"] == "sqlite":
+        assert args["ledger_resource"] == values["ledger"]["resource"]
+        # KubeRay's format, '"{\"cityserve_ledger\": 1}"': a JSON object inside a quoted string.
+        assert head_params["resources"] == json.dumps(json.dumps({values["ledger"]["resource"]: 1}))
+        assert one(docs, "PersistentVolumeClaim")["spec"]["accessModes"] == ["ReadWriteOnce"]
+    else:
+        assert "ledger_resource" not in args and "resources" not in head_params
+        assert not kinds(docs, "PersistentVolumeClaim")
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_gpu_groups_ask_for_gpus_on_gpu_nodes(rendered: dict[str, list[Doc]], name: str) -> None:
+    values = values_of(name)
+    spec = one(rendered[name], "RayService")["spec"]["rayClusterConfig"]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {n for n, g in values["workerGroups"].items() if g["enabled"]}
+    for group_name, group in groups.items():
+        want = values["workerGroups"][group_name]
+        assert (group["minReplicas"], group["maxReplicas"]) == (want["minReplicas"], want["maxReplicas"])
+        (container,) = group["template"]["spec"]["containers"]
+        gpus = container["resources"]["limits"].get("nvidia.com/gpu", 0)
+        assert gpus == want.get("gpus", 0)
+        if gpus:
+            assert group["template"]["spec"]["nodeSelector"] == want["nodeSelector"]
+            assert group["template"]["spec"]["tolerations"] == want["tolerations"]
+            tag = values["image"]["tag"] or yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+            assert container["image"] == f"{values['image']['repository']}:{values['image']['gpuTag'] or tag + '-gpu'}"
+    assert spec["enableInTreeAutoscaling"] is values["autoscaler"]["enabled"]
+    assert spec.get("authOptions") == ({"mode": "token", **({"secretName": values["auth"]["secretName"]}
+                                                            if values["auth"]["secretName"] else {})}
+                                       if values["auth"]["enabled"] else None)
+
+
+# ---- what is exposed -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", VALUES)
+def test_only_the_serve_port_is_exposed(rendered: dict[str, list[Doc]], name: str) -> None:
+    docs, values = rendered[name], values_of(name)
+    service = one(docs, "RayService")["spec"]["serveService"]
+    port = serve_config(docs)["http_options"]["port"]
+    # No Service of our own (the dashboard and Jobs API stay inside); KubeRay's serve Service carries traffic.
+    assert not kinds(docs, "Service")
+    assert [p["port"] for p in service["spec"]["ports"]] == [port]
+    for ingress in kinds(docs, "Ingress"):
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                assert path["backend"]["service"] == {"name": service["metadata"]["name"], "port": {"number": port}}
+    if not values["networkPolicy"]["enabled"]:
+        assert not kinds(docs, "NetworkPolicy")
+        return
+    policy = one(docs, "NetworkPolicy")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    for _, spec in cluster_specs(docs):
+        for _, pod in pods(spec):
+            assert selector.items() <= pod["metadata"]["labels"].items()  # every Ray pod is covered
+    from_outside = set()
+    for rule in policy["spec"]["ingress"]:
+        if rule["from"] == [{"podSelector": {"matchLabels": selector}}]:
+            assert "ports" not in rule  # the release's own pods talk freely
+            continue
+        from_outside |= {p["port"] for p in rule["ports"]}
+    scraped = {"metrics"} if values["monitoring"]["podMonitor"]["enabled"] else set()
+    assert from_outside == {port, 8265, *scraped}  # serve, the operator's dashboard port, Prometheus
+    operator = next(r for r in policy["spec"]["ingress"] if "kuberay-operator" in json.dumps(r["from"]))
+    assert {p["port"] for p in operator["ports"]} == {port, 8265}  # it probes the head's proxy too
+
+
+def test_pod_monitor_only_where_the_cluster_has_the_crd(helm: str, rendered: dict[str, list[Doc]]) -> None:
+    with_crd = rendered["all-on-values"]
+    monitor = one(with_crd, "PodMonitor")
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    without = template(helm, *values_args("all-on-values"))
+    assert not kinds(without, "PodMonitor")
+    assert {str(p["port"]) for r in one(without, "NetworkPolicy")["spec"]["ingress"] for p in r.get("ports", [])} \
+        == {"8080", "8265"}  # and Prometheus is not let in
+    assert not kinds(rendered["default"], "PodMonitor")  # the CRD alone is not enough: the value is off
+
+
+def test_pdb_holds_the_serving_workers(rendered: dict[str, list[Doc]]) -> None:
+    pdb = one(rendered["default"], "PodDisruptionBudget")
+    labels = pdb["spec"]["selector"]["matchLabels"]
+    assert labels.pop("ray.io/node-type") == "worker"  # KubeRay's label; the head is not held
+    for group in one(rendered["default"], "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        assert labels.items() <= group["template"]["metadata"]["labels"].items()
+
+
+# ---- jobs ------------------------------------------------------------------------------------------
+def parse_cli(words: list[str]) -> None:
+    """Parses a `cityserve ...` command line with the real CLI (types, choices) without running it."""
+    assert words[0] == "cityserve"
+    group: click.Group = cli
+    args = words[1:]
+    while True:
+        ctx = group.make_context(group.name or "cityserve", list(args))
+        name, command, rest = group.resolve_command(ctx, ctx.protected_args + ctx.args)
+        assert command is not None, name
+        if isinstance(command, click.Group):
+            group, args = command, rest
+            continue
+        command.make_context(name or "", rest, parent=ctx)
+        return
+
+
+def test_rayjobs_run_the_cli_in_a_cluster_of_their_own(rendered: dict[str, list[Doc]]) -> None:
+    docs, values = rendered["all-on-values"], values_of("all-on-values")
+    jobs = {j["metadata"]["name"]: j for j in kinds(docs, "RayJob")}
+    assert sorted(jobs) == ["city-train-sentiment", "city-train-traffic", "city-tune-energy"]
+    service = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    for name, job in jobs.items():
+        spec = job["spec"]
+        assert spec["shutdownAfterJobFinishes"] is True
+        assert spec["ttlSecondsAfterFinished"] == values["jobs"]["ttlSecondsAfterFinished"]
+        for command in spec["entrypoint"].split("&&"):
+            parse_cli(shlex.split(command))
+        kind, domain = name.split("-")[1:]
+        assert shlex.split(spec["entrypoint"].split("&&")[-1])[:5] == [
+            "cityserve", kind, domain, "--profile", values["jobs"][kind]["profile"]]
+        # The same cluster spec as the service's, less the serving parts, plus the job's overrides.
+        cluster = spec["rayClusterSpec"]
+        assert "gcsFaultToleranceOptions" not in cluster and "gcsFaultToleranceOptions" in service
+        assert cluster["authOptions"] == service["authOptions"]
+        assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == \
+            service["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    train_groups = {g["groupName"]: g for g in jobs["city-train-traffic"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert set(train_groups) == {"cpu", "gpu"}  # `spot` switched off for this job only
+    assert (train_groups["gpu"]["minReplicas"], train_groups["gpu"]["maxReplicas"]) == (2, 2)
+    assert "--use-gpu" in jobs["city-train-traffic"]["spec"]["entrypoint"]
+
+
+def test_every_value_is_documented() -> None:
+    """Each key of values.yaml has a `# --` comment, itself or an ancestor (a block given as an example)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, bool]] = []  # (indent, documented) of the keys enclosing this line
+    comment: list[str] = []
+    undocumented = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if text.startswith("#"):
+            comment.append(text)
+            continue
+        indent = len(line) - len(line.lstrip())
+        is_key = text and not text.startswith("-") and ":" in text and not text.startswith("{")
+        if is_key:
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            documented = any(c.startswith("# --") for c in comment) or any(d for _, d in stack)
+            value = text.split(":", 1)[1].strip()
+            nxt = next((n for n in lines[number:] if n.strip() and not n.strip().startswith("#")), "")
+            is_leaf = bool(value) or len(nxt) - len(nxt.lstrip()) <= indent
+            if is_leaf and not documented:
+                undocumented.append(f"values.yaml:{number}: {text}")
+            stack.append((indent, documented))
+        comment = []
+    assert not undocumented, "\n".join(undocumented)
+
+
+def test_schema_knows_the_domains() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(schema["definitions"]["domain"]["enum"]) == set(DOMAINS)
+
+
+# ---- refused values --------------------------------------------------------------------------------
+def tenants(**change: Any) -> str:
+    """`tenants.list=[...]` with one well-formed tenant, changed as asked."""
+    tenant = {"name": "a", "grants": ["traffic"], "requests_per_minute": 60, "items_per_minute": 600,
+              "max_concurrent": 2, "keys": ["csk_0123456789ab_secret"], **change}
+    return f"tenants.list=[{json.dumps(tenant)}]"
+
+
+@pytest.mark.parametrize("args, match", [
+    # values.schema.json
+    (["--set-json", 'workerGroups.cpu.minReplicas="2"'], "minReplicas"),  # a string for a number
+    (["--set", "workerGroups.cpu.minReplicas=-1"], "minReplicas"),
+    (["--set", "workerGroups.gpu.gpus=-1"], "gpus"),
+    (["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
+    (["--set", "serve.deployment.Gateway.num_replicas=2"], "deployment"),  # a typo of `deployments`
+    (["--set", "serve.args.ledger_url=sqlite:///x.db"], "invalid propertyName 'ledger_url'"),  # the chart's
+    (["--set", "ledger.backend=mysql"], "backend"),
+    (["--set", "registry.uri=registry"], "uri"),  # neither a URI nor an absolute path
+    (["--set", "upgradeStrategy.type=NewClusterWithIncrementalUpgrade"], "clusterUpgradeOptions"),
+    (["--set", "tenants.create=false"], "existingSecret"),
+    (["--set-json", tenants(grants=["water"])], "grants"),
+    (["--set-json", tenants(keys=["sk-123"])], "keys"),
+    (["--set-json", tenants(max_concurrent=0)], "max_concurrent"),
+    # the templates (what JSON Schema cannot compare)
+    (["--set", "workerGroups.cpu.minReplicas=5", "--set", "workerGroups.cpu.maxReplicas=2"],
+     "workerGroups.cpu.minReplicas (5) is above maxReplicas (2)"),
+    (["--set", "jobs.train.enabled=true", "--set", "sharedVolume.existingClaim=shared",
+      "--set-json", 'jobs.train.cluster={"workerGroups": {"gpu": {"minReplicas": 3}}}'],
+     "jobs.train.cluster: workerGroups.gpu.minReplicas (3) is above maxReplicas (2)"),
+    (["--set", "ledger.backend=sqlite"], "upgradeStrategy.type None"),
+    (["--set", "registry.uri=/data/registry"], "sharedVolume"),
+    (["--set", "jobs.tune.enabled=true"], "sharedVolume.existingClaim"),
+])
+def test_bad_values_are_refused(helm: str, args: list[str], match: str) -> None:
+    assert match in refused(helm, *args)
