@@ -259,7 +259,17 @@ def ensure_production(domains: Sequence[str], profile: str) -> None:
 @friendly_errors
 def run(ctx: click.Context, profile: str, port: int, domains: tuple[str, ...]) -> None:
     """The whole platform: production models (training where none), Ray, Serve, a demo tenant."""
+    import signal
+
+    import ray
+
     ensure_production(domains or sorted(DOMAINS), profile)
+    # Training ran on a Ray cluster of this process's own: the platform starts its own head, so this
+    # one would only hold memory. And Ray Train left its SIGINT handler (abort the training run)
+    # installed, which swallowed Ctrl-C: the platform never stopped.
+    if ray.is_initialized():
+        ray.shutdown()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ctx.invoke(serve_up, port=port, domains=domains, demo=True)
 
 
