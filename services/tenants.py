@@ -385,15 +385,18 @@ class Store:
         now = time.time()
         with self._tx() as cur:
             if key_id is None:
-                cur.execute(self._sql("UPDATE tenants SET revoked_at = ? WHERE name = ?"), (now, name))
-                cur.execute(self._sql("UPDATE api_keys SET revoked_at = ? WHERE tenant = ? AND revoked_at IS NULL"),
-                            (now, name))
+                self._revoke_tenant(cur, name, now)
             else:
                 cur.execute(self._sql("UPDATE api_keys SET revoked_at = ? WHERE tenant = ? AND key_id = ?"),
                             (now, name, key_id))
                 if cur.rowcount == 0:
                     raise InvalidInput(f"tenant {name!r} has no key {key_id!r}", field="key_id")
             self.audit(cur, "revoke", name, {"key_id": key_id} if key_id else {"all_keys": True})
+
+    def _revoke_tenant(self, cur: Any, name: str, now: float) -> None:
+        cur.execute(self._sql("UPDATE tenants SET revoked_at = ? WHERE name = ?"), (now, name))
+        cur.execute(self._sql("UPDATE api_keys SET revoked_at = ? WHERE tenant = ? AND revoked_at IS NULL"),
+                    (now, name))
 
     def set_quota(self, name: str, **changes: Any) -> Tenant:
         """Changes grants and limits (only those given)."""
@@ -428,10 +431,11 @@ class Store:
                 row = cur.fetchone()
                 values = (json.dumps(sorted(tenant.grants)), tenant.requests_per_minute, tenant.items_per_minute,
                           tenant.max_concurrent)
+                stale = row is None or tuple(row[1:5]) != values or row[6] is not None  # or revoked
                 if row is None:
                     cur.execute(self._sql("INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?)"),
                                 (tenant.name, *values, now, None))
-                elif tuple(row[1:5]) != values or row[6] is not None:
+                elif stale:
                     cur.execute(self._sql("UPDATE tenants SET grants = ?, requests_per_minute = ?, "
                                           "items_per_minute = ?, max_concurrent = ?, revoked_at = NULL WHERE name = ?"),
                                 (*values, tenant.name))
@@ -454,7 +458,7 @@ class Store:
                                 (key_id, tenant.name, key_digest, now, now, None))
                 cur.execute(self._sql("UPDATE api_keys SET expires_at = ? WHERE tenant = ? AND revoked_at IS NULL"),
                             (now + key_ttl_days * 86400, tenant.name))
-                if row is None or tuple(row[1:5]) != values or row[6] is not None or held != listed_keys:
+                if stale or held != listed_keys:
                     changes.append(tenant.name)
                     self.audit(cur, "sync", tenant.name, {"grants": sorted(tenant.grants),
                                                           "key_ids": sorted(k for k, _ in listed_keys),
@@ -462,9 +466,7 @@ class Store:
                                                           "items_per_minute": tenant.items_per_minute,
                                                           "max_concurrent": tenant.max_concurrent})
             for name in sorted(dropped):
-                cur.execute(self._sql("UPDATE tenants SET revoked_at = ? WHERE name = ?"), (now, name))
-                cur.execute(self._sql("UPDATE api_keys SET revoked_at = ? WHERE tenant = ? AND revoked_at IS NULL"),
-                            (now, name))
+                self._revoke_tenant(cur, name, now)
                 cur.execute(self._sql("DELETE FROM file_tenants WHERE name = ?"), (name,))
                 self.audit(cur, "sync-revoke", name, {"reason": "no longer in the tenants file"})
                 changes.append(name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import shlex
-import shutil
 import subprocess
 from collections.abc import Iterator
 from functools import cache
@@ -25,6 +24,7 @@ import yaml
 
 from cityserve.cli import main as cli
 from cityserve.config import Settings
+from cluster.kube import KubeError, find_helm
 from domains import DOMAINS
 from services.config import (
     SERVE_DIR,
@@ -52,11 +52,10 @@ Doc = dict[str, Any]
 # ---- helm ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def helm() -> str:
-    found = REPO / ".venv" / "bin" / "helm"
-    path = str(found) if found.exists() else shutil.which("helm")
-    if path is None:
-        pytest.fail("helm is missing: `make .venv/bin/helm` installs it (`make test` and `make unit` do)")
-    return path
+    try:
+        return find_helm()  # the CLI's own lookup: the venv's helm, else PATH's
+    except KubeError as exc:
+        pytest.fail(f"{exc} (`make test` and `make unit` install it)")
 
 
 def values_args(name: str) -> list[str]:
