@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: venv run test lint typecheck unit integration clean
+.PHONY: venv run test lint typecheck unit integration reliability clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,11 @@ integration: venv
 
 test: lint $(BIN)/helm
 	$(BIN)/pytest -q tests
+
+# Every reliability check at full size (~40 min here): bench/results/reliability.json. `make test`
+# runs the short version of each.
+reliability: venv
+	$(BIN)/python -m bench.reliability
 
 clean:
 	rm -rf data/_smoke ray_results .pytest_cache .mypy_cache .ruff_cache

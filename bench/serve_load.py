@@ -28,10 +28,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import Body, FastAPI
 
 from bench import RESULTS
+from bench.load import hammer, summary
 from cityserve.config import get_settings
 from cluster.local import free_port
 from domains import DOMAINS, get_domain
@@ -71,35 +71,10 @@ def in_process_rate(domain: str, seconds: float) -> float:
 
 
 async def _drive(url: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float) -> dict[str, Any]:
-    import aiohttp
-
-    latencies: list[float] = []
-    errors = 0
-
-    async def worker(session: aiohttp.ClientSession, end: float) -> None:
-        nonlocal errors
-        while time.monotonic() < end:
-            start = time.monotonic()
-            try:
-                async with session.post(url, data=body, headers=headers) as resp:
-                    await resp.read()
-                    ok = resp.status == 200
-            except aiohttp.ClientError:
-                ok = False
-            latencies.append(time.monotonic() - start)
-            errors += not ok
-
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
-        await asyncio.gather(*(worker(session, time.monotonic() + 1.0) for _ in range(concurrency)))  # warm-up
-        latencies.clear()
-        errors = 0
-        started = time.monotonic()
-        await asyncio.gather(*(worker(session, started + seconds) for _ in range(concurrency)))
-        elapsed = time.monotonic() - started
-    ms = np.array(latencies) * 1000
-    return {"requests_per_s": (len(ms) - errors) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "errors": errors}
+    await hammer(url, body, headers, concurrency=concurrency, until=time.monotonic() + 1.0)  # warm-up
+    started = time.monotonic()
+    sent = await hammer(url, body, headers, concurrency=concurrency, until=started + seconds)
+    return summary(sent, time.monotonic() - started)
 
 
 def drive(url: str, domain: str, items: int, concurrency: int, seconds: float, key: str = "") -> dict[str, Any]:

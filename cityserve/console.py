@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from domains import DOMAINS
@@ -28,7 +29,9 @@ def friendly_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except CityServeError as exc:
-            console.print(f"[red]error[/red] ({exc.code}): {exc.message}")
+            # soft_wrap: one line even when piped (rich would break it at 80 columns); escape:
+            # a message quoting "[...]" is text, not markup.
+            console.print(f"[red]error[/red] ({exc.code}): {escape(exc.message)}", soft_wrap=True)
             sys.exit(130 if isinstance(exc, Interrupted) else 2)
 
     return wrapper  # type: ignore[return-value]

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -182,6 +183,9 @@ def serve_up(environment: str, port: int, num_cpus: int, domains: tuple[str, ...
     if detach:
         return
     console.print("\nserving; Ctrl-C stops the platform")
+    # SIGTERM (a supervisor, `kill`, a container stop) stops it the same way: in-flight requests
+    # finish and every usage row is written; by default it would leave Ray running, orphaned.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while platform.alive():
             time.sleep(1)

@@ -8,6 +8,36 @@ from typing import Any
 
 from cityserve.config import Settings
 
+# `--node-ip-address=127.0.0.1` is not enough: Ray swaps a loopback node address for the machine's
+# reachable one, and its agents and client server then listen there, its GCS and raylet on every
+# interface. This switch (meant for single-machine clusters on macOS/Windows) keeps the node on
+# 127.0.0.1, so every Ray port listens on loopback only (checked: bench/reliability, `exposure`).
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def loopback_replica_grpc() -> None:
+    """On a loopback-only platform, binds each Serve replica's gRPC server on 127.0.0.1.
+
+    Serve starts it on every interface (`[::]:0`, hard-coded in Ray 2.60, no setting) for calls
+    between deployments; its callers reach it at the node's address, 127.0.0.1 here. Patched in
+    the replica's process (our deployments' modules call this on import, before Serve starts the
+    server); the `exposure` reliability check fails if a Ray upgrade moves it. Leaves a cluster of
+    several nodes (Kubernetes) alone: there other nodes call in.
+    """
+    if any(os.environ.get(k) != v for k, v in LOOPBACK_ENV.items()):
+        return
+    from ray.serve._private import replica
+
+    bind = replica.add_port_to_grpc_server
+    if getattr(bind, "loopback", False):
+        return
+
+    def loopback(server: Any, address: str) -> Any:
+        return bind(server, "127.0.0.1:0" if address == "[::]:0" else address)
+
+    loopback.loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = loopback
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -38,6 +68,9 @@ def connect(settings: Settings, *, num_cpus: int | None = None, **kwargs: Any) -
     temp = str(settings.ray_temp_dir.resolve()) if settings.ray_temp_dir else None
     port = free_port()  # our own cluster's address must be known before it starts
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    # Read by the cluster's processes as they start; this process read it when it imported ray.
+    os.environ.update(LOOPBACK_ENV)
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", _temp_dir=temp,

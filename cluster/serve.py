@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.local import free_port
+from cluster.local import LOOPBACK_ENV, free_port
 from domains.errors import ConfigError
 
 STATE_FILE = "platform.json"
@@ -41,6 +41,7 @@ SERVE_ENV = {
     "RAY_worker_niceness": "0",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    **LOOPBACK_ENV,
 }
 
 
@@ -103,7 +104,11 @@ def start_head(state_dir: Path, *, num_cpus: int, http_port: int) -> Platform:
     temp.mkdir(parents=True, exist_ok=True)
     port, dash = free_port(), free_port()  # ephemeral ports: outside Ray's worker range 10002-19999
     log = open(state_dir / "ray-head.log", "ab")  # noqa: SIM115 - the child keeps it
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
+    ray = str(Path(sys.executable).with_name("ray"))
+    if not auth_headers():  # `ray.init` makes the token on a fresh machine; `ray start` refuses to
+        subprocess.run([ray, "get-auth-token", "--generate"], check=True, capture_output=True,
+                       env={**os.environ, "RAY_AUTH_MODE": "token"})
+    cmd = [ray, "start", "--head", "--block", f"--port={port}",
            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--num-cpus={num_cpus}", f"--temp-dir={temp}", "--disable-usage-stats"]
     # A session of its own: Ctrl-C in our terminal reaches us, and we stop Ray in order.

@@ -84,7 +84,10 @@ REQUEST_EXAMPLES: list[Any] = [
     {"series": "england_wales", "start": "2000-08-21T00:00:00", "demand": _example_week(29000, 5000)},
 ]
 
-Demand = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# Demand in any unit from watts up stays far below this. The network computes in float32: near
+# 3e38 a forecast overflowed to infinity, which no JSON answer can carry (a 500).
+MAX_DEMAND = 1e15
+Demand = Annotated[float, Field(gt=0, le=MAX_DEMAND, allow_inf_nan=False)]
 Celsius = Annotated[float, Field(ge=-60, le=60, allow_inf_nan=False)]
 
 
@@ -101,19 +104,20 @@ class EnergyRequest(BaseModel):
         examples=["2014-12-01T00:00:00"],
     )
     demand: list[Demand] = Field(
+        min_length=HISTORY, max_length=HISTORY,
         description=f"The last {HISTORY} half-hours of demand (one week), oldest first, the last one "
                     "ending where the forecast starts; in the series' unit (victoria GW, england_wales MW).",
         examples=[_example_week(4.5, 0.8)],
     )
-    temperature: list[Celsius] | None = Field(
+    temperature: Annotated[list[Celsius], Field(min_length=HISTORY, max_length=HISTORY)] | None = Field(
         default=None,
         description=f"Series with temperature only: the same {HISTORY} half-hours' observed temperature, °C.",
     )
-    temperature_forecast: list[Celsius] | None = Field(
+    temperature_forecast: Annotated[list[Celsius], Field(min_length=HORIZON, max_length=HORIZON)] | None = Field(
         default=None,
         description=f"Series with temperature only: a forecast of the next {HORIZON} half-hours' temperature, °C.",
     )
-    workday: list[bool] | None = Field(
+    workday: Annotated[list[bool], Field(min_length=HORIZON, max_length=HORIZON)] | None = Field(
         default=None,
         description=f"Optional: whether each of the {HORIZON} forecast half-hours falls on a work day "
                     "(false on public holidays). Default: Monday to Friday.",
@@ -400,14 +404,12 @@ class EnergyPredictor(Predictor):
         self.device = torch.device(device)
 
     def _check(self, item: EnergyRequest) -> None:
-        """Refuses what pydantic cannot know: an untrained series, lengths, temperature presence."""
+        """Refuses what depends on the version: an untrained series, temperature given or missing
+        (the request model has checked lengths and ranges)."""
         series = self.meta["series"].get(item.series)
         if series is None:
             raise InvalidInput(f"unknown series {item.series!r}; this version serves "
                                f"{self.meta['series_names']}", field="series")
-        if len(item.demand) != HISTORY:
-            raise InvalidInput(f"demand must hold the last {HISTORY} half-hours, got {len(item.demand)}",
-                               field="demand")
         expected = {"temperature": HISTORY, "temperature_forecast": HORIZON}
         for name, length in expected.items():
             values = getattr(item, name)
@@ -415,10 +417,6 @@ class EnergyPredictor(Predictor):
                 raise InvalidInput(f"series {item.series!r} needs {name} ({length} values)", field=name)
             if not series["has_temperature"] and values is not None:
                 raise InvalidInput(f"series {item.series!r} has no temperature input; omit {name}", field=name)
-            if values is not None and len(values) != length:
-                raise InvalidInput(f"{name} must hold {length} values, got {len(values)}", field=name)
-        if item.workday is not None and len(item.workday) != HORIZON:
-            raise InvalidInput(f"workday must hold {HORIZON} values, got {len(item.workday)}", field="workday")
 
     def raw_windows(self, items: Sequence[EnergyRequest]) -> RawWindows:
         """Checks request items and lays them out as raw windows."""

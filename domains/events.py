@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 from domains.base import Batch, Evaluation, MetricRow, Predictor
 from domains.metrics import accuracy, f1_per_class, macro_f1
 from domains.text import (
+    TEXT_RULE,
     TextClassifier,
     TextDataset,
     TextDomain,
@@ -45,6 +46,7 @@ from domains.text import (
     encoder_config,
     load_tokenizer,
     plot_confusion,
+    readable_text,
 )
 from training.data import events as data
 from training.data.common import load_table, read_manifest
@@ -82,17 +84,16 @@ class EventRequest(BaseModel):
         min_length=1,
         max_length=MAX_TEXT_CHARS,
         description=f"The report as written, up to {MAX_TEXT_CHARS} characters; the model reads its first "
-        "64 tokens (about 250 characters). A report naming two problems is routed to the more urgent one.",
+        "64 tokens (about 250 characters). A report naming two problems is routed to the more urgent one. "
+        f"It must be {TEXT_RULE}.",
         examples=["Water main break on Fulton St, water gushing into the street",
                   "car parked in front of my driveway at 22 Ocean Ave, can't get out"],
     )
 
     @field_validator("text")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError(f"text must contain non-whitespace characters, got {value!r}")
-        return value
+    def _readable(cls, value: str) -> str:
+        return readable_text(value)
 
 
 class ClassProbability(BaseModel):

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from domains.base import Batch, Evaluation, MetricRow, Predictor
 from domains.metrics import accuracy, f1_per_class, macro_f1
 from domains.text import (
+    TEXT_RULE,
     FeatureDataset,
     TextClassifier,
     TextDataset,
@@ -42,6 +43,7 @@ from domains.text import (
     load_tokenizer,
     model_inputs,
     plot_confusion,
+    readable_text,
 )
 from training.data import sentiment as data
 from training.data.common import load_table, read_manifest
@@ -69,16 +71,15 @@ class SentimentRequest(BaseModel):
         min_length=1,
         max_length=MAX_TEXT_CHARS,
         description=f"The text, up to {MAX_TEXT_CHARS} characters; the model reads its first 64 tokens "
-        "(about 250 characters), so score long documents sentence by sentence.",
+        "(about 250 characters), so score long documents sentence by sentence. "
+        f"It must be {TEXT_RULE}.",
         examples=["The new bus line is great!", "Garbage pickup was skipped again on Elm St."],
     )
 
     @field_validator("text")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError(f"text must contain non-whitespace characters, got {value!r}")
-        return value
+    def _readable(cls, value: str) -> str:
+        return readable_text(value)
 
 
 class SentimentResponse(BaseModel):

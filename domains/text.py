@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,6 +29,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
 
 TOKENIZER_DIR = "tokenizer"
+# What a request's text may not hold: control characters other than tab and newlines. Nobody writes
+# NUL, BEL or an escape sequence in a report, and no model here was trained on one. (Unpaired
+# surrogates, which JSON's \uXXXX escapes can smuggle in, pydantic already refuses as not Unicode.)
+# Format characters, right-to-left marks or a zero-width joiner inside an emoji, are text and pass.
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+TEXT_RULE = "plain Unicode text: tabs and newlines are fine, other control characters are refused"
+
+
+def readable_text(value: str) -> str:
+    """A request text a model can read (the text fields' validator): not blank, and no control
+    characters but tab and newlines."""
+    if not value.strip():
+        raise ValueError(f"text must contain non-whitespace characters, got {value!r}")
+    bad = CONTROL.search(value)
+    if bad is not None:
+        raise ValueError(f"text has a control character, U+{ord(bad.group()):04X}, at position {bad.start()}; "
+                         f"send {TEXT_RULE}")
+    return value
 
 
 def encoder_path() -> Path:

@@ -22,18 +22,17 @@ count, averaged over the six (network, horizon) pairs, so both networks weigh th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from scipy import stats
 from torch import nn
 from torch.utils.data import Dataset
@@ -70,6 +69,10 @@ NETWORKS: dict[str, NetworkSpec] = {
     "grid": NetworkSpec(subset="simulated_network", step_minutes=5, window=6),
 }
 W_MAX = max(s.window for s in NETWORKS.values())
+# A detector counts vehicles per step: thousands at most. The network computes in float32, and
+# counts near 1e25 turned forecasts into NaN, which no JSON answer can carry (a 500).
+MAX_COUNT = 1e6
+Count = Annotated[float, Field(ge=0, le=MAX_COUNT, allow_inf_nan=False)]
 
 
 # ---- request / response contract ---------------------------------------------------------------------
@@ -88,21 +91,28 @@ class TrafficRequest(BaseModel):
     network: str = Field(
         description="network name: 'intersection' (real detectors, 15-minute steps, W=16) or "
                     "'grid' (simulated 8x8 grid, 5-minute steps, W=6)",
-        examples=["intersection", "grid"],
+        examples=["intersection", "grid"], json_schema_extra={"enum": list(NETWORKS)},
     )
     sensors: list[str] = Field(
         min_length=1, description="sensor ids of that network (sensors left out count as missing)",
         examples=[["d1", "d2"]],
     )
-    history: list[list[float | None]] = Field(
+    history: list[list[Count | None]] = Field(
         description="per sensor, in the order of `sensors`, the last W counts oldest first (W = 16 for "
-                    "'intersection', 6 for 'grid'); null marks a dropout",
+                    f"'intersection', 6 for 'grid'), each from 0 to {MAX_COUNT:,.0f}; null marks a dropout",
         examples=[[[4, 6, 5, 9, 12, 15, 20, 26, 31, 30, 28, 33, 35, 36, 40, None]]],
     )
     last_timestamp: datetime = Field(
         description="start of the last step in `history` (local time; drives time-of-day features)",
         examples=["2024-05-13T08:00:00"],
     )
+
+    @field_validator("network")
+    @classmethod
+    def _known(cls, network: str) -> str:
+        if network not in NETWORKS:
+            raise ValueError(f"unknown network {network[:100]!r}; choose one of {sorted(NETWORKS)}")
+        return network
 
     @field_validator("sensors")
     @classmethod
@@ -116,11 +126,17 @@ class TrafficRequest(BaseModel):
 
     @field_validator("history")
     @classmethod
-    def _counts(cls, history: list[list[float | None]]) -> list[list[float | None]]:
-        for row in history:
-            for v in row:
-                if v is not None and not (math.isfinite(v) and v >= 0):
-                    raise ValueError(f"count {v!r} is not a finite non-negative number")
+    def _lengths(cls, history: list[list[float | None]], info: ValidationInfo) -> list[list[float | None]]:
+        # Checked here, not by the model: pydantic has the network and sensors already (fields
+        # validate in order; a refused one is absent, and its own error is reported).
+        if "sensors" in info.data and len(history) != len(info.data["sensors"]):
+            raise ValueError(f"history has {len(history)} series for {len(info.data['sensors'])} sensors")
+        if "network" in info.data:
+            window = NETWORKS[info.data["network"]].window
+            for i, row in enumerate(history):
+                if len(row) != window:
+                    raise ValueError(f"history[{i}] has {len(row)} steps; network {info.data['network']!r} "
+                                     f"needs the last {window}")
         return history
 
 
@@ -452,17 +468,11 @@ class TrafficPredictor(Predictor):
         spec = NETWORKS[req.network]
         sensors: list[str] = self.meta["networks"][req.network]["sensors"]
         index = {s: i for i, s in enumerate(sensors)}
-        if len(req.history) != len(req.sensors):
-            raise InvalidInput(f"history has {len(req.history)} series for {len(req.sensors)} sensors",
-                               field="history")
         counts = np.full((1, len(sensors), spec.window), np.nan)
         rows = []
-        for i, (sensor, series) in enumerate(zip(req.sensors, req.history, strict=True)):
+        for i, (sensor, series) in enumerate(zip(req.sensors, req.history, strict=True)):  # lengths: the request model
             if sensor not in index:
                 raise InvalidInput(f"unknown sensor {sensor!r} in network {req.network!r}", field=f"sensors[{i}]")
-            if len(series) != spec.window:
-                raise InvalidInput(f"history of sensor {sensor!r} has {len(series)} steps; network "
-                                   f"{req.network!r} needs the last {spec.window}", field=f"history[{i}]")
             counts[0, index[sensor]] = [np.nan if v is None else v for v in series]
             rows.append(index[sensor])
         last = np.datetime64(req.last_timestamp.replace(tzinfo=None), "ns")

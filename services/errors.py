@@ -57,6 +57,10 @@ class TooLarge(HttpError):
     status, code = 413, "too_large"
 
 
+class UnsupportedMediaType(HttpError):
+    status, code = 415, "unsupported_media_type"
+
+
 class Unprocessable(HttpError):
     status, code = 422, "invalid_input"
 

@@ -17,6 +17,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
@@ -25,6 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
+from cluster.local import loopback_replica_grpc
 from domains import get_domain
 from domains.base import request_example
 from domains.errors import CityServeError
@@ -40,16 +42,21 @@ from services.errors import (
     Unauthorized,
     Unavailable,
     Unprocessable,
+    UnsupportedMediaType,
     field_path,
     register_exception_handlers,
     status_of,
 )
 from services.tenants import Usage, split_key
 
+loopback_replica_grpc()  # imported by the replica before Serve starts its gRPC server
+
 logger = logging.getLogger("ray.serve")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # A lease outlives the request's timeout by this much, so only a lost release ever expires one.
 LEASE_MARGIN_S = 5.0
+# Calls a domain's replicas get per model call: a lost replica's calls go to another one once.
+MODEL_ATTEMPTS = 2
 
 
 class Backend(Protocol):
@@ -117,10 +124,32 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def check_media_type(content_type: str) -> None:
+    """Bodies are JSON: a body declared as anything else is refused, not parsed as JSON anyway.
+    Without a Content-Type the body is read as JSON (RFC 9110 lets a recipient assume the type)."""
+    media = content_type.partition(";")[0].strip().lower()
+    if media and media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaType(f"Content-Type {media[:100]!r}: send the body as application/json",
+                                   field="Content-Type")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's members, refusing a name given twice: parsers disagree on which one wins, so a
+    proxy or log in front of us could read a different request than the model answers."""
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise ValueError(f"member {name[:100]!r} appears twice in one object")
+        seen.add(name)
+    return dict(pairs)
+
+
 def parse_items(model: type[BaseModel], raw: bytes, max_items: int) -> tuple[list[BaseModel], bool]:
     """The request's items (one object, or a list of them) and whether it was a single object."""
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, object_pairs_hook=_unique_keys)
+    except RecursionError as exc:  # thousands of nested brackets: the parser's stack, not ours, gives out
+        raise Unprocessable("body is not valid JSON: nested too deeply", field="body") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise Unprocessable(f"body is not valid JSON: {exc}", field="body") from exc
     single = isinstance(data, dict)
@@ -177,6 +206,7 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
             key_id, key_digest = bearer_key(request)
             problem: CityServeError | None = None
             try:
+                check_media_type(request.headers.get("content-type", ""))
                 parsed, single = parse_items(request_models[domain], raw, limits.max_items)
                 items = len(parsed)
             except CityServeError as exc:  # told only to a caller whose key is good
@@ -212,23 +242,31 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
         finally:
             latency = (time.monotonic() - started) * 1000
             if decision is not None and decision.lease:
-                usage = Usage(rid, time.time(), tenant, domain, items, status, latency, version)
-                await backend.release(decision.lease, usage)
+                usage = Usage(rid, decision.admitted_at, tenant, domain, items, status, latency, version,
+                              decision.lease)
+                try:
+                    await backend.release(decision.lease, usage)
+                except Exception:  # the admission actor restarting: its lease expires by itself
+                    logger.exception("usage row not recorded: %s", usage)
             metrics.observe(tenant, domain, status, items, latency)
             # DEBUG: Serve's access log already has every request's id, route, status and latency;
             # the ledger has its tenant. A second line per request costs throughput.
             logger.debug("request %s tenant=%s domain=%s items=%d status=%d %.1f ms", rid, tenant or "-", domain,
                          items, status, latency)
 
+    def route_for(domain: str) -> Callable[[Request], Awaitable[JSONResponse]]:
+        # A closure, not a `domain=name` default argument: FastAPI would publish that argument as a
+        # query parameter, and `?_name=` would pick the domain (a 500 for an unknown one).
+        async def route(request: Request) -> JSONResponse:
+            return await handle(domain, request)
+
+        return route
+
     for name in args.domains:
         dom = get_domain(name)
         limit = args.domains[name].max_items
-
-        async def route(request: Request, _name: str = name) -> JSONResponse:
-            return await handle(_name, request)
-
         api.add_api_route(
-            f"/v1/{name}/{VERBS[name]}", route, methods=["POST"], name=f"{name}_{VERBS[name]}",
+            f"/v1/{name}/{VERBS[name]}", route_for(name), methods=["POST"], name=f"{name}_{VERBS[name]}",
             summary=f"{name}: {VERBS[name]} (one item, or a list of up to {limit})",
             description=(dom.request_model.__doc__ or "").strip(),
             response_model=dom.response_model | list[dom.response_model],  # type: ignore[name-defined]
@@ -316,6 +354,7 @@ class ServeBackend:
 
         self.handles = handles
         admission = admission_actor(args.ledger_url, args.tenants_file, args.ledger_resource)
+        self.admission = admission
         self.admits: Coalescer[tuple[Any, ...], Decision] = Coalescer(admission.admit_many.remote)
         self.releases: Coalescer[tuple[str, Usage | None], None] = Coalescer(admission.release_many.remote)
         # A model call carries at most about a model batch of items (bigger calls only queue
@@ -326,13 +365,23 @@ class ServeBackend:
 
     def _caller(self, domain: str) -> Any:
         async def call(groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+            from ray.exceptions import RayActorError
             from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-            try:
-                answers: list[dict[str, Any]] = await self.handles[domain].predict_many.remote(groups)
-            except (BackPressureError, DeploymentUnavailableError) as exc:
-                raise Unavailable(f"{domain} is at capacity; retry shortly", retry_after=1) from exc
-            return answers
+            # A replica that dies (killed, its node lost) fails the calls it holds; predictions have
+            # no side effects, so they go once more to whichever replica the router picks now.
+            attempt = 1
+            while True:
+                try:
+                    answers: list[dict[str, Any]] = await self.handles[domain].predict_many.remote(groups)
+                    return answers
+                except (BackPressureError, DeploymentUnavailableError) as exc:
+                    raise Unavailable(f"{domain} is at capacity; retry shortly", retry_after=1) from exc
+                except RayActorError as exc:
+                    if attempt == MODEL_ATTEMPTS:
+                        raise Unavailable(f"{domain} replica lost; retry shortly", retry_after=1) from exc
+                    logger.warning("%s replica lost (%s); calling another", domain, type(exc).__name__)
+                    attempt += 1
 
         return call
 
@@ -362,6 +411,15 @@ class Gateway:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.args, self.backend, self.replica)
+
+    async def __del__(self) -> None:
+        """Serve calls this once the replica's requests are done: their usage rows are in the
+        admission actor, which writes them within 0.2 s; write them now, so a platform stopped
+        right after (SIGTERM, `serve down`) has every row of every request it answered."""
+        try:
+            await self.backend.admission.flush.remote()
+        except Exception:  # the actor is away: its own 0.2 s flushes are what is left
+            logger.exception("usage flush at shutdown failed")
 
 
 def build_app(args: dict[str, Any]) -> Any:

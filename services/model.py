@@ -16,11 +16,14 @@ from typing import Any
 
 from ray import serve
 
+from cluster.local import loopback_replica_grpc
 from domains import get_domain
 from domains.base import Predictor
 from domains.errors import CityServeError, InvalidInput, RegistryError
 from services.config import ModelConfig
 from training.registry import Registry
+
+loopback_replica_grpc()  # imported by the replica before Serve starts its gRPC server
 
 logger = logging.getLogger("ray.serve")
 

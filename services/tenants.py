@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import socket
 import sqlite3
@@ -39,6 +40,9 @@ from domains.errors import ConfigError, InvalidInput
 
 KEY_PREFIX = "csk"
 WINDOW_S = 60.0
+# A tenant's name reaches CLI arguments (a leading '-' reads as an option), metric labels, the audit
+# log and Kubernetes Secrets; ASCII only, so 'аdmin' (a Cyrillic а) cannot pass for 'admin'.
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
 
 # ---- keys ----------------------------------------------------------------------------------------
@@ -64,6 +68,14 @@ def split_key(key: str) -> tuple[str, str] | None:
 def same_digest(a: str, b: str) -> bool:
     """Constant-time comparison: the time taken says nothing about how much of a guess was right."""
     return hmac.compare_digest(a.encode(), b.encode())
+
+
+def check_tenant_name(name: str) -> str:
+    """`name` if it is a valid tenant name (`TENANT_NAME`); ValueError saying the rule otherwise."""
+    if not TENANT_NAME.fullmatch(name):
+        raise ValueError(f"tenant name {name[:80]!r}: use 1 to 63 ASCII letters, digits, '-' and '_', "
+                         "starting with a letter or digit")
+    return name
 
 
 # ---- quota arithmetic ----------------------------------------------------------------------------
@@ -163,13 +175,19 @@ class TenantEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="The tenant's name.")
+    name: str = Field(description="The tenant's name: 1 to 63 ASCII letters, digits, '-' and '_', starting "
+                      "with a letter or digit.")
     grants: list[str] = Field(description="Domains it may call.")
     requests_per_minute: int = Field(ge=1, description="Admitted requests in any 60 s window.")
     items_per_minute: int = Field(ge=1, description="Admitted items in any 60 s window.")
     max_concurrent: int = Field(ge=1, description="Requests in flight at once.")
     keys: list[str] = Field(min_length=1, max_length=2, description="Its API keys (two while it rotates), each "
                             "`csk_<id>_<secret>` as `cityserve tenants new-key` prints them.")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        return check_tenant_name(name)
 
     @field_validator("keys")
     @classmethod
@@ -211,20 +229,23 @@ class Usage:
     """One admitted request, as the ledger keeps it for chargeback."""
 
     request_id: str
-    at: float
+    at: float  # when it was admitted (wall clock): quota windows and billing periods count from it
     tenant: str
     domain: str
     items: int
     status: int
     latency_ms: float
     model_version: str = ""
+    # The row's key: the admission's lease, which the platform makes. The request id comes from the
+    # client (X-Request-Id) when it sends one, so a client repeating an id must not merge rows.
+    lease: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def row(self) -> tuple[Any, ...]:
         return (self.request_id, self.at, self.tenant, self.domain, self.items, self.status, self.latency_ms,
-                self.model_version)
+                self.model_version, self.lease)
 
 
-USAGE_COLUMNS = ("request_id", "at", "tenant", "domain", "items", "status", "latency_ms", "model_version")
+USAGE_COLUMNS = ("request_id", "at", "tenant", "domain", "items", "status", "latency_ms", "model_version", "lease")
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, grants TEXT NOT NULL,
@@ -234,9 +255,9 @@ SCHEMA = (
        created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION NOT NULL, revoked_at DOUBLE PRECISION)""",
     """CREATE TABLE IF NOT EXISTS audit (id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, actor TEXT NOT NULL,
        action TEXT NOT NULL, tenant TEXT NOT NULL, detail TEXT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS usage (request_id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL,
+    """CREATE TABLE IF NOT EXISTS usage (request_id TEXT NOT NULL, at DOUBLE PRECISION NOT NULL,
        tenant TEXT NOT NULL, domain TEXT NOT NULL, items INTEGER NOT NULL, status INTEGER NOT NULL,
-       latency_ms DOUBLE PRECISION NOT NULL, model_version TEXT NOT NULL)""",
+       latency_ms DOUBLE PRECISION NOT NULL, model_version TEXT NOT NULL, lease TEXT PRIMARY KEY)""",
     "CREATE INDEX IF NOT EXISTS usage_tenant_at ON usage (tenant, at)",
     # Tenants a tenants file (a Kubernetes Secret) manages: one dropped from the file is revoked.
     "CREATE TABLE IF NOT EXISTS file_tenants (name TEXT PRIMARY KEY)",
@@ -297,6 +318,7 @@ class Store:
                 cur = self._conn.cursor()
                 for statement in SCHEMA:
                     cur.execute(statement)
+                _migrate_usage(cur)
                 self._conn.commit()
             cur = self._conn.cursor()
             try:
@@ -484,7 +506,7 @@ class Store:
         if not usage:
             return
         sql = self._sql(f"INSERT INTO usage VALUES ({', '.join('?' * len(USAGE_COLUMNS))}) "
-                        "ON CONFLICT (request_id) DO NOTHING")
+                        "ON CONFLICT (lease) DO NOTHING")
         with self._tx() as cur:
             cur.executemany(sql, [u.row() for u in usage])
 
@@ -503,6 +525,22 @@ class Store:
         return [Usage(*r) for r in self.query(sql + " ORDER BY at", params)]
 
 
+def _migrate_usage(cur: Any) -> None:
+    """A ledger made before usage rows had a lease (keyed by request id) gets the new table, its
+    rows copied with their request id as lease (ids were unique then)."""
+    cur.execute("SELECT * FROM usage WHERE 1 = 0")
+    if "lease" in [d[0] for d in cur.description]:
+        return
+    old = USAGE_COLUMNS[:-1]
+    cur.execute("ALTER TABLE usage RENAME TO usage_before_lease")
+    cur.execute("DROP INDEX IF EXISTS usage_tenant_at")
+    for statement in SCHEMA:
+        cur.execute(statement)
+    cur.execute(f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) SELECT {', '.join(old)}, request_id "
+                "FROM usage_before_lease")
+    cur.execute("DROP TABLE usage_before_lease")
+
+
 def _tenant(row: Sequence[Any]) -> Tenant:
     name, grants, rpm, ipm, conc, created, revoked = row
     return Tenant(name, json.loads(grants), rpm, ipm, conc, created, revoked)
@@ -511,8 +549,10 @@ def _tenant(row: Sequence[Any]) -> Tenant:
 def _check_limits(tenant: Tenant) -> None:
     from domains import DOMAINS
 
-    if not tenant.name or not tenant.name.replace("-", "").replace("_", "").isalnum():
-        raise InvalidInput(f"tenant name {tenant.name!r}: use letters, digits, '-' and '_'", field="name")
+    try:
+        check_tenant_name(tenant.name)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), field="name") from None
     unknown = sorted(set(tenant.grants) - set(DOMAINS))
     if unknown:
         raise InvalidInput(f"unknown domains {unknown}; choose from {sorted(DOMAINS)}", field="grants")

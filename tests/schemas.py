@@ -12,8 +12,12 @@ import jsonschema
 SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
 
 
-def validate_report(report: dict[str, Any]) -> None:
-    """Raises `jsonschema.ValidationError` when `report` breaks report.schema.json."""
-    path = SCHEMAS / "report.schema.json"
+def validate(name: str, document: dict[str, Any]) -> None:
+    """Raises `jsonschema.ValidationError` when `document` breaks NAME.schema.json."""
+    path = SCHEMAS / f"{name}.schema.json"
     if path.is_file():
-        jsonschema.validate(report, json.loads(path.read_text()))
+        jsonschema.validate(document, json.loads(path.read_text()))
+
+
+def validate_report(report: dict[str, Any]) -> None:
+    validate("report", report)

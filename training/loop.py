@@ -131,7 +131,8 @@ def run_loop(config: dict[str, Any], ctx: LoopContext) -> None:
     warmup_steps = max(1, int(float(config["warmup_frac"]) * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup_steps))
 
-    # [4] resume from the last checkpoint after a worker failure (FailureConfig restarts us)
+    # [4] resume from the last checkpoint after a worker failure (FailureConfig restarts us) or in a
+    # restored sweep (Tune reruns a trial that was running when its driver died)
     start_epoch, best, bad_epochs = 0, None, 0
     checkpoint = ctx.latest_checkpoint()
     if checkpoint is not None:
@@ -142,6 +143,15 @@ def run_loop(config: dict[str, Any], ctx: LoopContext) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
         say(f"resumed from checkpoint after epoch {start_epoch}")
+        ended = start_epoch >= int(config["epochs"]) or bad_epochs >= int(config["patience"])
+        if ended and "metrics" in state:
+            # The run had ended (all epochs, or an early stop) before its driver died: train
+            # nothing and say its last result again. A restored Tune trial that reports nothing
+            # fails the whole sweep with "did not include the specified metric"; a restored trial
+            # that Tune had not yet started has only this report, so it carries the checkpoint.
+            ctx.report({**state["metrics"], "resumed": 1.0, "resumed_after_epoch": float(start_epoch)},
+                       checkpoint if ctx.world_rank == 0 else None)
+            return
 
     # [5] epochs: train, validate, checkpoint, stop early
     autocast = (
@@ -187,6 +197,7 @@ def run_loop(config: dict[str, Any], ctx: LoopContext) -> None:
             "samples_per_s": seen / train_s if train_s > 0 else 0.0,
             "train_s": train_s,
             "resumed": float(checkpoint is not None),
+            "resumed_after_epoch": float(start_epoch),  # the checkpoint's epoch; 0: started afresh
         }
         say(f"epoch {epoch + 1}/{config['epochs']} loss {metrics['train_loss']:.4f} "
             f"{domain.metric} {value:.4f} {metrics['samples_per_s']:.1f} samples/s", flush=True)
@@ -196,7 +207,8 @@ def run_loop(config: dict[str, Any], ctx: LoopContext) -> None:
                 ckpt_dir = Path(tmp)
                 write_model_dir(ckpt_dir, model, config, meta, domain)
                 torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "epoch": epoch, "best": best, "bad_epochs": bad_epochs}, ckpt_dir / TRAIN_STATE)
+                            "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "metrics": metrics},
+                           ckpt_dir / TRAIN_STATE)
             ctx.report(metrics, ckpt_dir)
         if bad_epochs >= int(config["patience"]):
             say(f"early stop: no {domain.metric} improvement for {bad_epochs} epochs")

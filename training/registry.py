@@ -6,7 +6,11 @@ Layout under the registry root (a local folder or any pyarrow filesystem URI suc
     <domain>/stages.json      {"production": "v3", "history": ["v1", "v3"], "generation": 4}
 
 A version exists only once its `version.json` is written, and that file is written last (locally
-the whole folder is renamed into place), so a crash mid-write never leaves a half version. Every
+the whole folder is renamed into place), so a crash mid-write never leaves a half version. The
+record keeps the sha256 of every model file (`files`); promotion and loading refuse a version whose
+files are missing or differ, since a flipped byte inside a weights tensor still loads (torch does
+not check its archive's CRCs) and would serve wrong predictions. A version with an unreadable
+record is left out of listings and refused by name; it never hides the others. Every
 version starts as a `candidate`; `promote` makes one `production`, `rollback` returns to the one
 before. Serving names the `production` alias, never a version number; each promote or rollback
 bumps the domain's `generation`, which the serve config carries so replicas know to reload.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -31,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.fs as pafs
 
 from domains.errors import RegistryError
+from training.data.common import sha256_file
 
 if TYPE_CHECKING:
     from domains.base import Domain, Predictor
@@ -39,6 +45,9 @@ VERSION_FILE = "version.json"
 STAGES_FILE = "stages.json"
 PRODUCTION = "production"
 CANDIDATE = "candidate"
+FILES = "files"  # in version.json: {path in the version folder: sha256}, recorded at registration
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,12 @@ class Version:
     def metrics(self) -> dict[str, float]:
         metrics: dict[str, float] = self.record.get("metrics", {})
         return metrics
+
+
+def file_digests(model_dir: Path) -> dict[str, str]:
+    """The sha256 of every file in a model folder, by path relative to it (the record excluded)."""
+    return {p.relative_to(model_dir).as_posix(): sha256_file(p) for p in sorted(model_dir.rglob("*"))
+            if p.is_file() and p.name != VERSION_FILE}
 
 
 def code_revision() -> str:
@@ -85,12 +100,17 @@ class Registry:
         return "/".join([self.root.rstrip("/"), *parts])
 
     def _read_json(self, path: str) -> dict[str, Any] | None:
+        """The file's JSON object; None when there is no such file."""
         try:
             with self.fs.open_input_stream(path) as fh:
-                data: dict[str, Any] = json.loads(fh.read().decode())
-                return data
+                data = json.loads(fh.read().decode())
         except FileNotFoundError:
             return None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RegistryError(f"{path} is corrupt ({exc})") from exc
+        if not isinstance(data, dict):
+            raise RegistryError(f"{path} is corrupt (a JSON {type(data).__name__}, not an object)")
+        return data
 
     def _write_json(self, path: str, data: dict[str, Any]) -> None:
         payload = json.dumps(data, indent=2, default=str).encode()
@@ -115,37 +135,63 @@ class Registry:
             return PRODUCTION
         return "archived" if version in stages.get("history", []) else CANDIDATE
 
+    def _record(self, domain: str, name: str) -> dict[str, Any] | None:
+        """A version's record (None: the folder is no version); refused when unreadable or when it
+        names another version (every record written here names its own)."""
+        path = self._path(domain, name, VERSION_FILE)
+        record = self._read_json(path)
+        if record is not None and (record.get("domain"), record.get("version")) != (domain, name):
+            raise RegistryError(f"{path} is corrupt (it names {record.get('domain')!r} {record.get('version')!r})")
+        return record
+
     def versions(self, domain: str) -> list[Version]:
-        """Every complete version of a domain, oldest first."""
+        """Every complete version of a domain, oldest first; one with an unreadable record is left out
+        (and logged): it must not hide the others, production among them."""
+        found, unreadable = self._scan(domain)
+        for name, why in unreadable.items():
+            logger.warning("%s %s left out: %s", domain, name, why)
+        return found
+
+    def _scan(self, domain: str) -> tuple[list[Version], dict[str, str]]:
+        """The domain's versions, oldest first, and why each version folder with an unreadable record
+        is not one."""
         selector = pafs.FileSelector(self._path(domain), allow_not_found=True)
         stages = self.stages(domain)
-        found = []
+        found, unreadable = [], {}
         for info in self.fs.get_file_info(selector):
             name = info.base_name
-            if info.type != pafs.FileType.Directory or not name.startswith("v") or not name[1:].isdigit():
+            if info.type != pafs.FileType.Directory or not _is_version(name):
                 continue
-            record = self._read_json(self._path(domain, name, VERSION_FILE))
+            try:
+                record = self._record(domain, name)
+            except RegistryError as exc:
+                unreadable[name] = exc.message
+                continue
             if record is not None:
                 found.append(Version(domain, name, record, self._stage_of(name, stages)))
-        return sorted(found, key=lambda v: int(v.version[1:]))
+        return sorted(found, key=lambda v: int(v.version[1:])), unreadable
 
     def get(self, domain: str, ref: str = PRODUCTION) -> Version:
-        """A version by id (`v3`), or by alias: `production`, `latest`."""
-        versions = self.versions(domain)
-        if ref == PRODUCTION:
-            ref = self.stages(domain).get(PRODUCTION) or ""
-            if not ref:
-                raise RegistryError(f"{domain} has no production version; promote one with "
-                                    f"`cityserve models promote {domain} VERSION`", field="version")
-        elif ref == "latest":
+        """A version by id (`v3`), or by alias: `production`, `latest`. Reads only that version's
+        record, so a corrupt sibling cannot stop production from loading."""
+        stages = self.stages(domain)
+        if ref == "latest":
+            versions = self.versions(domain)
             if not versions:
                 raise RegistryError(f"{domain} has no versions; train one with `cityserve train {domain}`")
             return versions[-1]
-        for v in versions:
-            if v.version == ref:
-                return v
-        raise RegistryError(f"{domain} has no version {ref!r}; have {[v.version for v in versions]}",
-                            field="version")
+        name = ref
+        if ref == PRODUCTION:
+            name = stages.get(PRODUCTION) or ""
+            if not name:
+                raise RegistryError(f"{domain} has no production version; promote one with "
+                                    f"`cityserve models promote {domain} VERSION`", field="version")
+        record = self._record(domain, name) if _is_version(name) else None
+        if record is None:
+            found, unreadable = self._scan(domain)
+            have = [v.version for v in found] + [f"{n} (unreadable)" for n in sorted(unreadable)]
+            raise RegistryError(f"{domain} has no version {name!r}; have {have}", field="version")
+        return Version(domain, name, record, self._stage_of(name, stages))
 
     @contextlib.contextmanager
     def model_dir(self, domain: str, version: str) -> Iterator[Path]:
@@ -159,9 +205,11 @@ class Registry:
             yield Path(tmp)
 
     def load_predictor(self, domain: Domain, ref: str = PRODUCTION) -> Predictor:
-        """`domain`'s version `ref` (an id or alias), loaded for inference."""
+        """`domain`'s version `ref` (an id or alias), loaded for inference once its files match
+        their recorded checksums."""
         version = self.get(domain.name, ref)
         with self.model_dir(domain.name, version.version) as path:
+            check_files(version, path)
             return domain.load_predictor(path, version.version)
 
     # ---- writing -----------------------------------------------------------------------------
@@ -181,8 +229,7 @@ class Registry:
 
     def _next_version(self, domain: str) -> str:
         selector = pafs.FileSelector(self._path(domain), allow_not_found=True)
-        numbers = [int(i.base_name[1:]) for i in self.fs.get_file_info(selector)
-                   if i.base_name.startswith("v") and i.base_name[1:].isdigit()]
+        numbers = [int(i.base_name[1:]) for i in self.fs.get_file_info(selector) if _is_version(i.base_name)]
         return f"v{max(numbers, default=0) + 1}"
 
     def register(self, domain: str, model_dir: Path, record: dict[str, Any]) -> Version:
@@ -191,8 +238,8 @@ class Registry:
         Args:
             domain: the domain.
             model_dir: weights, config, meta and extras, as `training.loop.write_model_dir` writes.
-            record: metrics, data manifest checksum, profile, lineage; created time and code
-                revision are added here.
+            record: metrics, data manifest checksum, profile, lineage; created time, code
+                revision and the files' checksums are added here.
         """
         with self._lock(domain):
             version = self._next_version(domain)
@@ -203,12 +250,14 @@ class Registry:
                 tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self._path(domain)))
                 try:
                     shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+                    full[FILES] = file_digests(tmp)  # what landed in the registry, not only what was sent
                     (tmp / VERSION_FILE).write_text(json.dumps(full, indent=2, default=str))
                     os.replace(tmp, self._path(domain, version))
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise
             else:
+                full[FILES] = file_digests(model_dir)
                 dest = self._path(domain, version)
                 pafs.copy_files(str(model_dir), dest, source_filesystem=pafs.LocalFileSystem(),
                                 destination_filesystem=self.fs)
@@ -216,15 +265,20 @@ class Registry:
         return self.get(domain, version)
 
     def promote(self, domain: str, version: str, verify: Callable[[Path], object] | None = None) -> Version:
-        """Makes `version` production. `verify(model_dir)` must load it, or promotion is refused."""
-        target = self.get(domain, version)
-        if verify is not None:
-            try:
-                with self.model_dir(domain, target.version) as path:
+        """Makes `version` production. Its files must match their checksums and `verify(model_dir)`
+        must load it, or promotion is refused and production stays as it was."""
+        try:
+            target = self.get(domain, version)
+            with self.model_dir(domain, target.version) as path:
+                check_files(target, path)
+                if verify is not None:
                     verify(path)
-            except Exception as exc:  # any load failure refuses the promotion; production stays
-                raise RegistryError(f"{domain} {version} does not load ({type(exc).__name__}: {exc}); "
-                                    f"production is unchanged") from exc
+        except RegistryError as exc:
+            raise RegistryError(f"{exc.message}; promotion refused, production is unchanged",
+                                field="version") from exc
+        except Exception as exc:  # any load failure refuses the promotion
+            raise RegistryError(f"{domain} {version} does not load ({type(exc).__name__}: {exc}); "
+                                f"production is unchanged", field="version") from exc
         with self._lock(domain):
             stages = self.stages(domain)
             current = stages.get(PRODUCTION)
@@ -248,3 +302,20 @@ class Registry:
             self._write_json(self._path(domain, STAGES_FILE), {PRODUCTION: previous, "history": history,
                                                                "generation": int(stages.get("generation", 0)) + 1})
         return self.get(domain, previous)
+
+
+def _is_version(name: str) -> bool:
+    return name.startswith("v") and name[1:].isdigit()
+
+
+def check_files(version: Version, model_dir: Path) -> None:
+    """Refuses a version whose files are missing or differ from the checksums recorded when it was
+    registered (versions registered before checksums were kept have none to check)."""
+    expected: dict[str, str] = version.record.get(FILES) or {}
+    for name, digest in sorted(expected.items()):
+        path = model_dir / name
+        if not path.is_file():
+            raise RegistryError(f"{version.domain} {version.version}: {name} is missing", field="version")
+        if sha256_file(path) != digest:
+            raise RegistryError(f"{version.domain} {version.version}: {name} does not match its recorded "
+                                f"sha256 (changed or corrupted since registration)", field="version")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,13 @@ PROFILES = ("smoke", "quick", "full")
 def smoke_data_dir(settings: Settings) -> Path:
     """Smoke runs use a tiny data set of their own, never the real prepared data."""
     return settings.data_dir / "_smoke"
+
+
+def run_name(domain_name: str, profile: str) -> str:
+    """A Train run's name, unique to the run: Ray Train V2 resumes a run from the checkpoints of any
+    earlier run of the same name under the same storage path, so two runs started in the same second
+    (two shells, or concurrent runs of one script) must not share one."""
+    return f"{domain_name}-{profile}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def ensure_data(domain_name: str, data_dir: Path, *, smoke: bool) -> dict[str, Any]:
@@ -84,7 +92,7 @@ def make_trainer(
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=f"{domain_name}-{profile}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=run_name(domain_name, profile),
             storage_path=settings.storage_uri(),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(

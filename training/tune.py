@@ -161,7 +161,10 @@ def run_trial(config: dict[str, Any]) -> None:
             storage_path=config["storage_path"],
             callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # a Train V2 UserCallback
             failure_config=FailureConfig(max_failures=1),
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=domain.metric,
+            # Two: a trial restored after it had ended reports its last checkpoint again (a copy
+            # scoring the same); with one kept, the copy could evict the original that the trial's
+            # earlier report names, and registering the best trial would find nothing there.
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=domain.metric,
                                                checkpoint_score_order=domain.mode),
         ),
     )

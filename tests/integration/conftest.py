@@ -13,7 +13,7 @@ from cluster.serve import serve_env
 
 # Serving runs last: it reuses the versions that training and sweeping registered, and its
 # replicas' CPUs would otherwise keep training runs waiting.
-ORDER = ("test_train.py", "test_tune.py", "test_serve.py")
+ORDER = ("test_train.py", "test_tune.py", "test_training_faults.py", "test_serve.py", "test_reliability.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

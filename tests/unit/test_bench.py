@@ -18,3 +18,17 @@ def test_a_new_row_replaces_only_its_domains_row(tmp_path: Path, monkeypatch: py
     rows = json.loads(path.read_text())["rows"]
     assert [(r["domain"], r["ratio"]) for r in rows] == [("energy", 0.5), ("traffic", 2.0)]
     assert all(isinstance(r["load_average"], float) for r in rows)
+
+
+def test_reliability_checks_replace_their_entries_and_fit_the_shared_schema(tmp_path: Path) -> None:
+    from bench.reliability import Check, save_checks
+    from tests.schemas import validate
+
+    path = tmp_path / "reliability.json"
+    save_checks([Check("soak", False, {"errors": 3}, "make reliability", ["3 requests failed"]),
+                 Check("exposure", True, {"exposed": []}, "make reliability")], path)
+    save_checks([Check("soak", True, {"errors": 0}, "make reliability")], path)
+    doc = json.loads(path.read_text())
+    validate("reliability", doc)
+    assert [(c["name"], c["passed"]) for c in doc["checks"]] == [("exposure", True), ("soak", True)]
+    assert doc["checks"][1]["figures"]["errors"] == 0 and "load_average" in doc["checks"][1]["figures"]

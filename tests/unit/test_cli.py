@@ -40,6 +40,15 @@ def test_unknown_version_is_a_clear_error(registry: Registry) -> None:
     assert "no version 'v7'" in out.output and "Traceback" not in out.output
 
 
+def test_a_long_error_stays_one_line(registry: Registry) -> None:
+    # Piped, rich would break it at 80 columns; scripts and logs read errors line by line.
+    (Path(registry.root) / "energy" / "v1" / "model.pt").write_bytes(b"y")
+    out = CliRunner().invoke(cli.main, ["models", "promote", "energy", "v1", "--yes"])
+    assert out.exit_code == 2
+    [line] = out.output.strip().splitlines()
+    assert len(line) > 80 and line.startswith("error (registry): energy v1: model.pt does not match")
+
+
 def test_promote_asks_for_confirmation(registry: Registry) -> None:
     out = CliRunner().invoke(cli.main, ["models", "rollback", "energy"], input="n\n")
     assert out.exit_code == 1 and "Aborted" in out.output

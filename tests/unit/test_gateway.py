@@ -5,6 +5,7 @@ real admission arithmetic over a SQLite store (Serve's `_local_testing_mode` bre
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -49,8 +50,8 @@ class LocalBackend:
 
 async def echo(domain: str, items: list[dict[str, Any]]) -> dict[str, Any]:
     """Answers each item with its position, so order and batching are visible."""
-    if domain == "traffic" and items[0].get("network") == "nowhere":
-        return {"status": 422, "error": InvalidInput("unknown network 'nowhere'", field="network").as_json()}
+    if domain == "traffic" and items[0].get("sensors", [""])[0] == "nowhere":
+        return {"status": 422, "error": InvalidInput("unknown sensor 'nowhere'", field="sensors[0]").as_json()}
     if domain == "energy":
         await asyncio.sleep(5)  # slower than the 0.2 s timeout below
     return {"version": "v7", "items": [{"n": i} for i in range(len(items))]}
@@ -118,9 +119,9 @@ def test_items_one_or_a_batch_with_fields_named(setup: tuple[TestClient, LocalBa
 def test_model_refusals_timeouts_and_quotas(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
     client, backend, keys = setup
     key = keys["hotline"]
-    traffic = {**request_example(get_domain("traffic").request_model), "network": "nowhere"}
-    refused = post(client, "/v1/traffic/forecast", traffic, key)
-    assert refused.status_code == 422 and refused.json()["field"] == "network"
+    traffic = request_example(get_domain("traffic").request_model)
+    refused = post(client, "/v1/traffic/forecast", {**traffic, "sensors": ["nowhere", *traffic["sensors"][1:]]}, key)
+    assert refused.status_code == 422 and refused.json()["field"] == "sensors[0]"
     energy = request_example(get_domain("energy").request_model)
     slow = post(client, "/v1/energy/forecast", energy, key)
     assert slow.status_code == 504 and slow.json()["code"] == "timeout"
@@ -192,3 +193,31 @@ def test_a_refused_request_fails_alone_in_its_batch() -> None:
     assert answers[0] == {"version": "v1", "items": [{"y": 2}, {"y": 4}]}
     assert answers[1]["status"] == 422 and answers[1]["error"]["field"] == "x"
     assert answers[2] == {"version": "v1", "items": [{"y": 6}]}
+
+
+def test_hostile_bodies_get_a_documented_4xx(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
+    """What the reliability check `nasty_inputs` found (`bench/reliability/hostile.py`)."""
+    client, _, keys = setup
+    auth = {"Authorization": f"Bearer {keys['hotline']}"}
+    event = json.dumps(request_example(get_domain("events").request_model)).encode()
+
+    def send(content: bytes, **headers: str) -> Any:
+        return client.post("/v1/events/classify", content=content, headers={**auth, **headers})
+
+    # The route alone says the domain: a `_name=` default argument was once a query parameter (a 500).
+    assert client.post("/v1/events/classify?_name=nowhere", content=event, headers=auth).status_code == 200
+    assert "_name" not in json.dumps(client.get("/openapi.json").json())
+    deep = send(b"[" * 2000 + b"]" * 2000)  # the parser's RecursionError was a 500
+    assert deep.status_code == 422 and deep.json()["field"] == "body"
+    twice = send(b'{"text": "a", "text": "b"}')  # parsers disagree on which one wins
+    assert twice.status_code == 422 and "twice" in twice.json()["message"]
+    plain = send(event, **{"Content-Type": "text/plain"})
+    assert plain.status_code == 415 and plain.json()["field"] == "Content-Type"
+    assert send(event).status_code == 200  # no Content-Type: read as JSON
+    # Control characters were accepted; an unpaired surrogate (the tokenizer cannot encode one) never was.
+    for text in (b"pothole\\u0000", b"\\u001b[2J", b"pothole \\ud800 on Main St"):
+        refused = send(b'{"text": "' + text + b'"}')
+        assert refused.status_code == 422 and refused.json()["field"] == "text", text
+    assert send('{"text": "\u202ebidi \u200f marks are text"}'.encode()).status_code == 200
+    forged = send(event, Authorization=f"Bearer {keys['hotline'][:-4]}AAAA")
+    assert forged.status_code == 401 and forged.json()["field"] == "Authorization"

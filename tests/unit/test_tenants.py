@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from domains.errors import ConfigError, InvalidInput
-from services.admission import Decision, Gatekeeper
+from services.admission import Decision, Gatekeeper, burst_limit
 from services.tenants import (
     Leases,
     SlidingWindow,
@@ -100,6 +100,25 @@ def test_usage_rows_are_kept_once_and_filtered(store: Store) -> None:
     store.record(rows[:2])  # a retried flush writes nothing twice
     assert len(store.usage()) == 6
     assert [u.request_id for u in store.usage("a", since=102.0)] == ["r3", "r5"]
+    # A client may repeat its X-Request-Id: each admission still has a row of its own.
+    store.record([Usage("r0", 200.0, "a", "events", 1, 200, 5.0, "v1")])
+    assert [u.request_id for u in store.usage("a", since=200.0)] == ["r0"]
+
+
+def test_a_ledger_keyed_by_request_id_is_migrated_with_its_rows(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:  # the usage table as ledgers made before leases had it
+        conn.execute("CREATE TABLE usage (request_id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, tenant TEXT "
+                     "NOT NULL, domain TEXT NOT NULL, items INTEGER NOT NULL, status INTEGER NOT NULL, latency_ms "
+                     "DOUBLE PRECISION NOT NULL, model_version TEXT NOT NULL)")
+        conn.execute("CREATE INDEX usage_tenant_at ON usage (tenant, at)")
+        conn.execute("INSERT INTO usage VALUES ('r1', 1.0, 'a', 'events', 2, 200, 5.0, 'v1')")
+    store = Store(f"sqlite:///{path}")
+    store.record([Usage("r1", 2.0, "a", "events", 1, 200, 5.0, "v1")])
+    assert [(u.request_id, u.lease, u.items) for u in store.usage("a")][:1] == [("r1", "r1", 2)]
+    assert len(store.usage("a")) == 2
 
 
 def _keeper(store: Store, **limits: int) -> tuple[Gatekeeper, tuple[str, str]]:
@@ -138,6 +157,20 @@ def test_admission_decisions_cover_auth_grants_quotas_and_leases(store: Store) -
     assert over_requests.status == 429 and over_requests.retry_after == pytest.approx(55.0)
     assert admit(items=1, now=61.0).status == 200
     assert keeper.flush() == 1 and store.usage()[0].request_id == "r1"
+
+
+def test_a_tenants_minute_is_spread_over_it(store: Store) -> None:
+    keeper, (key_id, key_digest) = _keeper(store, rpm=1200, ipm=100_000, conc=1000)
+    assert burst_limit(1200) == 40 and burst_limit(10) == 10  # twice the average, at least 10
+
+    def admit(now: float) -> Decision:
+        return keeper.admit(key_id, key_digest, "sentiment", 1, lease_ttl=30, now=now, wall=time.time())
+
+    assert all(admit(10.0 + i / 100).status == 200 for i in range(40))
+    over = admit(10.5)
+    assert over.status == 429 and over.code == "quota_exceeded" and over.retry_after == pytest.approx(0.5)
+    assert "40 requests in any second" in over.message
+    assert admit(11.0).status == 200  # the first of the 40 left the second
 
 
 def test_revoked_and_expired_keys_are_refused(store: Store) -> None:
@@ -234,3 +267,17 @@ def test_a_ledger_url_may_come_from_the_environment(tmp_path: Path, monkeypatch:
     with pytest.raises(ConfigError, match="CITYSERVE_LEDGER_URL"):
         Store("env:CITYSERVE_LEDGER_URL")
     assert "l.db" not in repr(Store(url))  # a URL may carry a password
+
+
+@pytest.mark.parametrize("name", ["x'; DROP TABLE tenants; --", "a b", "", "-rf", "a" * 64, "\u0430dmin", "caf\u00e9",
+                                  "name\n", "nul\x00name"])
+def test_hostile_tenant_names_are_refused_by_the_cli_path_and_the_tenants_file(
+        store: Store, tmp_path: Path, name: str) -> None:
+    with pytest.raises(InvalidInput, match="ASCII letters") as refused:
+        store.create_tenant(Tenant(name, ["events"], 10, 100, 2), key_ttl_days=1)
+    assert refused.value.field == "name" and store.tenants() == []
+    entry = {"name": name, "grants": ["events"], "requests_per_minute": 5, "items_per_minute": 50,
+             "max_concurrent": 2, "keys": [new_key()[0]]}
+    with pytest.raises(ConfigError, match=r"tenants\[0\]\.name: .*ASCII letters"):
+        read_tenants_file(_write(tmp_path / "t.yaml", entry))
+    store.create_tenant(Tenant("a" * 63, ["events"], 10, 100, 2), key_ttl_days=1)  # the longest name

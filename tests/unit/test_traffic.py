@@ -250,10 +250,7 @@ def _request(**overrides: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("overrides", "field"), [
-    ({"network": "metr-la"}, "network"),
     ({"sensors": ["d1", "nope"]}, "sensors[1]"),
-    ({"history": [[5.0] * 16, [3.0] * 12]}, "history[1]"),
-    ({"history": [[5.0] * 16]}, "history"),
 ])
 def test_unservable_requests_name_the_field(predictor: TrafficPredictor, overrides: dict[str, Any],
                                             field: str) -> None:
@@ -265,7 +262,12 @@ def test_unservable_requests_name_the_field(predictor: TrafficPredictor, overrid
 @pytest.mark.parametrize(("overrides", "quoted"), [
     ({"sensors": ["d1", "d1"]}, "'d1'"),
     ({"history": [[5.0] * 15 + [-2.0], [3.0] * 16]}, "-2.0"),
+    ({"history": [[5.0] * 15 + [2e6], [3.0] * 16]}, "2000000.0"),  # past MAX_COUNT: float32 overflows
     ({"extra": 1}, "extra"),
+    # What needs no trained model is refused before one is called, lengths included.
+    ({"network": "metr-la"}, "metr-la"),
+    ({"history": [[5.0] * 16, [3.0] * 12]}, r"history\[1\] has 12 steps"),
+    ({"history": [[5.0] * 16]}, "1 series for 2 sensors"),
 ])
 def test_malformed_requests_are_rejected_quoting_the_value(overrides: dict[str, Any], quoted: str) -> None:
     with pytest.raises(ValidationError, match=quoted):

@@ -1,0 +1,112 @@
+"""The load generator every benchmark and reliability check drives the gateway with: aiohttp
+clients posting one body, either as fast as answers come (closed loop, `concurrency` clients) or
+at a fixed `rate` of requests per second (open loop: a slow answer does not slow the arrivals).
+Every request carries an X-Request-Id of its own and is recorded, so a check can match each one
+against the usage ledger or a moment of the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One request: when it left and returned (monotonic s), its status (0: no HTTP answer — the
+    connection failed or the client's timeout passed: `error` says which) and its request id."""
+
+    start: float
+    end: float
+    status: int
+    request_id: str
+    error: str = ""
+    retry_after: float = 0.0
+
+
+async def hammer(url: str, body: bytes, headers: dict[str, str], *, concurrency: int,
+                 until: float | Callable[[], bool], rate: float | None = None, timeout_s: float = 60.0,
+                 honour_retry_after: float = 0.0) -> list[Sent]:
+    """Posts `body` to `url` until `until` (a monotonic deadline, or a predicate that says stop).
+
+    Args:
+        concurrency: clients (closed loop), or the most requests in flight (open loop).
+        rate: requests per second for an open loop; None for a closed loop.
+        timeout_s: a request unanswered after this counts as hung (status 0, error "timeout").
+        honour_retry_after: a closed-loop client told 429/503 waits Retry-After, up to this many s.
+    """
+    import aiohttp
+
+    deadline = 0.0 if callable(until) else until
+    done = until if callable(until) else (lambda: time.monotonic() >= deadline)
+    sent: list[Sent] = []
+
+    async def one(session: aiohttp.ClientSession) -> Sent:
+        rid = uuid.uuid4().hex
+        start = time.monotonic()
+        try:
+            async with session.post(url, data=body, headers={**headers, "X-Request-Id": rid}) as resp:
+                await resp.read()
+                retry = float(resp.headers.get("Retry-After", 0) or 0)
+                record = Sent(start, time.monotonic(), resp.status, rid, retry_after=retry)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            record = Sent(start, time.monotonic(), 0, rid, "timeout" if isinstance(exc, TimeoutError)
+                          else type(exc).__name__)
+        sent.append(record)
+        return record
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while not done():
+            record = await one(session)
+            if honour_retry_after and record.status in (429, 503):
+                await asyncio.sleep(min(record.retry_after, honour_retry_after))
+
+    async def arrivals(session: aiohttp.ClientSession) -> None:
+        assert rate is not None
+        slots = asyncio.Semaphore(concurrency)
+        tasks: set[asyncio.Task[Any]] = set()
+
+        async def bounded() -> None:
+            async with slots:
+                await one(session)
+
+        start, n = time.monotonic(), 0
+        while not done():
+            n += 1
+            task = asyncio.create_task(bounded())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))
+        await asyncio.gather(*tasks)
+
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        if rate is None:
+            await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        else:
+            await arrivals(session)
+    return sent
+
+
+def summary(sent: list[Sent], seconds: float) -> dict[str, Any]:
+    """Answered requests per second, latency percentiles (ms) and the count of non-200 answers."""
+    ms = np.array([s.end - s.start for s in sent]) * 1000 if sent else np.zeros(1)
+    errors = sum(s.status != 200 for s in sent)
+    return {"requests_per_s": (len(sent) - errors) / seconds, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "errors": errors}
+
+
+def per_second(sent: list[Sent], origin: float, seconds: int) -> list[int]:
+    """200 answers in each second since `origin`, by the time they returned."""
+    counts = [0] * seconds
+    for s in sent:
+        i = int(s.end - origin)
+        if s.status == 200 and 0 <= i < seconds:
+            counts[i] += 1
+    return counts

@@ -1,0 +1,90 @@
+"""Reliability checks: hostile input, faults, load and durability against a running platform.
+
+Each check is a function `check_<name>(target, short=False) -> Check`. `make reliability` runs the
+full versions (`python -m bench.reliability`) and writes `bench/results/reliability.json`
+(`shared/schemas/reliability.schema.json`); `tests/integration/test_reliability.py` runs the short
+version of each inside `make test`, so none of them rots. The same code decides `passed` in both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import RESULTS
+from cityserve.config import Settings
+from training.evaluate import write_json_atomic
+
+RESULT_FILE = RESULTS / "reliability.json"
+
+
+@dataclass
+class Check:
+    """One check's outcome, as reliability.json records it."""
+
+    name: str
+    passed: bool
+    figures: dict[str, Any]
+    command: str
+    # Why it failed, in words (empty when it passed); kept in the file beside the figures.
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Target:
+    """The running platform a check drives: its gateway, Ray dashboard and settings (registry,
+    ledger). Checks make their own tenants (`tenant`) so they never share quotas."""
+
+    gateway_url: str
+    dashboard_url: str
+    gcs_address: str
+    settings: Settings
+    # The process whose descendants are the platform's Ray processes (`ray start`'s, or the test
+    # session's own: `ray.init` starts the cluster as its children).
+    root_pid: int
+
+    def processes(self) -> list[Any]:
+        import psutil
+
+        return list(psutil.Process(self.root_pid).children(recursive=True))
+
+    def rss_gb(self) -> float:
+        """Resident memory of the platform's processes."""
+        import psutil
+
+        total = 0
+        for proc in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):  # a worker that exited meanwhile
+                total += proc.memory_info().rss
+        return total / 2**30
+
+    def store(self) -> Any:
+        from services.tenants import Store
+
+        return Store(self.settings.ledger_location())
+
+    def tenant(self, prefix: str, grants: list[str], *, requests_per_minute: int = 100_000,
+               items_per_minute: int = 1_000_000, max_concurrent: int = 1000) -> tuple[str, str]:
+        """A new tenant (`prefix-<random>`) and its key; the platform accepts the key at once."""
+        from services.tenants import Tenant
+
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        key = self.store().create_tenant(
+            Tenant(name, grants, requests_per_minute, items_per_minute, max_concurrent), key_ttl_days=1)
+        return name, str(key)
+
+
+def save_checks(checks: list[Check], path: Path = RESULT_FILE) -> Path:
+    """Replaces the entries of these checks' names in reliability.json (others kept: checks may be
+    run one at a time), stamping the load average each was measured under."""
+    load = round(os.getloadavg()[0], 2)
+    rows = json.loads(path.read_text())["checks"] if path.is_file() else []
+    fresh = {c.name: {**asdict(c), "figures": {**c.figures, "load_average": load}} for c in checks}
+    rows = [r for r in rows if r["name"] not in fresh] + list(fresh.values())
+    write_json_atomic(path, {"checks": sorted(rows, key=lambda r: str(r["name"]))})
+    return path

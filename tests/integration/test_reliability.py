@@ -1,0 +1,60 @@
+"""The short version of every serving reliability check (`bench/reliability`), against the app
+deployed on the session's Ray cluster the way `cityserve serve up` deploys it; the shutdown check
+starts a platform of its own. `make reliability` runs the full versions."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import pytest
+
+from bench.reliability import Target
+from bench.reliability.__main__ import OVERLAY, PLATFORM_CHECKS, platform_checks
+from bench.reliability.durability import check_shutdown_durability
+from cityserve.config import Settings
+from cityserve.platform_cli import platform_up, serve_config
+from cluster.local import free_port
+from cluster.serve import Platform, client
+from tests.integration.test_serve import SERVED, TEST_OVERLAY, _ensure_versions
+from training.registry import Registry
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.fixture(scope="module")
+def target(settings: Settings) -> Iterator[Target]:
+    """The test app, with `make reliability`'s two gateway and two energy replicas."""
+    import ray
+
+    registry = Registry(settings.registry_location())
+    for domain in SERVED:
+        if not registry.stages(domain).get("production"):
+            registry.promote(domain, _ensure_versions(settings, domain, 1)[-1])
+    node = ray._private.worker.global_worker.node
+    assert node is not None, "the session's Ray cluster is not running"
+    port = free_port()
+    record = Platform(os.getpid(), node.gcs_address, f"http://{node.webui_url}", f"http://127.0.0.1:{port}", "",
+                      "local")
+    record.save(settings.state_dir)  # our own process stands in for `ray start`'s
+    platform_up(settings, serve_config(settings, "local", SERVED, port, TEST_OVERLAY, OVERLAY), num_cpus=2,
+                timeout_s=600)
+    yield Target(record.gateway_url, record.dashboard_url, node.gcs_address, settings, os.getpid())
+    client(record.dashboard_url).delete_applications()
+    (settings.state_dir / "platform.json").unlink()
+
+
+@pytest.mark.parametrize("name", PLATFORM_CHECKS)
+def test_short_check_passes(target: Target, name: str) -> None:
+    check = platform_checks()[name](target, True)
+    print(json.dumps(asdict(check)))  # shown when it fails
+    assert check.passed, (check.problems, check.figures)
+
+
+def test_every_admitted_request_has_one_usage_row_after_sigterm_and_restart(settings: Settings) -> None:
+    check = check_shutdown_durability(settings, short=True)
+    print(json.dumps(asdict(check)))
+    assert check.passed, (check.problems, check.figures)
+    assert check.figures["answered_200"] and check.figures["ledger_rows"]
