@@ -147,9 +147,22 @@ def client(dashboard_url: str) -> Any:
     return ServeSubmissionClient(dashboard_url, headers=auth_headers())
 
 
-def deploy(dashboard_url: str, config: dict[str, Any]) -> None:
-    """Applies a whole serve config; Serve changes only what differs (a user_config: no restart)."""
-    client(dashboard_url).deploy_applications(config)
+def deploy(dashboard_url: str, config: dict[str, Any], timeout_s: float = 60) -> None:
+    """Applies a whole serve config; Serve changes only what differs (a user_config: no restart).
+
+    A dashboard that has just started answers /api/version before its Serve module is up, and on a
+    busy machine dropped the first deploy's connection: connection errors are retried."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client(dashboard_url).deploy_applications(config)
+            return
+        except requests.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def details(dashboard_url: str) -> dict[str, Any]:

@@ -79,6 +79,11 @@ class Target:
         return name, str(key)
 
 
+def command(name: str) -> str:
+    """How to run one check again (reliability.json's `command`)."""
+    return f".venv/bin/python -m bench.reliability --only {name}"
+
+
 def save_checks(checks: list[Check], path: Path = RESULT_FILE) -> Path:
     """Replaces the entries of these checks' names in reliability.json (others kept: checks may be
     run one at a time), stamping the load average each was measured under."""

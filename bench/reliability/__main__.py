@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.reliability import RESULT_FILE, Check, Target, save_checks
+from bench.reliability import RESULT_FILE, Check, Target, command, save_checks
 from cityserve.config import Settings, get_settings
 from domains import DOMAINS
 from services.config import ServeOverlay
@@ -84,9 +84,15 @@ def run_platform_checks(names: list[str], short: bool, port: int) -> list[Check]
 
 
 def _timed(name: str, run: Callable[[], Check]) -> Check:
+    """Runs one check and saves it at once: a later check failing to run loses nothing. A check
+    that raises is a failed check, its error the problem."""
     started = time.monotonic()
-    check = run()
+    try:
+        check = run()
+    except Exception as exc:
+        check = Check(name, False, {}, command(name), [f"did not run to the end: {type(exc).__name__}: {exc}"])
     check.figures["seconds"] = round(time.monotonic() - started, 1)
+    save_checks([check])
     print(json.dumps({"name": check.name, "passed": check.passed, "problems": check.problems}), flush=True)
     return check
 
@@ -122,8 +128,7 @@ def main() -> None:
         results += run_platform_checks(wanted, args.short, args.port)
     if SHUTDOWN in args.only:
         results.append(_timed(SHUTDOWN, lambda: check_shutdown_durability(settings, args.short)))
-    path = save_checks(results)
-    print(f"{sum(c.passed for c in results)}/{len(results)} passed; {path}")
+    print(f"{sum(c.passed for c in results)}/{len(results)} passed; {RESULT_FILE}")
 
 
 def table(checks: list[dict[str, Any]]) -> str:

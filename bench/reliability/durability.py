@@ -14,11 +14,12 @@ from collections import Counter
 from pathlib import Path
 
 from bench.load import Sent
-from bench.reliability import Check, Target
-from bench.reliability.serving import CLIENT_TIMEOUT_S, command, load
+from bench.reliability import Check, Target, command
+from bench.reliability.serving import CLIENT_TIMEOUT_S, load
 from cityserve.config import Settings
 from cluster.local import free_port
 from cluster.serve import wait_ready
+from domains.errors import ConfigError
 
 NAME = "shutdown_durability"
 # Statuses the gateway answers only after admitting a request (a lease taken, a row due). A 503
@@ -44,7 +45,14 @@ def check_shutdown_durability(settings: Settings, short: bool = False) -> Check:
     problems: list[str] = []
     try:
         proc = subprocess.Popen(cli, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_ready(target.gateway_url, 600)
+        while proc.poll() is None:  # `serve up` prints "ready" and stays; it exits only if it failed
+            try:
+                wait_ready(target.gateway_url, 5)
+                break
+            except ConfigError:
+                continue
+        if proc.poll() is not None:
+            raise ConfigError(f"`serve up` exited {proc.returncode} before serving; see {state / 'serve-up.log'}")
         _, key = target.tenant("durability", ["energy"])
         start = time.monotonic()
         out: list[list[Sent]] = []

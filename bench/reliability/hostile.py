@@ -23,8 +23,8 @@ from typing import Any
 
 import requests
 
-from bench.reliability import Check, Target
-from bench.reliability.serving import CLIENT_TIMEOUT_S, body, command, headers
+from bench.reliability import Check, Target, command
+from bench.reliability.serving import CLIENT_TIMEOUT_S, body, headers
 from domains import get_domain
 from domains.base import request_example
 from services.config import VERBS

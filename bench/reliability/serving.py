@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from bench.load import Sent, hammer, per_second
-from bench.reliability import Check, Target
+from bench.reliability import Check, Target, command
 from domains import get_domain
 from domains.base import request_example
 from services.config import APP_NAME, GATEWAY, VERBS
@@ -31,10 +31,6 @@ from services.gateway import LEASE_MARGIN_S
 TIMEOUT_S = 10.0  # every domain's timeout_s in helm/serve/base.yaml
 CLIENT_TIMEOUT_S = TIMEOUT_S + 5  # a request unanswered after this hung
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
-
-
-def command(name: str) -> str:
-    return f".venv/bin/python -m bench.reliability --only {name}"
 
 
 def url(target: Target, domain: str) -> str:

@@ -24,8 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from bench.reliability import Check
-from bench.reliability.serving import command
+from bench.reliability import Check, command
 from cityserve.config import Settings
 from cluster.local import connect
 from domains import get_domain
