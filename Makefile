@@ -45,7 +45,7 @@ integration: venv
 test: lint $(BIN)/helm
 	$(BIN)/pytest -q tests
 
-# Every reliability check at full size (~40 min here): bench/results/reliability.json. `make test`
+# Every reliability check at full size (~45 min here, summed from its parts): bench/results/reliability.json. `make test`
 # runs the short version of each.
 reliability: venv
 	$(BIN)/python -m bench.reliability

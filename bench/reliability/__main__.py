@@ -22,6 +22,7 @@ from typing import Any
 
 from bench.reliability import RESULT_FILE, Check, Target, command, save_checks
 from cityserve.config import Settings, get_settings
+from cluster.local import LOOPBACK_ENV
 from domains import DOMAINS
 from services.config import ServeOverlay
 
@@ -101,6 +102,8 @@ def main() -> None:
     # The platform runs with token auth; this process talks to it (Ray's state API) and starts
     # Ray itself for the training checks, so it must be in the same mode before importing ray.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # and it reaches the platform at 127.0.0.1, which Ray would swap for the machine's address
+    os.environ.update(LOOPBACK_ENV)
     from bench.reliability.durability import NAME as SHUTDOWN
     from bench.reliability.durability import check_shutdown_durability
 
