@@ -15,10 +15,7 @@ from bench.reliability import Target
 from bench.reliability.__main__ import OVERLAY, PLATFORM_CHECKS, platform_checks
 from bench.reliability.durability import check_shutdown_durability
 from cityserve.config import Settings
-from cityserve.platform_cli import platform_up, serve_config
-from cluster.local import free_port
-from cluster.serve import Platform, client
-from tests.integration.test_serve import SERVED, TEST_OVERLAY, _ensure_versions
+from tests.integration.test_serve import SERVED, TEST_OVERLAY, _ensure_versions, session_app
 from training.registry import Registry
 
 # Skipped until mended: in the first full CI run, after test_serve.py (its PostgreSQL test and
@@ -31,23 +28,12 @@ pytestmark = [pytest.mark.usefixtures("ray_cluster"),
 @pytest.fixture(scope="module")
 def target(settings: Settings) -> Iterator[Target]:
     """The test app, with `make reliability`'s two gateway and two energy replicas."""
-    import ray
-
     registry = Registry(settings.registry_location())
     for domain in SERVED:
         if not registry.stages(domain).get("production"):
             registry.promote(domain, _ensure_versions(settings, domain, 1)[-1])
-    node = ray._private.worker.global_worker.node
-    assert node is not None, "the session's Ray cluster is not running"
-    port = free_port()
-    record = Platform(os.getpid(), node.gcs_address, f"http://{node.webui_url}", f"http://127.0.0.1:{port}", "",
-                      "local")
-    record.save(settings.state_dir)  # our own process stands in for `ray start`'s
-    platform_up(settings, serve_config(settings, "local", SERVED, port, TEST_OVERLAY, OVERLAY), num_cpus=2,
-                timeout_s=600)
-    yield Target(record.gateway_url, record.dashboard_url, node.gcs_address, settings, os.getpid())
-    client(record.dashboard_url).delete_applications()
-    (settings.state_dir / "platform.json").unlink()
+    with session_app(settings, TEST_OVERLAY, OVERLAY) as record:
+        yield Target(record.gateway_url, record.dashboard_url, record.gcs_address, settings, os.getpid())
 
 
 @pytest.mark.parametrize("name", PLATFORM_CHECKS)

@@ -7,6 +7,7 @@ gateway replicas, so quotas are seen to hold across replicas.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -97,22 +98,28 @@ def test_batch_scoring_reports_a_bad_row_and_scores_the_rest(settings: Settings,
 @pytest.fixture(scope="module")
 def platform(settings: Settings) -> Iterator[Platform]:
     """The app on the session cluster, deployed the way `cityserve serve up` deploys it."""
-    import ray
-
     registry = Registry(settings.registry_location())
     for domain in SERVED:
         versions = _ensure_versions(settings, domain, 2 if domain == "energy" else 1)
         registry.promote(domain, versions[-1])
+    tenants_file = settings.state_dir / "tenants.yaml"
+    write_tenants(tenants_file, GRID)
+    with session_app(settings, TEST_OVERLAY.model_copy(update={"args": {"tenants_file": str(tenants_file)}})) as record:
+        yield record
+
+
+@contextlib.contextmanager
+def session_app(settings: Settings, *overlays: ServeOverlay) -> Iterator[Platform]:
+    """The SERVED app deployed on the session cluster with `overlays`; deleted afterwards."""
+    import ray
+
     node = ray._private.worker.global_worker.node
     assert node is not None, "the session's Ray cluster is not running"
     port = free_port()
     record = Platform(os.getpid(), node.gcs_address, f"http://{node.webui_url}", f"http://127.0.0.1:{port}", "",
                       "local")
     record.save(settings.state_dir)  # our own process stands in for `ray start`'s
-    tenants_file = settings.state_dir / "tenants.yaml"
-    write_tenants(tenants_file, GRID)
-    overlay = TEST_OVERLAY.model_copy(update={"args": {"tenants_file": str(tenants_file)}})
-    platform_up(settings, serve_config(settings, "local", SERVED, port, overlay), num_cpus=2, timeout_s=600)
+    platform_up(settings, serve_config(settings, "local", SERVED, port, *overlays), num_cpus=2, timeout_s=600)
     yield record
     client(record.dashboard_url).delete_applications()
     (settings.state_dir / "platform.json").unlink()
