@@ -23,6 +23,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     root = tmp_path_factory.mktemp("cityserve")
+    (root / "state").mkdir()  # as `cityserve` makes it before anything writes there
     return Settings(data_dir=root / "data", registry_uri=str(root / "registry"),
                     storage_path=str(root / "ray_results"), reports_dir=root / "reports",
                     ray_temp_dir=tmp_path_factory.mktemp("ray"), state_dir=root / "state",
