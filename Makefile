@@ -42,8 +42,9 @@ unit: venv $(BIN)/helm
 integration: venv
 	$(BIN)/pytest -q tests/integration
 
+# The slowest tests are listed so CI's log shows where the suite's time goes.
 test: lint $(BIN)/helm
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --durations=25 tests
 
 # Every reliability check at full size (~45 min here, summed from its parts): bench/results/reliability.json. `make test`
 # runs the short version of each.

@@ -8,6 +8,7 @@ against the usage ledger or a moment of the run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -15,6 +16,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+
+def tree_rss_gb(pid: int, *, with_root: bool) -> float:
+    """Resident memory of process `pid`'s descendants (and its own, `with_root`): a platform's
+    Ray processes are the descendants of `ray start`, or of the driver that started the cluster."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for proc in [root, *root.children(recursive=True)] if with_root else root.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):  # a worker that exited meanwhile
+            total += proc.memory_info().rss
+    return total / 2**30
 
 
 @dataclass(frozen=True)

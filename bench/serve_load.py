@@ -31,7 +31,7 @@ from typing import Annotated, Any
 from fastapi import Body, FastAPI
 
 from bench import RESULTS
-from bench.load import hammer, summary
+from bench.load import hammer, summary, tree_rss_gb
 from cityserve.config import get_settings
 from cluster.local import free_port
 from domains import DOMAINS, get_domain
@@ -139,16 +139,12 @@ def cityserve(*args: str, env: dict[str, str]) -> str:
 
 def platform_rss_gb(state: Path) -> float:
     """Resident memory of the platform: the Ray head process and everything it started."""
-    import psutil
-
     from cluster.serve import Platform
 
     platform = Platform.load(state)
     if platform is None:
         raise RuntimeError("the platform is not running")
-    head = psutil.Process(platform.pid)
-    processes = [head, *head.children(recursive=True)]
-    return sum(p.memory_info().rss for p in processes if p.is_running()) / 2**30
+    return tree_rss_gb(platform.pid, with_root=True)
 
 
 @contextlib.contextmanager

@@ -83,16 +83,13 @@ def _save_config(state: Path, config: dict[str, Any]) -> None:
 
 def platform_down(settings: Settings) -> bool:
     """Deletes the app (replicas finish in-flight requests) and stops our Ray head."""
-    from cluster.serve import Platform, client, details, stop_head
+    from cluster.serve import Platform, stop_head, stop_serve
 
     platform = Platform.load(settings.state_dir)
     if platform is None:
         return False
     try:
-        client(platform.dashboard_url).delete_applications()
-        deadline = time.monotonic() + 60
-        while details(platform.dashboard_url).get("applications") and time.monotonic() < deadline:
-            time.sleep(1)
+        stop_serve(platform.dashboard_url)
     except Exception as exc:  # Ray already half gone: stopping the head is what is left to do
         console.print(f"[yellow]serve shutdown incomplete ({type(exc).__name__}); stopping Ray[/yellow]")
     stop_head(platform)

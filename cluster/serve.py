@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ SERVE_ENV = {
     # Ray starts its workers at nice 15, so on a shared machine any other process (a build, a load
     # generator) takes the CPU before a replica does, and a replica starting under load starves.
     "RAY_worker_niceness": "0",
+    # Serve gives a starting proxy 5 s to be ready, then kills and restarts it; a busy 2-core
+    # machine took longer three times in a row, and the deploy waiting on it failed.
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
     **LOOPBACK_ENV,
@@ -151,7 +155,8 @@ def deploy(dashboard_url: str, config: dict[str, Any], timeout_s: float = 60) ->
     """Applies a whole serve config; Serve changes only what differs (a user_config: no restart).
 
     A dashboard that has just started answers /api/version before its Serve module is up, and on a
-    busy machine dropped the first deploy's connection: connection errors are retried."""
+    busy machine dropped the first deploy's connection; a first deploy also fails (500) when Serve
+    restarts its proxy while starting. Both are retried: a deploy of the same config is idempotent."""
     import requests
 
     deadline = time.monotonic() + timeout_s
@@ -159,10 +164,35 @@ def deploy(dashboard_url: str, config: dict[str, Any], timeout_s: float = 60) ->
         try:
             client(dashboard_url).deploy_applications(config)
             return
-        except requests.ConnectionError:
-            if time.monotonic() > deadline:
+        except (requests.ConnectionError, RuntimeError) as exc:
+            transient = isinstance(exc, requests.ConnectionError) or "ActorDiedError" in str(exc)
+            if not transient or time.monotonic() > deadline:
                 raise
             time.sleep(2)
+
+
+def stop_serve(dashboard_url: str, timeout_s: float = 180) -> None:
+    """Deletes every application, then shuts Serve down and waits until its controller is gone.
+
+    In two steps because Serve's own shutdown stops HAProxy at once, beside the gateway replicas
+    still finishing requests: those requests were served and billed, but their answers were cut
+    off. A config of no applications drains the replicas behind a running HAProxy first. And the
+    dashboard gives up waiting after 30 s while the controller carries on shutting down: a config
+    deployed in that window went to the exiting controller and was lost with it."""
+    deadline = time.monotonic() + timeout_s
+
+    def wait(what: str, done: Callable[[dict[str, Any]], bool]) -> None:
+        while not done(details(dashboard_url)):
+            if time.monotonic() > deadline:
+                raise ConfigError(f"Serve's {what} still there after {timeout_s:.0f} s")
+            time.sleep(1)
+
+    current = details(dashboard_url)
+    if current.get("applications"):
+        client(dashboard_url).deploy_applications({"applications": [], "http_options": current["http_options"]})
+        wait("applications were", lambda d: not d.get("applications"))
+    client(dashboard_url).delete_applications()
+    wait("controller was", lambda d: not d.get("controller_info"))
 
 
 def details(dashboard_url: str) -> dict[str, Any]:

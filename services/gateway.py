@@ -57,6 +57,8 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LEASE_MARGIN_S = 5.0
 # Calls a domain's replicas get per model call: a lost replica's calls go to another one once.
 MODEL_ATTEMPTS = 2
+# The usage flush a stopping gateway replica waits for (Serve gives the whole replica 20 s).
+FLUSH_AT_EXIT_S = 5.0
 
 
 class Backend(Protocol):
@@ -417,8 +419,10 @@ class Gateway:
         admission actor, which writes them within 0.2 s; write them now, so a platform stopped
         right after (SIGTERM, `serve down`) has every row of every request it answered."""
         try:
-            await self.backend.admission.flush.remote()
-        except Exception:  # the actor is away: its own 0.2 s flushes are what is left
+            # Bounded: a ledger that hangs must not hold the replica past Serve's shutdown budget,
+            # after which Serve stops the others without draining them.
+            await asyncio.wait_for(self.backend.admission.flush.remote(), FLUSH_AT_EXIT_S)
+        except Exception:  # the actor or its ledger is away: its own 0.2 s flushes are what is left
             logger.exception("usage flush at shutdown failed")
 
 

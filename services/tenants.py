@@ -300,7 +300,9 @@ class Store:
         if self.postgres:
             import psycopg
 
-            return psycopg.connect(self.url, autocommit=False)
+            # An unreachable server fails the write in seconds (rows stay pending), not after
+            # the operating system's TCP timeout with the admission actor's loop blocked.
+            return psycopg.connect(self.url, autocommit=False, connect_timeout=10)
         if not self.url.startswith("sqlite:///"):
             raise ConfigError(f"ledger URL {self.url!r}: use sqlite:///FILE or postgresql://...", field="ledger_url")
         path = Path(self.url.removeprefix("sqlite:///"))

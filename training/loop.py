@@ -231,6 +231,8 @@ class RayContext:
         self._torch = ray.train.torch
         self.world_rank = ray.train.get_context().get_world_rank()
         self.device = ray.train.torch.get_device()
+        # Where a resumed run's checkpoint is copied; deleted with the context when the loop ends.
+        self._resume_dir: tempfile.TemporaryDirectory[str] | None = None
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         prepared: nn.Module = self._torch.prepare_model(model)
@@ -247,7 +249,8 @@ class RayContext:
         if ckpt is None:
             return None
         # Copy out: the checkpoint may live on remote storage (s3://, gs://).
-        return Path(ckpt.to_directory(tempfile.mkdtemp(prefix="cityserve-resume-")))
+        self._resume_dir = tempfile.TemporaryDirectory(prefix="cityserve-resume-")
+        return Path(ckpt.to_directory(self._resume_dir.name))
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         ckpt = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None

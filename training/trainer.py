@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -107,8 +109,11 @@ def register_checkpoint(domain_name: str, settings: Settings, checkpoint: Any, *
                         manifest: dict[str, Any], config: dict[str, Any], lineage: dict[str, Any]) -> Version:
     """Registers a Train checkpoint (a model directory) as a candidate version with its lineage."""
     domain = get_domain(domain_name)
-    with checkpoint.as_directory() as model_dir:
-        (Path(model_dir) / TRAIN_STATE).unlink(missing_ok=True)
+    # A copy without the resume state: a local checkpoint's directory is the checkpoint itself,
+    # which a restored sweep may still resume from.
+    with checkpoint.as_directory() as stored, tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        shutil.copytree(stored, model_dir, ignore=shutil.ignore_patterns(TRAIN_STATE))
         return Registry(settings.registry_location()).register(domain_name, Path(model_dir), {
             "profile": config["profile"],
             "metrics": metrics,

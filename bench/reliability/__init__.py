@@ -8,15 +8,18 @@ version of each inside `make test`, so none of them rots. The same code decides 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import time
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench import RESULTS
+from bench.load import tree_rss_gb
 from cityserve.config import Settings
 from training.evaluate import write_json_atomic
 
@@ -55,13 +58,7 @@ class Target:
 
     def rss_gb(self) -> float:
         """Resident memory of the platform's processes."""
-        import psutil
-
-        total = 0
-        for proc in self.processes():
-            with contextlib.suppress(psutil.NoSuchProcess):  # a worker that exited meanwhile
-                total += proc.memory_info().rss
-        return total / 2**30
+        return tree_rss_gb(self.root_pid, with_root=False)
 
     def store(self) -> Any:
         from services.tenants import Store
@@ -70,12 +67,31 @@ class Target:
 
     def tenant(self, prefix: str, grants: list[str], *, requests_per_minute: int = 100_000,
                items_per_minute: int = 1_000_000, max_concurrent: int = 1000) -> tuple[str, str]:
-        """A new tenant (`prefix-<random>`) and its key; the platform accepts the key at once."""
+        """A new tenant (`prefix-<random>`) and its key, returned once the gateway accepts the key:
+        the admission actor re-reads keys on an unknown one at most every 0.25 s, and a check's
+        load starting inside that window would count 401s as the fault's."""
+        from services.config import VERBS
         from services.tenants import Tenant
 
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        key = self.store().create_tenant(
-            Tenant(name, grants, requests_per_minute, items_per_minute, max_concurrent), key_ttl_days=1)
+        store = self.store()
+        try:
+            key = store.create_tenant(Tenant(name, grants, requests_per_minute, items_per_minute, max_concurrent),
+                                      key_ttl_days=1)
+        finally:
+            store.close()
+        # An empty body: authenticated (422 once the key is known, 401 before), no quota taken.
+        probe = urllib.request.Request(f"{self.gateway_url}/v1/{grants[0]}/{VERBS[grants[0]]}", data=b"{}",
+                                       headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                urllib.request.urlopen(probe, timeout=10).close()
+                break
+            except urllib.error.HTTPError as exc:
+                if exc.code != 401 or time.monotonic() > deadline:
+                    break
+            time.sleep(0.1)
         return name, str(key)
 
 

@@ -21,8 +21,7 @@ from training.registry import Registry
 # Skipped until mended: in the first full CI run, after test_serve.py (its PostgreSQL test and
 # teardown) the session cluster had no Serve controller left and this module's deploy waited out
 # its 600 s. Run alone (`pytest tests/integration/test_reliability.py`) it deployed and ran.
-pytestmark = [pytest.mark.usefixtures("ray_cluster"),
-              pytest.mark.skip(reason="Serve gone after test_serve.py in one session; see the module comment")]
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 @pytest.fixture(scope="module")

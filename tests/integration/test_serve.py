@@ -28,7 +28,7 @@ import yaml
 from cityserve.config import Settings
 from cityserve.platform_cli import platform_up, reload_domain, serve_config
 from cluster.local import free_port
-from cluster.serve import Platform, client
+from cluster.serve import Platform, stop_serve
 from domains import get_domain
 from domains.base import request_example
 from services.batch import score_file
@@ -121,7 +121,7 @@ def session_app(settings: Settings, *overlays: ServeOverlay) -> Iterator[Platfor
     record.save(settings.state_dir)  # our own process stands in for `ray start`'s
     platform_up(settings, serve_config(settings, "local", SERVED, port, *overlays), num_cpus=2, timeout_s=600)
     yield record
-    client(record.dashboard_url).delete_applications()
+    stop_serve(record.dashboard_url)
     (settings.state_dir / "platform.json").unlink()
 
 

@@ -12,6 +12,7 @@ from cityserve.config import Settings
 from domains import DOMAINS, get_domain
 from tests.schemas import validate_report
 from training.evaluate import evaluate
+from training.loop import TRAIN_STATE
 from training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -26,6 +27,9 @@ def test_smoke_run_with_two_workers_registers_and_evaluates(settings: Settings, 
     assert version.record["config"]["num_workers"] == 2
     assert dom.metric in version.metrics and version.metrics["epoch"] >= 1
     assert len(version.record["data"]["manifest_sha256"]) == 64
+    # The registry gets the model without its resume state; the run's checkpoint keeps it.
+    assert TRAIN_STATE not in version.record["files"]
+    assert (Path(version.record["lineage"]["checkpoint"]) / TRAIN_STATE).is_file()
 
     report, evaluation = evaluate(domain, settings, version.version, tmp_path)
     validate_report(report)
