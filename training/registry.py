@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 VERSION_FILE = "version.json"
 STAGES_FILE = "stages.json"
+ISSUED_FILE = "issued.json"  # the highest version number ever given out in the domain
 PRODUCTION = "production"
 CANDIDATE = "candidate"
 FILES = "files"  # in version.json: {path in the version folder: sha256}, recorded at registration
@@ -230,7 +231,12 @@ class Registry:
     def _next_version(self, domain: str) -> str:
         selector = pafs.FileSelector(self._path(domain), allow_not_found=True)
         numbers = [int(i.base_name[1:]) for i in self.fs.get_file_info(selector) if _is_version(i.base_name)]
-        return f"v{max(numbers, default=0) + 1}"
+        # A number is never given twice: reports, audit lines and lineage name versions, and a
+        # removed vN's number would otherwise go to the next model registered.
+        issued = int((self._read_json(self._path(domain, ISSUED_FILE)) or {}).get("version", 0))
+        number = max([*numbers, issued], default=0) + 1
+        self._write_json(self._path(domain, ISSUED_FILE), {"version": number})
+        return f"v{number}"
 
     def register(self, domain: str, model_dir: Path, record: dict[str, Any]) -> Version:
         """Copies a model directory in as the next version (a `candidate`).

@@ -94,6 +94,13 @@ def test_folder_without_version_file_is_not_a_version(registry: Registry, model_
     assert registry.register("energy", model_dir, {}).version == "v3"
 
 
+def test_a_removed_versions_number_is_not_given_again(registry: Registry, model_dir: Path) -> None:
+    registry.register("energy", model_dir, {})
+    removed = registry.register("energy", model_dir, {})
+    shutil.rmtree(Path(registry.root) / "energy" / removed.version)
+    assert registry.register("energy", model_dir, {}).version == "v3"
+
+
 def test_promote_and_rollback_bump_the_generation_replicas_reload_on(registry: Registry, model_dir: Path) -> None:
     a = registry.register("energy", model_dir, {})
     b = registry.register("energy", model_dir, {})
