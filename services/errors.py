@@ -69,6 +69,10 @@ class QuotaExceeded(HttpError):
     status, code = 429, "quota_exceeded"
 
 
+class Internal(HttpError):
+    status, code = 500, "internal"
+
+
 class Unavailable(HttpError):
     status, code = 503, "unavailable"
 

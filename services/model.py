@@ -20,6 +20,7 @@ from cluster.local import loopback_replica_grpc
 from domains import get_domain
 from domains.base import Predictor
 from domains.errors import CityServeError, InvalidInput, RegistryError
+from services.errors import Internal
 from services.config import ModelConfig
 from training.registry import Registry
 
@@ -39,7 +40,9 @@ def predict_groups(predictor: Predictor, groups: Sequence[Sequence[Any]]) -> lis
     or `{"status", "error"}` for a request the model refuses.
 
     A request whose items the model refuses (an unknown sensor, say) must fail alone, not take the
-    other requests of its batch with it: on `InvalidInput` each request is retried on its own.
+    other requests of its batch with it: on any error each request is retried on its own, so
+    `InvalidInput` is that request's 422 and anything else (a model bug one input trips) its
+    error alone.
     """
     def answer(items: Sequence[Any]) -> dict[str, Any]:
         return {"version": predictor.version, "items": [a.model_dump(mode="json") for a in predictor.predict(items)]}
@@ -49,9 +52,12 @@ def predict_groups(predictor: Predictor, groups: Sequence[Sequence[Any]]) -> lis
             return [answer(groups[0])]
         except InvalidInput as exc:
             return [refusal(exc, 422)]
+        except Exception as exc:  # a model bug these items trip: this request's 500 (in the log)
+            logger.exception("%s failed on a request's items", predictor.version)
+            return [refusal(Internal(f"the model failed on these items ({type(exc).__name__})"), 500)]
     try:
         everything = answer([item for group in groups for item in group])
-    except InvalidInput:
+    except Exception:
         return [predict_groups(predictor, [group])[0] for group in groups]
     out, start = [], 0
     for group in groups:

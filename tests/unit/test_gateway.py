@@ -173,7 +173,7 @@ def test_openapi_documents_every_route_with_an_example(setup: tuple[TestClient, 
 
 
 class Doubler:
-    """A stand-in predictor: refuses items whose value is negative."""
+    """A stand-in predictor: refuses items whose value is negative; fails (a bug) on 13."""
 
     version = "v1"
 
@@ -185,6 +185,8 @@ class Doubler:
 
         if any(i < 0 for i in items):
             raise InvalidInput("negative", field="x")
+        if 13 in items:
+            raise ZeroDivisionError("unlucky")
         return [Out(y=2 * i) for i in items]
 
 
@@ -193,6 +195,13 @@ def test_a_refused_request_fails_alone_in_its_batch() -> None:
     assert answers[0] == {"version": "v1", "items": [{"y": 2}, {"y": 4}]}
     assert answers[1]["status"] == 422 and answers[1]["error"]["field"] == "x"
     assert answers[2] == {"version": "v1", "items": [{"y": 6}]}
+
+
+def test_a_request_that_trips_a_model_bug_fails_alone_in_its_batch() -> None:
+    answers = predict_groups(Doubler(), [[1], [13, 2], [3]])  # type: ignore[arg-type]
+    assert answers[1] == {"status": 500, "error": {"code": "internal",
+                                                   "message": "the model failed on these items (ZeroDivisionError)"}}
+    assert [answers[0]["items"], answers[2]["items"]] == [[{"y": 2}], [{"y": 6}]]
 
 
 def test_hostile_bodies_get_a_documented_4xx(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
