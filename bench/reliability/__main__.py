@@ -78,22 +78,24 @@ def run_platform_checks(names: list[str], short: bool, port: int) -> list[Check]
     results = []
     try:
         for name in names:
-            results.append(_timed(name, partial(checks[name], target, short)))
+            results.append(_timed(name, partial(checks[name], target, short), save=not short))
     finally:
         platform_down(settings)
     return results
 
 
-def _timed(name: str, run: Callable[[], Check]) -> Check:
-    """Runs one check and saves it at once: a later check failing to run loses nothing. A check
-    that raises is a failed check, its error the problem."""
+def _timed(name: str, run: Callable[[], Check], *, save: bool) -> Check:
+    """Runs one check and saves it at once (`save`; short versions are not the file's figures): a
+    later check failing to run loses nothing. A check that raises is a failed check, its error the
+    problem."""
     started = time.monotonic()
     try:
         check = run()
     except Exception as exc:
         check = Check(name, False, {}, command(name), [f"did not run to the end: {type(exc).__name__}: {exc}"])
     check.figures["seconds"] = round(time.monotonic() - started, 1)
-    save_checks([check])
+    if save:
+        save_checks([check])
     print(json.dumps({"name": check.name, "passed": check.passed, "problems": check.problems}), flush=True)
     return check
 
@@ -111,7 +113,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="+", choices=every, default=every, metavar="NAME",
                         help=f"checks to run, of {', '.join(every)}")
-    parser.add_argument("--short", action="store_true", help="the short versions `make test` runs")
+    parser.add_argument("--short", action="store_true",
+                        help="the short versions `make test` runs (printed, not saved)")
     parser.add_argument("--port", type=int, default=8330)
     parser.add_argument("--table", action="store_true", help="print reliability.json as a table; run nothing")
     args = parser.parse_args()
@@ -125,13 +128,14 @@ def main() -> None:
     results: list[Any] = []
     for name, check in training_checks().items():
         if name in args.only:
-            results.append(_timed(name, partial(check, settings, args.short)))
+            results.append(_timed(name, partial(check, settings, args.short), save=not args.short))
     _shutdown_ray()
     if wanted:
         results += run_platform_checks(wanted, args.short, args.port)
     if SHUTDOWN in args.only:
-        results.append(_timed(SHUTDOWN, lambda: check_shutdown_durability(settings, args.short)))
-    print(f"{sum(c.passed for c in results)}/{len(results)} passed; {RESULT_FILE}")
+        results.append(_timed(SHUTDOWN, lambda: check_shutdown_durability(settings, args.short),
+                              save=not args.short))
+    print(f"{sum(c.passed for c in results)}/{len(results)} passed" + ("" if args.short else f"; {RESULT_FILE}"))
 
 
 def table(checks: list[dict[str, Any]]) -> str:
