@@ -97,7 +97,11 @@ def serve_env() -> dict[str, str]:
 
     # HAProxy's stats page and metrics exporter get ports of their own, so two platforms on one
     # machine (a test session beside `make run`) do not collide on Ray's fixed 8404 and 9101.
-    haproxy = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER), "CITYSERVE_HAPROXY": get_haproxy_binary(),
+    # Ray's lookup reads RAY_SERVE_HAPROXY_BINARY_PATH first: in a process started under a platform's
+    # environment (a test session's `serve up`) that is the wrapper, which would then run itself.
+    inherited = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") == str(HAPROXY_WRAPPER)
+    binary = os.environ["CITYSERVE_HAPROXY"] if inherited else get_haproxy_binary()
+    haproxy = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER), "CITYSERVE_HAPROXY": binary,
                "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
     return {**SERVE_ENV, **haproxy}
 
