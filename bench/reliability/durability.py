@@ -45,12 +45,15 @@ def check_shutdown_durability(settings: Settings, short: bool = False) -> Check:
     problems: list[str] = []
     try:
         proc = subprocess.Popen(cli, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 900
         while proc.poll() is None:  # `serve up` prints "ready" and stays; it exits only if it failed
             try:
                 wait_ready(target.gateway_url, 5)
                 break
             except ConfigError:
-                continue
+                if time.monotonic() > deadline:
+                    proc.send_signal(signal.SIGTERM)
+                    raise
         if proc.poll() is not None:
             raise ConfigError(f"`serve up` exited {proc.returncode} before serving; see {state / 'serve-up.log'}")
         _, key = target.tenant("durability", ["energy"])

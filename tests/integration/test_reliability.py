@@ -25,12 +25,17 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 @pytest.fixture(scope="module")
-def target(settings: Settings) -> Iterator[Target]:
-    """The test app, with `make reliability`'s two gateway and two energy replicas."""
+def production(settings: Settings) -> None:
+    """A production version of each served domain (the earlier modules leave some)."""
     registry = Registry(settings.registry_location())
     for domain in SERVED:
         if not registry.stages(domain).get("production"):
             registry.promote(domain, _ensure_versions(settings, domain, 1)[-1])
+
+
+@pytest.fixture(scope="module")
+def target(settings: Settings, production: None) -> Iterator[Target]:
+    """The test app, with `make reliability`'s two gateway and two energy replicas."""
     with session_app(settings, TEST_OVERLAY, OVERLAY) as record:
         yield Target(record.gateway_url, record.dashboard_url, record.gcs_address, settings, os.getpid())
 
@@ -42,6 +47,7 @@ def test_short_check_passes(target: Target, name: str) -> None:
     assert check.passed, (check.problems, check.figures)
 
 
+@pytest.mark.usefixtures("production")
 def test_every_admitted_request_has_one_usage_row_after_sigterm_and_restart(settings: Settings) -> None:
     check = check_shutdown_durability(settings, short=True)
     print(json.dumps(asdict(check)))

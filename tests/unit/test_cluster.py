@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
+from cluster import serve
 from cluster.local import WORKER_START_TIMEOUT, _with_address
+from domains.errors import ConfigError
 
 
 def test_workers_learn_the_address_and_keep_the_callers_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -20,3 +24,13 @@ def test_auto_is_not_an_address_and_a_set_timeout_is_kept(monkeypatch: pytest.Mo
     monkeypatch.setenv(WORKER_START_TIMEOUT[0], "45")
     env = _with_address({}, "auto")["env_vars"]
     assert "RAY_ADDRESS" not in env and env[WORKER_START_TIMEOUT[0]] == "45"
+
+
+def test_a_deploy_serve_gave_up_on_fails_at_once_with_serves_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    app = {"status": "DEPLOY_FAILED", "last_deployed_time_s": time.time(),
+           "message": "energy has no production version; promote one with `cityserve models promote`"}
+    monkeypatch.setattr(serve, "details", lambda url: {"applications": {"cityserve": app}})
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="failed to deploy: cityserve: energy has no production version"):
+        serve.wait_deployed("http://127.0.0.1:1", since=time.time() - 5, timeout_s=600)
+    assert time.monotonic() - started < 5
