@@ -20,8 +20,8 @@ from cluster.local import loopback_replica_grpc
 from domains import get_domain
 from domains.base import Predictor
 from domains.errors import CityServeError, InvalidInput, RegistryError
-from services.errors import Internal
 from services.config import ModelConfig
+from services.errors import Internal
 from training.registry import Registry
 
 loopback_replica_grpc()  # imported by the replica before Serve starts its gRPC server
