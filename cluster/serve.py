@@ -211,11 +211,11 @@ def wait_deployed(dashboard_url: str, since: float, timeout_s: float) -> None:
     last = "no applications"
     while time.monotonic() < deadline:
         apps = details(dashboard_url).get("applications", {})
-        fresh = [a for a in apps.values() if a.get("last_deployed_time_s", 0) >= since]
-        if apps and len(fresh) == len(apps) and all(a.get("status") == "RUNNING" for a in fresh):
+        fresh = {name: a for name, a in apps.items() if a.get("last_deployed_time_s", 0) >= since}
+        if apps and len(fresh) == len(apps) and all(a.get("status") == "RUNNING" for a in fresh.values()):
             return
-        failed = [f"{name}: {a.get('message', '')[-800:]}" for name, a in apps.items()
-                  if a in fresh and a.get("status") == "DEPLOY_FAILED"]
+        failed = [f"{name}: {a.get('message', '')[-800:]}" for name, a in fresh.items()
+                  if a.get("status") == "DEPLOY_FAILED"]
         if failed:  # Serve gave up on a replica that kept failing to start: waiting would not help
             raise ConfigError(f"the serve config failed to deploy: {'; '.join(failed)}")
         if apps:

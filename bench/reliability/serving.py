@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
@@ -33,6 +33,7 @@ from services.gateway import LEASE_MARGIN_S
 TIMEOUT_S = 10.0  # every domain's timeout_s in helm/serve/base.yaml
 CLIENT_TIMEOUT_S = TIMEOUT_S + 5  # a request unanswered after this hung
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+T = TypeVar("T")
 
 
 def url(target: Target, domain: str) -> str:
@@ -54,8 +55,8 @@ def load(target: Target, domain: str, key: str, **kwargs: Any) -> list[Sent]:
     return asyncio.run(hammer(url(target, domain), body(domain, kwargs.pop("items", 1)), headers(key), **kwargs))
 
 
-def in_background(run: Callable[[], list[Sent]]) -> tuple[threading.Thread, list[list[Sent]]]:
-    out: list[list[Sent]] = []
+def in_background(run: Callable[[], T]) -> tuple[threading.Thread, list[T]]:
+    out: list[T] = []
     thread = threading.Thread(target=lambda: out.append(run()), daemon=True)
     thread.start()
     return thread, out
@@ -84,10 +85,7 @@ def wait_replicas(target: Target, deployment: str, count: int, killed: int, time
 def watch_replacement(target: Target, deployment: str, count: int, killed: int) -> Callable[[], float | None]:
     """Starts timing, from now (the kill), until `deployment` has `count` replicas again, in a
     thread polling while the load runs; the returned call waits for the figure."""
-    out: list[float | None] = []
-    thread = threading.Thread(target=lambda: out.append(wait_replicas(target, deployment, count, killed, 120)),
-                              daemon=True)
-    thread.start()
+    thread, out = in_background(lambda: wait_replicas(target, deployment, count, killed, 120))
 
     def figure() -> float | None:
         thread.join(125)
