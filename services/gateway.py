@@ -225,6 +225,8 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
                 raise decision_error(decision)
             if problem is not None:
                 raise problem
+            if decision.delay:  # admitted ahead of the tenant's pace: its turn comes within a second
+                await asyncio.sleep(decision.delay)
             if inflight[domain] + items > limits.max_inflight_items:
                 raise Unavailable(f"{domain} is overloaded; retry shortly", retry_after=1, code="overloaded")
             inflight[domain] += items

@@ -6,7 +6,8 @@ key id is public (it finds the row); the digest is compared in constant time.
 
 Quotas mean what a tenant reads in its contract: in any 60 s window the requests (and items) it
 was admitted never exceed its per-minute quota. `SlidingWindow` keeps the admitted events of the
-last minute, so there is no fixed-window edge where twice the quota gets through. Concurrency
+last minute, so there is no fixed-window edge where twice the quota gets through; a `Pacer` spreads
+the requests over the minute, so a flood reaches the models evenly rather than in bursts. Concurrency
 slots are `Leases` with a time-to-live: a gateway replica killed mid-request cannot leak one.
 
 The `Store` is SQLite (one file, the default) or PostgreSQL (a `postgresql://` URL); the same SQL
@@ -108,6 +109,25 @@ class SlidingWindow:
     def add(self, now: float, amount: int) -> None:
         self.events.append((now, amount))
         self.total += amount
+
+
+class Pacer:
+    """Spreads a tenant's requests over the minute: one per `60 / per_minute` s on average, up to
+    `burst` at once after a quiet spell (GCRA: a token bucket kept as one timestamp, the time its
+    next request is due). `wait` is how far ahead of its turn a request is: the admission actor
+    refuses it past a limit and has the gateway hold it until its turn below."""
+
+    def __init__(self) -> None:
+        self.due = -float("inf")
+
+    def wait(self, now: float, per_minute: int, burst: int) -> float:
+        """Seconds until one more request's turn (0: now)."""
+        interval = WINDOW_S / per_minute
+        # to the microsecond: sums of intervals drift by ~1e-14, which must not refuse a request
+        return max(0.0, round(max(self.due, now) - (burst - 1) * interval - now, 6))
+
+    def add(self, now: float, per_minute: int) -> None:
+        self.due = max(self.due, now) + WINDOW_S / per_minute
 
 
 class Leases:

@@ -33,9 +33,10 @@ class LocalBackend:
         self.keeper = Gatekeeper(store, refresh_s=0.0)
         self.answer = answer
         self.released: list[Usage | None] = []
+        self.clock = time.monotonic  # the admission actor's; a test may stop it
 
     async def admit(self, key_id: str, key_digest: str, domain: str, items: int, lease_ttl: float) -> Decision:
-        return self.keeper.admit(key_id, key_digest, domain, items, lease_ttl, time.monotonic(), time.time())
+        return self.keeper.admit(key_id, key_digest, domain, items, lease_ttl, self.clock(), time.time())
 
     async def release(self, lease: str, usage: Usage | None) -> None:
         self.keeper.release(lease, usage)
@@ -131,6 +132,25 @@ def test_model_refusals_timeouts_and_quotas(setup: tuple[TestClient, LocalBacken
     assert over.json()["code"] == "quota_exceeded" and 55 <= int(over.headers["Retry-After"]) <= 60
     metered = [(u.domain, u.status) for u in backend.released if u]
     assert metered == [("traffic", 422), ("energy", 504), ("events", 200), ("events", 200), ("events", 200)]
+
+
+def test_a_request_ahead_of_its_tenants_pace_waits_its_turn(
+        setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
+    client, backend, _ = setup
+    key = backend.keeper.store.create_tenant(Tenant("meters", ["events"], 60, 1000, 20), 1)  # one a second
+    backend.clock = lambda: 100.0  # every request asks at the same instant, however slow this machine
+
+    def timed() -> tuple[int, float]:
+        started = time.monotonic()
+        status = post(client, "/v1/events/classify", {"text": "a"}, key).status_code
+        return status, time.monotonic() - started
+
+    burst = [timed() for _ in range(10)]
+    assert [status for status, _ in burst] == [200] * 10  # 10 at once after a quiet spell
+    status, took = timed()  # the 11th is a second ahead of the pace: held for its turn, then answered
+    assert status == 200 and took >= 1.0
+    over = post(client, "/v1/events/classify", {"text": "a"}, key)  # two seconds ahead: refused
+    assert over.status_code == 429 and over.json()["code"] == "quota_exceeded" and over.headers["Retry-After"] == "1"
 
 
 def test_unknown_routes_and_methods_answer_json(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from domains.errors import ConfigError, InvalidInput
-from services.admission import Decision, Gatekeeper, burst_limit
+from services.admission import Decision, Gatekeeper
 from services.tenants import (
     Leases,
     SlidingWindow,
@@ -161,16 +162,27 @@ def test_admission_decisions_cover_auth_grants_quotas_and_leases(store: Store) -
 
 def test_a_tenants_minute_is_spread_over_it(store: Store) -> None:
     keeper, (key_id, key_digest) = _keeper(store, rpm=1200, ipm=100_000, conc=1000)
-    assert burst_limit(1200) == 40 and burst_limit(10) == 10  # twice the average, at least 10
 
     def admit(now: float) -> Decision:
         return keeper.admit(key_id, key_digest, "sentiment", 1, lease_ttl=30, now=now, wall=time.time())
 
-    assert all(admit(10.0 + i / 100).status == 200 for i in range(40))
-    over = admit(10.5)
-    assert over.status == 429 and over.code == "quota_exceeded" and over.retry_after == pytest.approx(0.5)
-    assert "40 requests in any second" in over.message
-    assert admit(11.0).status == 200  # the first of the 40 left the second
+    # After a quiet spell 10 go at once; the next wait their turn, one per 50 ms (1,200 a minute),
+    # up to a second ahead; later than that is refused.
+    burst = [admit(10.0) for _ in range(30)]
+    assert [d.status for d in burst] == [200] * 30
+    assert [d.delay for d in burst] == pytest.approx([0.0] * 10 + [0.05 * i for i in range(1, 21)])
+    over = admit(10.0)
+    assert over.status == 429 and over.code == "quota_exceeded" and over.retry_after == pytest.approx(0.05)
+    assert "paced at 20 a second" in over.message
+    # A flood asking every 5 ms reaches the model evenly, 20 a second, each at most a second late.
+    flood = [(t, admit(float(t))) for t in np.arange(10.005, 20.0, 0.005)]
+    turns = [t + d.delay for t, d in flood if d.status == 200]
+    assert len(turns) == 199 and np.diff(turns) == pytest.approx(0.05)  # turns 11.05, 11.10 … 20.95
+    assert max(d.delay for _, d in flood) <= 1.0
+    # The sliding window still holds the minute to 1,200 admissions (by admission time).
+    later = [float(t) for t in np.arange(20.0, 75.0, 0.005) if admit(float(t)).status == 200]
+    times = [10.0] * 30 + [t for t, d in flood if d.status == 200] + later
+    assert max(sum(t0 <= t < t0 + 60 for t in times) for t0 in np.arange(10.0, 15.0, 0.25)) == 1200
 
 
 def test_revoked_and_expired_keys_are_refused(store: Store) -> None:
