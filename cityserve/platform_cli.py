@@ -236,7 +236,8 @@ def tenants() -> None:
 
 
 GRANT = click.option("--grant", "grants", type=DOMAIN, multiple=True, help="A domain it may call (repeatable).")
-RPM = click.option("--requests-per-minute", "rpm", type=int, help="Requests in any 60 s window.")
+RPM = click.option("--requests-per-minute", "rpm", type=int,
+                   help="Requests in any 60 s window, paced evenly over it (10 at once).")
 IPM = click.option("--items-per-minute", "ipm", type=int, help="Items in any 60 s window.")
 CONCURRENCY = click.option("--max-concurrent", "concurrency", type=int, help="Requests in flight at once.")
 KEY_TTL = click.option("--key-ttl-days", type=float, default=90, show_default=True, help="Key lifetime.")

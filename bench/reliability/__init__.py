@@ -8,6 +8,7 @@ version of each inside `make test`, so none of them rots. The same code decides 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -55,6 +56,19 @@ class Target:
         import psutil
 
         return list(psutil.Process(self.root_pid).children(recursive=True))
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) the platform's processes have used, summed by name: a Ray
+        actor's (`ray::ServeReplica:cityserve:events`) or the executable's (`raylet`, `haproxy`)."""
+        import psutil
+
+        used: dict[str, float] = {}
+        for proc in self.processes():
+            with contextlib.suppress(psutil.Error):  # a worker that exited meanwhile
+                name = proc.name() if proc.name().startswith("ray::") else Path(proc.cmdline()[0]).name
+                times = proc.cpu_times()
+                used[name] = used.get(name, 0.0) + times.user + times.system
+        return used
 
     def rss_gb(self) -> float:
         """Resident memory of the platform's processes."""

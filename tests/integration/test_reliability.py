@@ -18,9 +18,6 @@ from cityserve.config import Settings
 from tests.integration.test_serve import SERVED, TEST_OVERLAY, _ensure_versions, session_app
 from training.registry import Registry
 
-# Skipped until mended: in the first full CI run, after test_serve.py (its PostgreSQL test and
-# teardown) the session cluster had no Serve controller left and this module's deploy waited out
-# its 600 s. Run alone (`pytest tests/integration/test_reliability.py`) it deployed and ran.
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
