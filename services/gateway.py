@@ -59,6 +59,10 @@ LEASE_MARGIN_S = 5.0
 MODEL_ATTEMPTS = 2
 # The usage flush a stopping gateway replica waits for (Serve gives the whole replica 20 s).
 FLUSH_AT_EXIT_S = 5.0
+# A tenant refused for quota or concurrency (429) is refused again by this replica without parsing
+# its body or asking the admission actor, for this long at most and never past its Retry-After. A
+# flood's clients retry in step; each wave cost the gateways and the actor as much as admitted work.
+REFUSAL_CACHE_S = 0.1
 
 
 class Backend(Protocol):
@@ -72,6 +76,9 @@ class Backend(Protocol):
         """`{"version", "items"}`, or `{"status", "error"}` when the model refuses the items."""
 
     async def info(self, domain: str) -> dict[str, Any]: ...
+
+    async def admission_ready(self) -> None:
+        """Returns once the admission actor answers; raises if it cannot."""
 
 
 class Metrics:
@@ -194,6 +201,7 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
     metrics = Metrics()
     request_models = {d: get_domain(d).request_model for d in args.domains}
     inflight = dict.fromkeys(args.domains, 0)  # items waiting on each domain from this replica
+    refused: dict[tuple[str, str], tuple[float, Decision]] = {}  # (key id, digest) -> (until, 429)
     errors: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody, "description": cls.__name__}
               for status, cls in BY_STATUS.items() if status not in (404,)}
 
@@ -206,6 +214,10 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
         try:
             raw = await read_body(request, args.max_body_bytes)
             key_id, key_digest = bearer_key(request)
+            until, refusal = refused.get((key_id, key_digest), (0.0, None))
+            if refusal is not None and time.monotonic() < until:  # the same valid key, refused just now
+                tenant = refusal.tenant
+                raise decision_error(refusal)
             problem: CityServeError | None = None
             try:
                 check_media_type(request.headers.get("content-type", ""))
@@ -221,6 +233,10 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
             except Exception as exc:  # the admission actor is restarting: nobody can be admitted
                 raise Unavailable("admission service unavailable; retry shortly", retry_after=2) from exc
             tenant = decision.tenant
+            if decision.status == 429:
+                if len(refused) > 10_000:  # keys refused once and gone
+                    refused.clear()
+                refused[key_id, key_digest] = (time.monotonic() + min(decision.retry_after, REFUSAL_CACHE_S), decision)
             if decision.status != 200:
                 raise decision_error(decision)
             if problem is not None:
@@ -284,14 +300,22 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/readyz", summary="Readiness: every domain has a model loaded",
+    @api.get("/readyz", summary="Readiness: every domain has a model loaded and the admission service answers",
              responses={503: {"model": ErrorBody}})
     async def readyz() -> JSONResponse:
         infos = await asyncio.gather(*(_info(backend, d) for d in args.domains))
         waiting = [i["domain"] for i in infos if not i["ready"]]
-        if waiting:
-            return JSONResponse({"code": "not_ready", "message": f"no model loaded yet for {waiting}",
-                                 "field": None}, status_code=503, headers={"Retry-After": "5"})
+        problem = f"no model loaded yet for {waiting}" if waiting else None
+        try:
+            # A replica's admission actor starts beside it; until it answers, every request would
+            # wait for it (a first request after `serve up` took over 10 s on a busy machine).
+            await asyncio.wait_for(backend.admission_ready(), timeout=5)
+        except Exception as exc:  # starting or restarting: reported, never raised
+            problem = f"{problem}; " if problem else ""
+            problem += f"admission service not answering yet ({type(exc).__name__})"
+        if problem:
+            return JSONResponse({"code": "not_ready", "message": problem, "field": None}, status_code=503,
+                                headers={"Retry-After": "5"})
         return JSONResponse({"status": "ready", "domains": infos})
 
     @api.api_route("/v1/{domain}/{verb}", methods=["POST"], include_in_schema=False)
@@ -401,6 +425,9 @@ class ServeBackend:
     async def info(self, domain: str) -> dict[str, Any]:
         info: dict[str, Any] = await self.handles[domain].info.remote()
         return info
+
+    async def admission_ready(self) -> None:
+        await self.admission.stats.remote()
 
 
 @serve.deployment

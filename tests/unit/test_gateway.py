@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from domains import DOMAINS, get_domain
 from domains.base import request_example
 from domains.errors import InvalidInput
+from services import gateway
 from services.admission import Decision, Gatekeeper
 from services.config import VERBS, PlatformArgs
 from services.gateway import create_api
@@ -34,8 +35,11 @@ class LocalBackend:
         self.answer = answer
         self.released: list[Usage | None] = []
         self.clock = time.monotonic  # the admission actor's; a test may stop it
+        self.asked = 0
+        self.admission_down = False
 
     async def admit(self, key_id: str, key_digest: str, domain: str, items: int, lease_ttl: float) -> Decision:
+        self.asked += 1
         return self.keeper.admit(key_id, key_digest, domain, items, lease_ttl, self.clock(), time.time())
 
     async def release(self, lease: str, usage: Usage | None) -> None:
@@ -47,6 +51,10 @@ class LocalBackend:
 
     async def info(self, domain: str) -> dict[str, Any]:
         return {"domain": domain, "version": None if domain == "traffic" else "v7"}
+
+    async def admission_ready(self) -> None:
+        if self.admission_down:
+            raise ConnectionError("admission actor starting")
 
 
 async def echo(domain: str, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -153,6 +161,30 @@ def test_a_request_ahead_of_its_tenants_pace_waits_its_turn(
     assert over.status_code == 429 and over.json()["code"] == "quota_exceeded" and over.headers["Retry-After"] == "1"
 
 
+def test_a_tenant_just_refused_is_refused_again_without_asking(
+        setup: tuple[TestClient, LocalBackend, dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    client, backend, keys = setup
+    monkeypatch.setattr(gateway, "REFUSAL_CACHE_S", 5.0)  # not 0.1 s: this machine may be slow
+    key = backend.keeper.store.create_tenant(Tenant("meters", ["events"], 1, 1000, 4), 1)  # one a minute
+    assert post(client, "/v1/events/classify", {"text": "a"}, key).status_code == 200
+    refused = post(client, "/v1/events/classify", {"text": "a"}, key)
+    assert refused.status_code == 429 and backend.asked == 2
+    again = post(client, "/v1/events/classify", {"broken": 1}, key)  # not parsed, not asked
+    assert again.status_code == 429 and again.json() == refused.json() and backend.asked == 2
+    assert again.headers["Retry-After"] == refused.headers["Retry-After"]
+    forged = post(client, "/v1/events/classify", {"text": "a"}, key[:-4] + "AAAA")  # another secret: asked
+    assert forged.status_code == 401 and backend.asked == 3
+    assert post(client, "/v1/events/classify", {"text": "a"}, keys["hotline"]).status_code == 200  # others asked
+    assert [u.status for u in backend.released if u] == [200, 200]  # refusals hold no lease, no usage row
+    monkeypatch.setattr(gateway, "REFUSAL_CACHE_S", 0.2)
+    other = backend.keeper.store.create_tenant(Tenant("meters2", ["events"], 1, 1000, 4), 1)
+    statuses = [post(client, "/v1/events/classify", {"text": "a"}, other).status_code for _ in range(2)]
+    asked = backend.asked
+    time.sleep(0.3)  # its cached refusal has run out: the admission actor is asked again
+    assert statuses == [200, 429] and post(client, "/v1/events/classify", {"text": "a"}, other).status_code == 429
+    assert backend.asked == asked + 1
+
+
 def test_unknown_routes_and_methods_answer_json(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
     client, _, keys = setup
     missing = post(client, "/v1/water/classify", {}, keys["hotline"])
@@ -163,10 +195,13 @@ def test_unknown_routes_and_methods_answer_json(setup: tuple[TestClient, LocalBa
 
 
 def test_health_readiness_and_models(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
-    client, _, _ = setup
+    client, backend, _ = setup
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 503 and "traffic" in ready.json()["message"] and ready.headers["Retry-After"]
+    assert "admission" not in ready.json()["message"]
+    backend.admission_down = True
+    assert "admission service not answering yet (ConnectionError)" in client.get("/readyz").json()["message"]
     models = {m["domain"]: m for m in client.get("/v1/models").json()["domains"]}
     assert models["events"]["version"] == "v7" and not models["traffic"]["ready"]
 
