@@ -305,17 +305,16 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
     async def readyz() -> JSONResponse:
         infos = await asyncio.gather(*(_info(backend, d) for d in args.domains))
         waiting = [i["domain"] for i in infos if not i["ready"]]
-        problem = f"no model loaded yet for {waiting}" if waiting else None
+        problems = [f"no model loaded yet for {waiting}"] if waiting else []
         try:
             # A replica's admission actor starts beside it; until it answers, every request would
             # wait for it (a first request after `serve up` took over 10 s on a busy machine).
             await asyncio.wait_for(backend.admission_ready(), timeout=5)
         except Exception as exc:  # starting or restarting: reported, never raised
-            problem = f"{problem}; " if problem else ""
-            problem += f"admission service not answering yet ({type(exc).__name__})"
-        if problem:
-            return JSONResponse({"code": "not_ready", "message": problem, "field": None}, status_code=503,
-                                headers={"Retry-After": "5"})
+            problems.append(f"admission service not answering yet ({type(exc).__name__})")
+        if problems:
+            return JSONResponse({"code": "not_ready", "message": "; ".join(problems), "field": None},
+                                status_code=503, headers={"Retry-After": "5"})
         return JSONResponse({"status": "ready", "domains": infos})
 
     @api.api_route("/v1/{domain}/{verb}", methods=["POST"], include_in_schema=False)

@@ -65,7 +65,8 @@ class Target:
         used: dict[str, float] = {}
         for proc in self.processes():
             with contextlib.suppress(psutil.Error):  # a worker that exited meanwhile
-                name = proc.name() if proc.name().startswith("ray::") else Path(proc.cmdline()[0]).name
+                name = proc.name()
+                name = name if name.startswith("ray::") else Path(proc.cmdline()[0]).name
                 times = proc.cpu_times()
                 used[name] = used.get(name, 0.0) + times.user + times.system
         return used

@@ -256,8 +256,9 @@ def _flood(target: Target, domain: str, key: str, **kwargs: Any) -> tuple[list[S
 def _bins_10s(times: list[float]) -> list[list[int]]:
     """Indices of `times` in each 10 s from the first one."""
     bins: list[list[int]] = []
+    first = min(times, default=0.0)
     for i, t in enumerate(times):
-        k = int((t - min(times)) // 10)
+        k = int((t - first) // 10)
         bins.extend([] for _ in range(k + 1 - len(bins)))
         bins[k].append(i)
     return bins
