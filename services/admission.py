@@ -82,13 +82,20 @@ class Gatekeeper:
 
     def refresh(self, now: float, key_id: str = "") -> None:
         """Re-reads tenants and keys when stale, or sooner for an unknown key (a tenant created a
-        moment ago works at once), at most every `MISS_REFRESH_S` so bogus keys cannot flood the DB."""
+        moment ago), at most every `MISS_REFRESH_S` so bogus keys cannot flood the DB."""
         age = now - self.loaded_at
         if age < self.refresh_s and (key_id in self.keys or age < MISS_REFRESH_S):
             return
+        self.load(now)
+
+    def load(self, now: float) -> None:
         self.tenants = {t.name: t for t in self.store.tenants()}
         self.keys = {k.key_id: k for k in self.store.api_keys()}
         self.loaded_at = now
+
+    def unknown_key_wait(self, key_id: str, now: float) -> float:
+        """Seconds until `refresh` may re-read the store for `key_id`, which the cache lacks; 0 if none."""
+        return 0.0 if key_id in self.keys else max(0.0, self.loaded_at + MISS_REFRESH_S - now)
 
     def authenticate(self, key_id: str, key_digest: str, domain: str, wall: float) -> Decision:
         """Who is calling and may they call `domain` (401/403), without touching any quota."""
@@ -203,10 +210,23 @@ class Admission:
                 logger.exception("tenants file %s not applied", self.tenants_file)
 
     async def admit_many(self, requests: list[tuple[str, str, str, int, float]]) -> list[Decision]:
-        """Decisions for (key id, key digest, domain, items, lease ttl), in order."""
+        """Decisions for (key id, key digest, domain, items, lease ttl), in order.
+
+        A key the cache lacks may belong to a tenant created since the store was last read: its
+        request waits (<= `MISS_REFRESH_S`) for a read that starts after it arrived, then is decided.
+        Refusing it at once gave a new tenant's first requests 401 for up to that long.
+        """
         self._start()
+        arrived, wall = time.monotonic(), time.time()
+        known = {i: self.keeper.admit(*request, now=arrived, wall=wall) for i, request in enumerate(requests)
+                 if not self.keeper.unknown_key_wait(request[0], arrived)}
+        if len(known) < len(requests):
+            await asyncio.sleep(max(self.keeper.unknown_key_wait(r[0], arrived) for r in requests))
+            if self.keeper.loaded_at < arrived:  # no other call read the store while this one slept
+                self.keeper.load(time.monotonic())
         now, wall = time.monotonic(), time.time()
-        return [self.keeper.admit(*request, now=now, wall=wall) for request in requests]
+        return [known[i] if i in known else self.keeper.admit(*request, now=now, wall=wall)
+                for i, request in enumerate(requests)]
 
     async def release_many(self, releases: list[tuple[str, Usage | None]]) -> list[None]:
         self._start()
