@@ -19,18 +19,11 @@ from typing import Any
 
 from bench import RESULTS
 from bench.serve_load import _drive, bench_platform
-from cluster.serve import Platform, details
+from cluster.serve import Platform, running
 from domains import DOMAINS, get_domain
 from domains.base import request_example
 from services.config import VERBS
 from training.evaluate import write_json_atomic
-
-
-def running(dashboard_url: str, domain: str) -> int:
-    apps: dict[str, Any] = details(dashboard_url).get("applications", {})
-    app: dict[str, Any] = next(iter(apps.values()), {})
-    dep: dict[str, Any] = app.get("deployments", {}).get(domain, {})
-    return sum(1 for r in dep.get("replicas", []) if r.get("state") == "RUNNING")
 
 
 def wait_for(predicate: Any, timeout_s: float) -> float:

@@ -34,7 +34,9 @@ def tree_rss_gb(pid: int, *, with_root: bool) -> float:
 @dataclass(frozen=True)
 class Sent:
     """One request: when it left and returned (monotonic s), its status (0: no HTTP answer — the
-    connection failed or the client's timeout passed: `error` says which) and its request id."""
+    connection failed or the client's timeout passed: `error` says which) and its request id.
+    `late`: in an open loop, how long after its scheduled moment it left (the client itself was
+    behind: its delays show as a burst of arrivals, not as the platform's latency)."""
 
     start: float
     end: float
@@ -42,6 +44,7 @@ class Sent:
     request_id: str
     error: str = ""
     retry_after: float = 0.0
+    late: float = 0.0
 
 
 async def hammer(url: str, body: bytes, headers: dict[str, str], *, concurrency: int,
@@ -61,17 +64,18 @@ async def hammer(url: str, body: bytes, headers: dict[str, str], *, concurrency:
     done = until if callable(until) else (lambda: time.monotonic() >= deadline)
     sent: list[Sent] = []
 
-    async def one(session: aiohttp.ClientSession) -> Sent:
+    async def one(session: aiohttp.ClientSession, scheduled: float | None = None) -> Sent:
         rid = uuid.uuid4().hex
         start = time.monotonic()
+        late = 0.0 if scheduled is None else max(0.0, start - scheduled)
         try:
             async with session.post(url, data=body, headers={**headers, "X-Request-Id": rid}) as resp:
                 await resp.read()
                 retry = float(resp.headers.get("Retry-After", 0) or 0)
-                record = Sent(start, time.monotonic(), resp.status, rid, retry_after=retry)
+                record = Sent(start, time.monotonic(), resp.status, rid, retry_after=retry, late=late)
         except (aiohttp.ClientError, TimeoutError) as exc:
             record = Sent(start, time.monotonic(), 0, rid, "timeout" if isinstance(exc, TimeoutError)
-                          else type(exc).__name__)
+                          else type(exc).__name__, late=late)
         sent.append(record)
         return record
 
@@ -86,14 +90,14 @@ async def hammer(url: str, body: bytes, headers: dict[str, str], *, concurrency:
         slots = asyncio.Semaphore(concurrency)
         tasks: set[asyncio.Task[Any]] = set()
 
-        async def bounded() -> None:
+        async def bounded(scheduled: float) -> None:
             async with slots:
-                await one(session)
+                await one(session, scheduled)
 
         start, n = time.monotonic(), 0
         while not done():
+            task = asyncio.create_task(bounded(start + n / rate))
             n += 1
-            task = asyncio.create_task(bounded())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             await asyncio.sleep(max(0.0, start + n / rate - time.monotonic()))

@@ -199,7 +199,7 @@ def serve_up(environment: str, port: int, num_cpus: int, domains: tuple[str, ...
 @friendly_errors
 def serve_status(as_json: bool) -> None:
     """Deployments, their status and replicas, and the version each domain serves."""
-    from cluster.serve import Platform, details
+    from cluster.serve import Platform, details, running_replicas
 
     settings = get_settings()
     platform = Platform.load(settings.state_dir)
@@ -213,8 +213,8 @@ def serve_status(as_json: bool) -> None:
     rows = []
     for app in apps.values():
         for name, dep in app.get("deployments", {}).items():
-            running = sum(1 for r in dep.get("replicas", []) if r.get("state") == "RUNNING")
-            rows.append((name, dep.get("status", ""), running, serving.get(name, ""), dep.get("message", "")[:80]))
+            rows.append((name, dep.get("status", ""), running_replicas(dep), serving.get(name, ""),
+                         dep.get("message", "")[:80]))
     print_table(f"platform at {platform.gateway_url} (Ray {platform.gcs_address})",
                 ["deployment", "status", "replicas", "version", "message"], rows, as_json)
 

@@ -206,6 +206,18 @@ def details(dashboard_url: str) -> dict[str, Any]:
     return result
 
 
+def running_replicas(deployment: dict[str, Any]) -> int:
+    """A deployment's replicas Serve routes to (RUNNING), from its entry in `details`."""
+    return sum(1 for r in deployment.get("replicas", []) if r.get("state") == "RUNNING")
+
+
+def running(dashboard_url: str, deployment: str) -> int:
+    """RUNNING replicas of one deployment of the platform's application."""
+    apps: dict[str, Any] = details(dashboard_url).get("applications", {})
+    app: dict[str, Any] = next(iter(apps.values()), {})
+    return running_replicas(app.get("deployments", {}).get(deployment, {}))
+
+
 def wait_deployed(dashboard_url: str, since: float, timeout_s: float) -> None:
     """Waits until every application took a config deployed after `since` (wall clock) and runs:
     until then the old replicas still answer, with the old settings."""
