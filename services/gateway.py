@@ -300,18 +300,23 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    async def admission_problem() -> str | None:
+        # A replica's admission actor starts beside it; until it answers, every request would
+        # wait for it (a first request after `serve up` took over 10 s on a busy machine).
+        try:
+            await asyncio.wait_for(backend.admission_ready(), timeout=5)
+        except Exception as exc:  # starting or restarting: reported, never raised
+            return f"admission service not answering yet ({type(exc).__name__})"
+        return None
+
     @api.get("/readyz", summary="Readiness: every domain has a model loaded and the admission service answers",
              responses={503: {"model": ErrorBody}})
     async def readyz() -> JSONResponse:
-        infos = await asyncio.gather(*(_info(backend, d) for d in args.domains))
+        # The models and the admission actor are asked at once: the slower bounds the answer.
+        infos, admission = await asyncio.gather(asyncio.gather(*(_info(backend, d) for d in args.domains)),
+                                                admission_problem())
         waiting = [i["domain"] for i in infos if not i["ready"]]
-        problems = [f"no model loaded yet for {waiting}"] if waiting else []
-        try:
-            # A replica's admission actor starts beside it; until it answers, every request would
-            # wait for it (a first request after `serve up` took over 10 s on a busy machine).
-            await asyncio.wait_for(backend.admission_ready(), timeout=5)
-        except Exception as exc:  # starting or restarting: reported, never raised
-            problems.append(f"admission service not answering yet ({type(exc).__name__})")
+        problems = ([f"no model loaded yet for {waiting}"] if waiting else []) + ([admission] if admission else [])
         if problems:
             return JSONResponse({"code": "not_ready", "message": "; ".join(problems), "field": None},
                                 status_code=503, headers={"Retry-After": "5"})

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -393,7 +393,8 @@ class Store:
         """One key and its tenant, by the key's id (one indexed lookup)."""
         rows = self.query("SELECT k.*, t.* FROM api_keys k JOIN tenants t ON t.name = k.tenant WHERE k.key_id = ?",
                           (key_id,))
-        return (ApiKey(*rows[0][:6]), _tenant(rows[0][6:])) if rows else None
+        columns = len(fields(ApiKey))
+        return (ApiKey(*rows[0][:columns]), _tenant(rows[0][columns:])) if rows else None
 
     def create_tenant(self, tenant: Tenant, key_ttl_days: float) -> str:
         """Adds a tenant with its first key; returns the key (shown once, never stored)."""

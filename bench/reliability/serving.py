@@ -330,10 +330,11 @@ def _first(n: int) -> Callable[[], bool]:
 
 
 # ---- soak ----------------------------------------------------------------------------------------
-def _warm(target: Target, domain: str, key: str, steady_s: float, limit_s: float) -> float:
+def _warm(target: Target, domain: str, key: str, steady_s: float, limit_s: float) -> tuple[float, int]:
     """Closed-loop load until the domain's RUNNING replicas have held for `steady_s` (at most
-    `limit_s`); returns the seconds taken. The maximum is the platform's at its scaled size: measured
-    while a replica started (its import and model load took a core), it once read 38 req/s of ~115."""
+    `limit_s`); returns the seconds taken and the replicas running. The maximum is the platform's
+    at its scaled size: measured while a replica started (its import and model load took a core),
+    it once read 38 req/s of ~115."""
     start = time.monotonic()
     replicas, since = -1, start
     while time.monotonic() - start < limit_s:
@@ -343,7 +344,7 @@ def _warm(target: Target, domain: str, key: str, steady_s: float, limit_s: float
             replicas, since = now, time.monotonic()
         elif time.monotonic() - since >= steady_s:
             break
-    return time.monotonic() - start
+    return time.monotonic() - start, replicas
 
 
 def check_soak(target: Target, short: bool = False) -> Check:
@@ -353,8 +354,7 @@ def check_soak(target: Target, short: bool = False) -> Check:
     window, windows = (20, 3) if short else (60, 10)
     _, key = target.tenant("soak", [domain])
     measure_s = 8 if short else 20
-    warm_s = _warm(target, domain, key, steady_s=5 if short else 15, limit_s=60 if short else 180)
-    scaled = running(target.dashboard_url, domain)
+    warm_s, scaled = _warm(target, domain, key, steady_s=5 if short else 15, limit_s=60 if short else 180)
     start = time.monotonic()
     peak = load(target, domain, key, concurrency=32, until=start + measure_s)
     max_rps = sum(s.status == 200 for s in peak) / (time.monotonic() - start)
@@ -383,7 +383,11 @@ def check_soak(target: Target, short: bool = False) -> Check:
     def window_of(t: float) -> int:
         return int((t - origin) // window)
 
-    p99 = [_ms([s for s in sent if window_of(s.start) == i], 99) for i in range(windows)]
+    by_window: list[list[Sent]] = [[] for _ in range(windows)]
+    for s in sent:
+        if window_of(s.start) < windows:  # one sent just as the run ended belongs to no window
+            by_window[window_of(s.start)].append(s)
+    p99 = [_ms(part, 99) for part in by_window]
     first_mem = np.mean([m for t, m in memory if t < origin + window])
     last_mem = np.mean([m for t, m in memory if t >= origin + (windows - 1) * window])
     errors = sum(s.status != 200 for s in sent)
@@ -394,8 +398,8 @@ def check_soak(target: Target, short: bool = False) -> Check:
                "window_s": window, "windows": windows, "requests": len(sent), "errors": errors,
                "p99_ms_per_window": p99, "p99_drift": drift,
                # the load generator shares the cores: a send it made late is its stall, not the platform's
-               "client_late_ms_max_per_window": [round(max((s.late for s in sent if window_of(s.start) == i),
-                                                           default=0.0) * 1000, 1) for i in range(windows)],
+               "client_late_ms_max_per_window": [round(max((s.late for s in part), default=0.0) * 1000, 1)
+                                                 for part in by_window],
                "replicas_per_window": [sorted({n for t, n in replicas if window_of(t) == i}) for i in range(windows)],
                "memory_gb_first": round(float(first_mem), 3), "memory_gb_last": round(float(last_mem), 3),
                "memory_growth": growth,
