@@ -34,6 +34,7 @@ $(BIN)/helm: | $(STAMP)
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/mypy cityserve domains training cluster services bench tests
 
 unit: venv $(BIN)/helm

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from training.evaluate import write_json_atomic
+from core.io import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

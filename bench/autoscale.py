@@ -20,10 +20,10 @@ from typing import Any
 from bench import RESULTS
 from bench.serve_load import _drive, bench_platform
 from cluster.serve import Platform, running
+from core.io import write_json_atomic
 from domains import DOMAINS, get_domain
 from domains.base import request_example
 from services.config import VERBS
-from training.evaluate import write_json_atomic
 
 
 def wait_for(predicate: Any, timeout_s: float) -> float:

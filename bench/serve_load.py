@@ -32,12 +32,12 @@ from fastapi import Body, FastAPI
 
 from bench import RESULTS
 from bench.load import hammer, summary, tree_rss_gb
-from cityserve.config import get_settings
 from cluster.local import free_port
+from core.io import write_json_atomic
+from core.settings import get_settings
 from domains import DOMAINS, get_domain
 from domains.base import Predictor, request_example
 from services.config import VERBS, build_config, model_configs
-from training.evaluate import write_json_atomic
 
 CONCURRENCY = (1, 16, 64)
 ITEMS = (1, 16)

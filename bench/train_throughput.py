@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import save_row
-from cityserve.config import get_settings
 from cluster.local import connect
-from domains import DOMAINS
+from core.settings import get_settings
+from domains import DOMAINS, get_domain
 from training.loop import fit_plain
 from training.trainer import make_trainer
 
@@ -32,13 +32,14 @@ SIZE = {"events": {"train_limit": 640}, "sentiment": {"train_limit": 640}}
 
 def measure(domain: str, epochs: int, use_gpu: bool) -> dict[str, Any]:
     settings = get_settings()
+    dom = get_domain(domain)
     threads = os.cpu_count() or 1
-    trainer, _ = make_trainer(domain, settings, profile="quick", num_workers=1, use_gpu=use_gpu,
+    trainer, _ = make_trainer(dom, settings, profile="quick", num_workers=1, use_gpu=use_gpu,
                               cpus_per_worker=threads, epochs=epochs,
                               overrides={"patience": epochs, **SIZE.get(domain, {})})
     config = trainer.train_loop_config
     with tempfile.TemporaryDirectory() as tmp:
-        history = fit_plain(domain, config, Path(config["data_dir"]), Path(tmp) / "model",
+        history = fit_plain(dom, config, Path(config["data_dir"]), Path(tmp) / "model",
                             device="cuda" if use_gpu else "cpu")
     plain = statistics.median(m["samples_per_s"] for m in history)
     result = trainer.fit()

@@ -24,12 +24,13 @@ from dataclasses import replace
 from typing import Any
 
 from bench import save_row
-from cityserve.config import get_settings
 from cluster.local import connect
+from core.settings import get_settings
 from domains import get_domain
 from domains.base import SearchParam
-from training.trainer import ensure_data
+from training.runs import ensure_data
 from training.tune import SweepOptions, sweep
+from training.workspace import Workspace
 
 PROBLEMS: dict[str, dict[str, Any]] = {
     "sentiment": {
@@ -63,7 +64,8 @@ def run_sweep(domain: str, options: SweepOptions) -> dict[str, Any]:
         settings = get_settings().model_copy(update={"registry_uri": f"{tmp}/registry",
                                                      "storage_path": f"{tmp}/ray_results"})
         start = time.monotonic()
-        _, trials, _ = sweep(domain, settings, options, space=problem["space"], overrides=problem["overrides"])
+        _, trials, _ = sweep(dom, Workspace.from_settings(settings), options, space=problem["space"],
+                             overrides=problem["overrides"])
         wall = time.monotonic() - start
     if trials["error"].notna().any():
         raise RuntimeError(f"{domain}: trials failed: {trials['error'].dropna().tolist()}")
@@ -74,7 +76,7 @@ def run_sweep(domain: str, options: SweepOptions) -> dict[str, Any]:
 
 def measure(domain: str) -> dict[str, Any]:
     dom = get_domain(domain)
-    ensure_data(domain, get_settings().data_dir, smoke=False)
+    ensure_data(dom, get_settings().data_dir, smoke=False)
     _warm_cache(domain)
     common = SweepOptions(max_concurrent=2, cpus_per_trial=CPUS_PER_TRIAL, grid_points=GRID_POINTS)
     grid = run_sweep(domain, replace(common, search="grid", scheduler="fifo"))

@@ -5,15 +5,20 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from cityserve.cluster_cli import cluster
-from cityserve.config import get_settings
-from cityserve.console import DOMAIN, console, friendly_errors, print_table
-from cityserve.platform_cli import batch, reload_domain, serve, serve_up, tenants, usage
+from cityserve.console import DOMAIN, console, friendly_errors, print_table, workspace
+from cityserve.platform_cli import batch, serve, serve_up, tenants, usage
+from core.settings import get_settings
 from domains import DOMAINS
+
+if TYPE_CHECKING:  # the commands import what they run when they run
+    from domains.base import Domain
+    from training.registry import Version
+    from training.workspace import Workspace
 
 
 @click.group()
@@ -37,8 +42,8 @@ def data() -> None:
 @friendly_errors
 def data_prepare(domain: str, source: Path | None, smoke_test: bool, full_sim: bool, as_json: bool) -> None:
     """Prepare DOMAIN's splits from its packaged source (or --source)."""
+    from core.errors import ConfigError
     from domains import get_domain
-    from domains.errors import ConfigError
     from training.trainer import smoke_data_dir
 
     settings = get_settings()
@@ -72,14 +77,14 @@ def data_prepare(domain: str, source: Path | None, smoke_test: bool, full_sim: b
 def train(domain: str, profile: str, num_workers: int, use_gpu: bool, cpus_per_worker: float | None,
           epochs: int | None, smoke_test: bool, promote: bool, as_json: bool) -> None:
     """Fine-tune DOMAIN's model with Ray Train and register it as a candidate version."""
+    from domains import get_domain
     from training.trainer import train as run_training
 
-    settings = get_settings()
-    version = run_training(domain, settings, profile="smoke" if smoke_test else profile,
-                           num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
-                           epochs=epochs)
+    ws, dom = workspace(), get_domain(domain)
+    version = run_training(dom, ws, profile="smoke" if smoke_test else profile, num_workers=num_workers,
+                           use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, epochs=epochs)
     if promote:
-        version = _promote(domain, version.version)
+        version = _promote(dom, ws, version.version)
     metrics = {k: v for k, v in version.metrics.items() if k.startswith("val_") or k == "epoch"}
     print_table(f"{domain} {version.version} ({version.stage})", ["metric", "value"],
                 sorted(metrics.items()), as_json)
@@ -106,13 +111,14 @@ def tune(domain: str, num_samples: int, scheduler: str, search: str, max_concurr
          gpus_per_trial: float, time_budget_s: float | None, grid_points: int, profile: str, epochs: int | None,
          space: Path | None, resume: str | None, smoke_test: bool, as_json: bool) -> None:
     """Sweep DOMAIN's hyperparameters with Ray Tune; register the best trial as a candidate."""
+    from domains import get_domain
     from training.tune import SweepOptions, load_space, sweep
 
     options = SweepOptions(num_samples=num_samples, scheduler=scheduler, search=search,
                            max_concurrent=max_concurrent, cpus_per_trial=cpus_per_trial,
                            gpus_per_trial=gpus_per_trial, time_budget_s=time_budget_s, grid_points=grid_points,
                            profile="smoke" if smoke_test else profile)
-    sweep_id, trials, version = sweep(domain, get_settings(), options,
+    sweep_id, trials, version = sweep(get_domain(domain), workspace(), options,
                                       space=load_space(space) if space else None,
                                       overrides={"epochs": epochs} if epochs else None, resume=resume)
     print_table(f"{sweep_id}: trials", list(trials.columns), [tuple(r) for r in trials.itertuples(index=False)],
@@ -131,11 +137,12 @@ def tune(domain: str, num_samples: int, scheduler: str, search: str, max_concurr
 @friendly_errors
 def evaluate(domain: str, ref: str, out: Path | None, sweep_ref: str | None, as_json: bool) -> None:
     """Score a version of DOMAIN on its test split; writes reports/DOMAIN.json and a PNG."""
+    from domains import get_domain
     from training.evaluate import evaluate as run_evaluation
 
-    settings = get_settings()
-    out = out or settings.reports_dir
-    report, evaluation = run_evaluation(domain, settings, ref, out, sweep_ref)
+    ws = workspace()
+    out = out or ws.settings.reports_dir
+    report, evaluation = run_evaluation(get_domain(domain), ws, ref, out, sweep_ref)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -161,23 +168,17 @@ def models() -> None:
     """List, inspect, promote and roll back registered model versions."""
 
 
-def _registry() -> Any:
-    from training.registry import Registry
-
-    return Registry(get_settings().registry_location())
-
-
-def _promote(domain: str, version: str) -> Any:
-    from domains import get_domain
-
-    dom = get_domain(domain)
-    return _registry().promote(domain, version, verify=lambda path: dom.load_predictor(path, version))
+def _promote(domain: Domain, ws: Workspace, version: str) -> Version:
+    """Makes `version` production once it loads as the domain's predictor."""
+    return ws.registry.promote(domain.name, version, verify=lambda path: domain.load_predictor(path, version))
 
 
-def _announce(domain: str, version: str) -> None:
+def _announce(ws: Workspace, domain: str, version: str) -> None:
     """Says what changed, and has the running platform (if any) reload the domain without a restart."""
+    from services.platform import reload_domain
+
     console.print(f"{domain} production is now {version}")
-    if reload_domain(get_settings(), domain, version):
+    if reload_domain(ws, domain, version):
         console.print(f"the running platform now serves {domain} {version}")
 
 
@@ -187,7 +188,7 @@ def _announce(domain: str, version: str) -> None:
 @friendly_errors
 def models_list(domain: str | None, as_json: bool) -> None:
     """Versions of one domain (or all) with stage, profile and validation metric."""
-    registry = _registry()
+    registry = workspace().registry
     rows = []
     for name in [domain] if domain else sorted(DOMAINS):
         for v in registry.versions(name):
@@ -204,7 +205,7 @@ def models_list(domain: str | None, as_json: bool) -> None:
 @friendly_errors
 def models_show(domain: str, version: str) -> None:
     """Everything recorded about a version: metrics, data checksum, code revision, lineage."""
-    v = _registry().get(domain, version)
+    v = workspace().registry.get(domain, version)
     click.echo(json.dumps({**v.record, "stage": v.stage}, indent=2, default=str))
 
 
@@ -215,10 +216,13 @@ def models_show(domain: str, version: str) -> None:
 @friendly_errors
 def models_promote(domain: str, version: str, yes: bool) -> None:
     """Make VERSION of DOMAIN production (refused if its files do not load)."""
+    from domains import get_domain
+
     if not yes:
         click.confirm(f"Make {domain} {version} production?", abort=True)
-    v = _promote(domain, version)
-    _announce(domain, v.version)
+    ws = workspace()
+    v = _promote(get_domain(domain), ws, version)
+    _announce(ws, domain, v.version)
 
 
 @models.command("rollback")
@@ -229,24 +233,26 @@ def models_rollback(domain: str, yes: bool) -> None:
     """Return DOMAIN's production to the version that served before."""
     if not yes:
         click.confirm(f"Roll {domain} production back to its previous version?", abort=True)
-    v = _registry().rollback(domain)
-    _announce(domain, v.version)
+    ws = workspace()
+    v = ws.registry.rollback(domain)
+    _announce(ws, domain, v.version)
 
 
 # ---- run -------------------------------------------------------------------------------------
 def ensure_production(domains: Sequence[str], profile: str) -> None:
     """Every domain gets a production model: trained with PROFILE (and promoted) where it has none."""
-    from domains.errors import RegistryError
+    from core.errors import RegistryError
+    from domains import get_domain
     from training.trainer import train as run_training
 
-    settings = get_settings()
-    registry = _registry()
+    ws = workspace()
     for domain in domains:
         try:
-            console.print(f"[green]{domain}[/green]: production is {registry.get(domain, 'production').version}")
+            console.print(f"[green]{domain}[/green]: production is {ws.registry.get(domain, 'production').version}")
         except RegistryError:
             console.rule(f"{domain}: no production model, training the {profile} profile")
-            version = _promote(domain, run_training(domain, settings, profile=profile).version)
+            dom = get_domain(domain)
+            version = _promote(dom, ws, run_training(dom, ws, profile=profile).version)
             console.print(f"{domain}: {version.version} trained and promoted")
 
 

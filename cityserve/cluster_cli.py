@@ -14,7 +14,7 @@ import click
 
 from cityserve.console import DOMAIN, console, friendly_errors, print_table
 from cluster import kube as k8s
-from domains.errors import ConfigError
+from core.errors import ConfigError
 
 
 @click.group()

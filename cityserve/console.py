@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from core.errors import CityServeError, Interrupted
+from core.settings import get_settings
 from domains import DOMAINS
-from domains.errors import CityServeError, Interrupted
 
 console = Console()
 F = TypeVar("F", bound=Callable[..., Any])
@@ -35,6 +36,20 @@ def friendly_errors(func: F) -> F:
             sys.exit(130 if isinstance(exc, Interrupted) else 2)
 
     return wrapper  # type: ignore[return-value]
+
+
+def workspace() -> Any:
+    """The configured settings and model registry, resolved once per command and passed down."""
+    from training.workspace import Workspace
+
+    return Workspace.from_settings(get_settings())
+
+
+def open_store() -> Any:
+    """The configured tenants database and usage ledger."""
+    from services.tenants import Store
+
+    return Store(get_settings().ledger_location())
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], as_json: bool) -> None:

@@ -16,19 +16,13 @@ from typing import Any
 
 import click
 
-from cityserve.config import Settings, get_settings
-from cityserve.console import DOMAIN, console, friendly_errors, print_table
+from cityserve.console import DOMAIN, console, friendly_errors, open_store, print_table, workspace
+from core.errors import ConfigError, InvalidInput
+from core.settings import Settings, get_settings
 from domains import DOMAINS
-from domains.errors import ConfigError, InvalidInput
 
 CONFIG_FILE = "serve-config.json"  # the config last deployed, beside platform.json
 DEMO_TENANT = "demo"
-
-
-def _store() -> Any:
-    from services.tenants import Store
-
-    return Store(get_settings().ledger_location())
 
 
 # ---- serve -------------------------------------------------------------------------------------
@@ -37,127 +31,14 @@ def serve() -> None:
     """Start, inspect and stop the local platform (Ray, the four domains, the gateway)."""
 
 
-def serve_config(settings: Settings, environment: str, domains: Sequence[str], port: int,
-                 *extra: Any) -> dict[str, Any]:
-    """The environment's config plus this run's values (absolute paths, port, each domain's
-    generation) and `extra` overlays."""
-    from services.config import ServeOverlay, build_config
-    from training.registry import Registry
-
-    registry = Registry(settings.registry_location())
-    served = list(domains) or sorted(DOMAINS)
-    run = ServeOverlay(http_options={"port": port},
-                       args={"registry_uri": settings.registry_location(), "ledger_url": settings.ledger_location()},
-                       deployments={d: {"user_config": {"generation": registry.generation(d)}} for d in served})
-    return build_config(environment, run, *extra, domains=served)
-
-
-def platform_up(settings: Settings, config: dict[str, Any], *, num_cpus: int, timeout_s: float = 900) -> Any:
-    """Starts Ray (unless running), deploys `config`, waits until every domain answers."""
-    from cluster.serve import Platform, deploy, start_head, wait_deployed, wait_ready
-
-    state = settings.state_dir
-    port = int(config["http_options"]["port"])
-    platform = Platform.load(state)
-    if platform is None:
-        console.print(f"starting Ray (2-core machines: 10-30 s); log {state / 'ray-head.log'}")
-        platform = start_head(state, num_cpus=num_cpus, http_port=port)
-        platform.save(state)  # saved before deploying: `serve down` can stop a half-started platform
-    elif not platform.gateway_url.endswith(f":{port}"):
-        raise ConfigError(f"the platform already runs with its gateway at {platform.gateway_url}; "
-                          "`cityserve serve down` first to change the port", field="port")
-    since = time.time()  # Serve stamps the deploy with this machine's clock: it runs here
-    deploy(platform.dashboard_url, config)
-    _save_config(state, config)
-    with console.status("deploying: replicas load their models") as status:
-        wait_deployed(platform.dashboard_url, since, timeout_s)
-        wait_ready(platform.gateway_url, timeout_s, progress=lambda last: status.update(f"waiting: {last[:100]}"))
-    return platform
-
-
-def _save_config(state: Path, config: dict[str, Any]) -> None:
-    tmp = state / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, state / CONFIG_FILE)
-
-
-def platform_down(settings: Settings) -> bool:
-    """Deletes the app (replicas finish in-flight requests) and stops our Ray head."""
-    from cluster.serve import Platform, stop_head, stop_serve
-
-    platform = Platform.load(settings.state_dir)
-    if platform is None:
-        return False
-    try:
-        stop_serve(platform.dashboard_url)
-    except Exception as exc:  # Ray already half gone: stopping the head is what is left to do
-        console.print(f"[yellow]serve shutdown incomplete ({type(exc).__name__}); stopping Ray[/yellow]")
-    stop_head(platform)
-    (settings.state_dir / "platform.json").unlink(missing_ok=True)
-    return True
-
-
-def reload_domain(settings: Settings, domain: str, version: str, timeout_s: float = 300) -> bool:
-    """After a promote/rollback: bump the domain's generation in the running config and wait until
-    the gateway reports `version`. False when no platform runs here (nothing to reload)."""
-    from cluster.serve import Platform, deploy
-    from training.registry import Registry
-
-    platform = Platform.load(settings.state_dir)
-    path = settings.state_dir / CONFIG_FILE
-    if platform is None or not path.exists():
-        return False
-    config = json.loads(path.read_text())
-    (app,) = config["applications"]
-    deployment = next((d for d in app["deployments"] if d["name"] == domain), None)
-    if deployment is None:
-        return False
-    deployment.setdefault("user_config", {})["generation"] = Registry(settings.registry_location()).generation(domain)
-    deploy(platform.dashboard_url, config)
-    _save_config(settings.state_dir, config)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        serving = serving_versions(platform.gateway_url)
-        if serving.get(domain) == version:
-            return True
-        time.sleep(1)
-    raise ConfigError(f"{domain} did not report {version} within {timeout_s:.0f} s; see `cityserve serve status`")
-
-
-def serving_versions(gateway_url: str) -> dict[str, str | None]:
-    """The version each domain's replica answered with, from the gateway's /v1/models."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"{gateway_url}/v1/models", timeout=10) as resp:
-        return {d["domain"]: d.get("version") for d in json.loads(resp.read())["domains"]}
-
-
-def demo_tenant(settings: Settings) -> str:
-    """A tenant granted every domain; a fresh key each run (the previous one stops working)."""
-    from services.tenants import Tenant
-
-    store = _store()
-    try:
-        return str(store.create_tenant(Tenant(DEMO_TENANT, sorted(DOMAINS), 600, 6000, 16), key_ttl_days=30))
-    except InvalidInput:
-        return str(store.rotate(DEMO_TENANT, key_ttl_days=30, grace_hours=0))
-
-
 def print_examples(settings: Settings, gateway_url: str, key: str, domains: Sequence[str]) -> None:
-    """One curl per domain, its body the domain's documented example (written to state/examples/)."""
-    from domains import get_domain
-    from domains.base import request_example
-    from services.config import VERBS
+    """One curl per domain, its body the domain's documented example."""
+    from services.platform import example_bodies
 
-    folder = settings.state_dir / "examples"
-    folder.mkdir(parents=True, exist_ok=True)
     console.print(f"\ngateway: {gateway_url}   docs: {gateway_url}/docs   demo key: {key}\n")
-    for name in domains:
-        example = request_example(get_domain(name).request_model)
-        body = folder / f"{name}.json"
-        body.write_text(json.dumps(example))
+    for body, path in example_bodies(settings, domains).values():
         console.print(f"curl -s -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
-                      f"-d @{shlex.quote(str(body))} {gateway_url}/v1/{name}/{VERBS[name]}", soft_wrap=True)
+                      f"-d @{shlex.quote(str(body))} {gateway_url}{path}", soft_wrap=True)
 
 
 @serve.command("up")
@@ -170,13 +51,16 @@ def print_examples(settings: Settings, gateway_url: str, key: str, domains: Sequ
 @friendly_errors
 def serve_up(environment: str, port: int, num_cpus: int, domains: tuple[str, ...], demo: bool, detach: bool) -> None:
     """Start the platform (or re-apply the config to the running one) and wait until it answers."""
+    from services.platform import demo_tenant, platform_down, platform_up, serve_config
+
     settings = get_settings()
-    config = serve_config(settings, environment, domains, port)
+    config = serve_config(workspace(), environment, domains, port)
     started = time.monotonic()
-    platform = platform_up(settings, config, num_cpus=num_cpus)
+    with console.status("starting") as status:
+        platform = platform_up(settings, config, num_cpus=num_cpus, progress=status.update)
     console.print(f"[green]ready[/green] in {time.monotonic() - started:.0f} s at {platform.gateway_url}")
     if demo:
-        print_examples(settings, platform.gateway_url, demo_tenant(settings), domains or sorted(DOMAINS))
+        print_examples(settings, platform.gateway_url, demo_tenant(open_store()), domains or sorted(DOMAINS))
     if detach:
         return
     console.print("\nserving; Ctrl-C stops the platform")
@@ -190,7 +74,7 @@ def serve_up(environment: str, port: int, num_cpus: int, domains: tuple[str, ...
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("stopping (in-flight requests finish first)")
-        platform_down(settings)
+        platform_down(settings, console.print)
         console.print("stopped")
 
 
@@ -200,6 +84,7 @@ def serve_up(environment: str, port: int, num_cpus: int, domains: tuple[str, ...
 def serve_status(as_json: bool) -> None:
     """Deployments, their status and replicas, and the version each domain serves."""
     from cluster.serve import Platform, details, running_replicas
+    from services.platform import serving_versions
 
     settings = get_settings()
     platform = Platform.load(settings.state_dir)
@@ -223,7 +108,9 @@ def serve_status(as_json: bool) -> None:
 @friendly_errors
 def serve_down() -> None:
     """Stop the platform started by `serve up` (in-flight requests finish first)."""
-    if platform_down(get_settings()):
+    from services.platform import platform_down
+
+    if platform_down(get_settings(), console.print):
         console.print("stopped")
     else:
         console.print("no platform runs here")
@@ -257,7 +144,7 @@ def tenants_create(name: str, grants: tuple[str, ...], rpm: int | None, ipm: int
     from services.tenants import Tenant
 
     tenant = Tenant(name, list(grants), rpm or 600, ipm or 6000, concurrency or 8)
-    key = _store().create_tenant(tenant, key_ttl_days)
+    key = open_store().create_tenant(tenant, key_ttl_days)
     console.print(f"tenant {name} created; its key (shown once, store it now):")
     click.echo(key)
 
@@ -267,7 +154,7 @@ def tenants_create(name: str, grants: tuple[str, ...], rpm: int | None, ipm: int
 @friendly_errors
 def tenants_list(as_json: bool) -> None:
     """Tenants with grants, quotas and live keys (ids only: secrets are never stored)."""
-    store = _store()
+    store = open_store()
     now = time.time()
     rows = []
     for t in store.tenants():
@@ -294,7 +181,7 @@ def tenants_new_key() -> None:
 @friendly_errors
 def tenants_rotate(name: str, grace_hours: float, key_ttl_days: float) -> None:
     """A new key for NAME; its current keys expire after the grace period."""
-    key = _store().rotate(name, key_ttl_days, grace_hours)
+    key = open_store().rotate(name, key_ttl_days, grace_hours)
     console.print(f"new key for {name} (shown once); old keys expire in {grace_hours:g} h:")
     click.echo(key)
 
@@ -308,7 +195,7 @@ def tenants_revoke(name: str, key_id: str | None, yes: bool) -> None:
     """Revoke tenant NAME (all its keys), or one key. Gateways refuse it within 2 s."""
     if not yes:
         click.confirm(f"Revoke {'key ' + key_id + ' of ' if key_id else 'tenant '}{name}?", abort=True)
-    _store().revoke(name, key_id)
+    open_store().revoke(name, key_id)
     console.print(f"revoked {'key ' + key_id if key_id else 'tenant ' + name}")
 
 
@@ -322,7 +209,7 @@ def tenants_revoke(name: str, key_id: str | None, yes: bool) -> None:
 def tenants_set_quota(name: str, grants: tuple[str, ...], rpm: int | None, ipm: int | None,
                       concurrency: int | None) -> None:
     """Change NAME's grants (replaced when given) and limits. Gateways apply it within 2 s."""
-    tenant = _store().set_quota(name, grants=list(grants) or None, requests_per_minute=rpm,
+    tenant = open_store().set_quota(name, grants=list(grants) or None, requests_per_minute=rpm,
                                 items_per_minute=ipm, max_concurrent=concurrency)
     console.print(f"{name}: grants {tenant.grants}, {tenant.requests_per_minute} requests/min, "
                   f"{tenant.items_per_minute} items/min, {tenant.max_concurrent} concurrent")
@@ -334,7 +221,8 @@ def tenants_set_quota(name: str, grants: tuple[str, ...], rpm: int | None, ipm: 
 @friendly_errors
 def tenants_audit(tenant: str | None, as_json: bool) -> None:
     """The audit log: every admin action, who ran it, when."""
-    rows = [(_iso(at), actor, action, name, detail) for at, actor, action, name, detail in _store().audit_log(tenant)]
+    log = open_store().audit_log(tenant)
+    rows = [(_iso(at), actor, action, name, detail) for at, actor, action, name, detail in log]
     print_table("audit log", ["at", "actor", "action", "tenant", "detail"], rows, as_json)
 
 
@@ -387,7 +275,7 @@ def usage(tenant: str | None, since: str | None, detail: bool, as_json: bool, as
     """Metered usage from the ledger: per tenant and domain, or per request with --detail."""
     from services.tenants import USAGE_COLUMNS
 
-    rows = _store().usage(tenant, parse_since(since, time.time()))
+    rows = open_store().usage(tenant, parse_since(since, time.time()))
     if detail:
         columns: list[str] = list(USAGE_COLUMNS)
         table = [u.row() for u in rows]
@@ -414,9 +302,10 @@ def usage(tenant: str | None, since: str | None, detail: bool, as_json: bool, as
 @friendly_errors
 def batch(domain: str, source: Path, dest: Path, ref: str, batch_size: int, concurrency: int, as_json: bool) -> None:
     """Score SOURCE (Parquet or CSV, one request item per row) into the Parquet file DEST."""
+    from domains import get_domain
     from services.batch import score_file
 
-    report = score_file(domain, get_settings(), source, dest, ref=ref, batch_size=batch_size,
+    report = score_file(get_domain(domain), workspace(), source, dest, ref=ref, batch_size=batch_size,
                         concurrency=concurrency)
     if as_json:
         click.echo(json.dumps(report.__dict__, indent=2))

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import urllib3
 import yaml
 
-from domains.errors import CityServeError, ConfigError
+from core.errors import CityServeError, ConfigError
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient

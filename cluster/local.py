@@ -8,8 +8,8 @@ import random
 import socket
 from typing import Any
 
-from cityserve.config import Settings
-from domains.errors import ConfigError
+from core.errors import ConfigError
+from core.settings import Settings
 
 # `--node-ip-address=127.0.0.1` is not enough: Ray swaps a loopback node address for the machine's
 # reachable one, and its agents and client server then listen there, its GCS and raylet on every

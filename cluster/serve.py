@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from cluster.local import LOOPBACK_ENV, free_ports
-from domains.errors import ConfigError
+from core.errors import ConfigError
+from core.io import write_json_atomic
 
 STATE_FILE = "platform.json"
 # Process-wide Serve settings, so they go to the head's environment (the controller, proxy and
@@ -73,10 +74,7 @@ class Platform:
         return platform
 
     def save(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = state_dir / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, state_dir / STATE_FILE)
+        write_json_atomic(state_dir / STATE_FILE, asdict(self))
 
     def alive(self) -> bool:
         try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import importlib
 
+from core.errors import ConfigError
 from domains.base import Domain
-from domains.errors import ConfigError
 
 DOMAINS: dict[str, str] = {
     "traffic": "domains.traffic:TrafficDomain",

@@ -87,7 +87,7 @@ class Predictor(ABC):
         """Answers a batch of request items, in order, one response item each.
 
         Raises:
-            domains.errors.InvalidInput: an item is well-formed JSON but not servable
+            core.errors.InvalidInput: an item is well-formed JSON but not servable
                 (an unknown sensor, a series of the wrong length); names the field.
         """
 
@@ -117,7 +117,7 @@ class Domain(ABC):
             smoke: a tiny set for tests and `--smoke-test`.
 
         Returns:
-            The manifest written (`training.data.common.write_splits`).
+            The manifest written (`domains.tables.write_splits`).
         """
 
     # ---- training ----------------------------------------------------------------------------

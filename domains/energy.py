@@ -45,11 +45,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from core.errors import InvalidInput
 from domains import metrics
 from domains.base import Batch, Domain, Evaluation, MetricRow, Predictor, SearchParam
-from domains.errors import InvalidInput
+from domains.tables import load_table, read_manifest
 from training.data import energy as energy_data
-from training.data.common import load_table, read_manifest
 
 DAY = energy_data.STEPS_PER_DAY
 WEEK = 7 * DAY

@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 
 from domains.base import Batch, Evaluation, MetricRow, Predictor
 from domains.metrics import accuracy, f1_per_class, macro_f1
+from domains.tables import load_table, read_manifest
 from domains.text import (
     TEXT_RULE,
     TextClassifier,
@@ -49,7 +50,6 @@ from domains.text import (
     readable_text,
 )
 from training.data import events as data
-from training.data.common import load_table, read_manifest
 
 LABELS: tuple[str, ...] = data.LABELS
 PRIORITIES: tuple[str, ...] = data.PRIORITIES

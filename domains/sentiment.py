@@ -29,8 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
+from core.io import replacing
 from domains.base import Batch, Evaluation, MetricRow, Predictor
 from domains.metrics import accuracy, f1_per_class, macro_f1
+from domains.tables import load_table, read_manifest
 from domains.text import (
     TEXT_RULE,
     FeatureDataset,
@@ -46,7 +48,6 @@ from domains.text import (
     readable_text,
 )
 from training.data import sentiment as data
-from training.data.common import load_table, read_manifest
 
 LABELS: tuple[str, ...] = data.LABELS
 Label = Literal["negative", "neutral", "positive"]
@@ -318,10 +319,8 @@ def frozen_embeddings(
     model = TextClassifier({}, encoder_config(), pretrained=True).eval()
     tokenizer = load_tokenizer()
     out = {name: embed_texts(model, tokenizer, t["text"].tolist(), max_len) for name, t in tables.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **out)  # type: ignore[arg-type]
-    tmp.replace(path)  # atomic: a crash never leaves a truncated cache
+    with replacing(path) as tmp, open(tmp, "wb") as fh:  # a crash never leaves a truncated cache
+        np.savez(fh, **out)  # type: ignore[arg-type]
     return out
 
 

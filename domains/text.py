@@ -20,8 +20,8 @@ from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from core.errors import InvalidInput
 from domains.base import Batch, Domain, Predictor, SearchParam
-from domains.errors import InvalidInput
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub, even by accident
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -37,9 +37,9 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import Dataset
 
+from core.errors import InvalidInput
 from domains import metrics
 from domains.base import Batch, Domain, Evaluation, MetricRow, Predictor, SearchParam
-from domains.errors import InvalidInput
 
 HORIZONS = ("15min", "30min", "60min")
 HORIZON_MINUTES = (15, 30, 60)
@@ -515,7 +515,7 @@ class TrafficDomain(Domain):
                 "hidden": 96, "layers": 2, "dropout": 0.1}
 
     def _tables(self, data_dir: Path, split: str) -> dict[str, pd.DataFrame]:
-        from training.data.common import load_table
+        from domains.tables import load_table
 
         return {name: load_table(data_dir, self.name, f"{name}_{split}") for name in NETWORKS}
 
@@ -531,7 +531,7 @@ class TrafficDomain(Domain):
 
     def fit_meta(self, data_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
         """Sensor ids, mean counts (the unit the model works in) and smoothed profiles, from train only."""
-        from training.data.common import read_manifest
+        from domains.tables import read_manifest
 
         networks = {}
         for name, train in self._tables(data_dir, "train").items():

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,12 +23,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
-from cityserve.config import Settings
+from core.errors import ConfigError, DataError
+from core.io import replacing
 from domains import get_domain
-from domains.errors import ConfigError, DataError
+from domains.base import Domain
 from services.errors import field_path
 from services.model import predict_groups
 from training.registry import Registry
+from training.workspace import Workspace
 
 
 @dataclass
@@ -114,23 +113,23 @@ class Scorer:
         return batch.assign(error=errors, result=results)
 
 
-def score_file(domain: str, settings: Settings, source: Path, dest: Path, *, ref: str = "production",
+def score_file(domain: Domain, workspace: Workspace, source: Path, dest: Path, *, ref: str = "production",
                batch_size: int = 64, concurrency: int = 1, torch_threads: int = 1) -> BatchReport:
     """Scores `source` with `domain`'s `ref` version into the Parquet file `dest`."""
     import ray
 
     from cluster.local import connect
 
-    dom = get_domain(domain)
     table = read_table(source)
-    missing = [n for n, f in dom.request_model.model_fields.items() if f.is_required() and n not in table.column_names]
+    missing = [n for n, f in domain.request_model.model_fields.items()
+               if f.is_required() and n not in table.column_names]
     if missing:
-        raise DataError(str(source), f"lacks the columns {missing} that {domain} requests need",
+        raise DataError(str(source), f"lacks the columns {missing} that {domain.name} requests need",
                         column=missing[0])
     if batch_size < 1 or concurrency < 1:
         raise ConfigError("batch size and concurrency must be at least 1", field="batch_size")
-    registry = Registry(settings.registry_location())
-    version = registry.get(domain, ref).version
+    settings = workspace.settings
+    version = workspace.registry.get(domain.name, ref).version
     table = table.append_column("row", pa.array(range(table.num_rows), pa.int64()))
 
     connect(settings)
@@ -138,17 +137,12 @@ def score_file(domain: str, settings: Settings, source: Path, dest: Path, *, ref
 
     DataContext.get_current().enable_progress_bars = True  # a long job shows how far it is
     scored = ray.data.from_arrow(table).map_batches(
-        Scorer, fn_constructor_args=(domain, settings.registry_location(), version, torch_threads),
+        Scorer, fn_constructor_args=(domain.name, settings.registry_location(), version, torch_threads),
         batch_size=batch_size, batch_format="pandas", concurrency=concurrency, num_cpus=torch_threads)
     out = scored.to_arrow_refs()
     result = pa.concat_tables(ray.get(out)).sort_by("row") if out else table
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        pq.write_table(result, tmp / "out.parquet")
-        os.replace(tmp / "out.parquet", dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with replacing(dest) as tmp:
+        pq.write_table(result, tmp)
     error_col = result.column("error").to_pylist()
     rows_col = result.column("row").to_pylist()
     failed = [(r, e) for r, e in zip(rows_col, error_col, strict=True) if e is not None]

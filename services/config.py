@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from core.errors import ConfigError
 from domains import DOMAINS
-from domains.errors import ConfigError
 
 SERVE_DIR = Path(__file__).resolve().parent.parent / "helm" / "serve"
 APP_NAME = "cityserve"

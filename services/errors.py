@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from domains.errors import CityServeError, ConfigError, InvalidInput
+from core.errors import CityServeError, ConfigError, InvalidInput
 
 logger = logging.getLogger("ray.serve")
 

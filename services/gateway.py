@@ -27,9 +27,9 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from cluster.local import loopback_replica_grpc
+from core.errors import CityServeError
 from domains import get_domain
 from domains.base import request_example
-from domains.errors import CityServeError
 from services.admission import Decision
 from services.coalesce import Coalescer
 from services.config import GATEWAY, VERBS, ModelConfig, PlatformArgs

@@ -17,9 +17,9 @@ from typing import Any
 from ray import serve
 
 from cluster.local import loopback_replica_grpc
+from core.errors import CityServeError, InvalidInput, RegistryError
 from domains import get_domain
 from domains.base import Predictor
-from domains.errors import CityServeError, InvalidInput, RegistryError
 from services.config import ModelConfig
 from services.errors import Internal
 from training.registry import Registry

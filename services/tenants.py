@@ -37,7 +37,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from domains.errors import ConfigError, InvalidInput
+from core.errors import ConfigError, InvalidInput
 
 KEY_PREFIX = "csk"
 WINDOW_S = 60.0

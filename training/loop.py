@@ -100,9 +100,8 @@ def write_model_dir(
     domain.save_extras(path, meta)
 
 
-def run_loop(config: dict[str, Any], ctx: LoopContext) -> None:
+def run_loop(domain: Domain, config: dict[str, Any], ctx: LoopContext) -> None:
     """Trains one model end to end; reports validation metrics and a checkpoint each epoch."""
-    domain = get_domain(config["domain"])
     data_dir = Path(config["data_dir"])
     torch.set_num_threads(int(config["threads"]))  # Ray sets OMP threads from num_cpus; be explicit
     torch.manual_seed(int(config["seed"]) + ctx.world_rank)
@@ -217,7 +216,7 @@ def run_loop(config: dict[str, Any], ctx: LoopContext) -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train entry point (`TorchTrainer(train_loop_per_worker, ...)`)."""
-    run_loop(config, RayContext())
+    run_loop(get_domain(config["domain"]), config, RayContext())
 
 
 class RayContext:
@@ -301,12 +300,12 @@ def build_config(domain: Domain, profile: str, data_dir: Path, *, threads: int,
     }
 
 
-def fit_plain(domain_name: str, config: dict[str, Any], data_dir: Path, model_dir: Path,
+def fit_plain(domain: Domain, config: dict[str, Any], data_dir: Path, model_dir: Path,
               device: str = "cpu") -> list[dict[str, float]]:
     """Runs the training loop in this process without Ray; writes the best epoch to `model_dir`.
 
     Args:
-        domain_name: which domain.
+        domain: which domain.
         config: hyperparameters (missing common keys take `COMMON_DEFAULTS`).
         data_dir: the data root (prepared already).
         model_dir: where the best epoch's model directory is written.
@@ -315,12 +314,11 @@ def fit_plain(domain_name: str, config: dict[str, Any], data_dir: Path, model_di
     Returns:
         The metrics reported after each epoch.
     """
-    domain = get_domain(domain_name)
     full = {**COMMON_DEFAULTS, "threads": torch.get_num_threads(), **config,
-            "domain": domain_name, "data_dir": str(Path(data_dir).resolve())}
+            "domain": domain.name, "data_dir": str(Path(data_dir).resolve())}
     ctx = PlainContext(domain, device)
     try:
-        run_loop(full, ctx)
+        run_loop(domain, full, ctx)
         shutil.rmtree(model_dir, ignore_errors=True)
         shutil.copytree(ctx.best_dir, model_dir)
     finally:

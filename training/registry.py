@@ -26,7 +26,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
-from domains.errors import RegistryError
-from training.data.common import sha256_file
+from core.errors import RegistryError
+from core.io import sha256_file, write_bytes_atomic
 
 if TYPE_CHECKING:
     from domains.base import Domain, Predictor
@@ -115,11 +114,8 @@ class Registry:
 
     def _write_json(self, path: str, data: dict[str, Any]) -> None:
         payload = json.dumps(data, indent=2, default=str).encode()
-        if self.local:  # write then rename: readers never see a half-written file
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            Path(tmp).parent.mkdir(parents=True, exist_ok=True)
-            Path(tmp).write_bytes(payload)
-            os.replace(tmp, path)
+        if self.local:  # readers never see a half-written file
+            write_bytes_atomic(Path(path), payload)
         else:  # one object PUT is atomic on object stores
             with self.fs.open_output_stream(path) as fh:
                 fh.write(payload)

@@ -24,14 +24,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cityserve.config import Settings
 from cluster.local import connect
+from core.errors import ConfigError, Interrupted
+from core.settings import Settings
 from domains import get_domain
 from domains.base import Domain, SearchParam
-from domains.errors import ConfigError, Interrupted
-from training.loop import build_config, train_loop_per_worker
+from training.loop import build_config
 from training.registry import Version
-from training.trainer import ensure_data, register_checkpoint, smoke_data_dir
+from training.runs import ensure_data, register_checkpoint, smoke_data_dir, torch_trainer
+from training.workspace import Workspace
 
 SCHEDULERS = ("asha", "fifo")
 SEARCHERS = ("optuna", "random", "grid")
@@ -142,33 +143,16 @@ def tune_space(space: dict[str, SearchParam], search: str, grid_points: int) -> 
 def run_trial(config: dict[str, Any]) -> None:
     """One Tune trial: the same TorchTrainer run as `cityserve train`, reporting to Tune."""
     import ray.tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    domain = get_domain(config["domain"])
-    gpus = float(config["gpus_per_worker"])
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(
-            num_workers=int(config["num_workers"]), use_gpu=gpus > 0,
-            resources_per_worker={"CPU": float(config["cpus_per_worker"]), **({"GPU": gpus} if gpus else {})},
-        ),
-        run_config=RunConfig(
-            # Stable across Tuner.restore: a resumed trial continues from its last checkpoint.
-            name=f"{config['sweep_id']}-{ray.tune.get_context().get_trial_id()}",
-            storage_path=config["storage_path"],
-            callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # a Train V2 UserCallback
-            failure_config=FailureConfig(max_failures=1),
-            # Two: a trial restored after it had ended reports its last checkpoint again (a copy
-            # scoring the same); with one kept, the copy could evict the original that the trial's
-            # earlier report names, and registering the best trial would find nothing there.
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=domain.metric,
-                                               checkpoint_score_order=domain.mode),
-        ),
-    )
-    trainer.fit()
+    torch_trainer(
+        get_domain(config["domain"]), config,
+        # Stable across Tuner.restore: a resumed trial continues from its last checkpoint.
+        name=f"{config['sweep_id']}-{ray.tune.get_context().get_trial_id()}",
+        storage_path=config["storage_path"], num_workers=int(config["num_workers"]),
+        cpus_per_worker=float(config["cpus_per_worker"]), gpus_per_worker=float(config["gpus_per_worker"]),
+        max_failures=1, callbacks=[TuneReportCallback()],
+    ).fit()
 
 
 def _tuner(domain: Domain, sweep_id: str, settings: Settings, options: SweepOptions,
@@ -199,8 +183,8 @@ def _tuner(domain: Domain, sweep_id: str, settings: Settings, options: SweepOpti
 
 
 def sweep(
-    domain_name: str,
-    settings: Settings,
+    domain: Domain,
+    workspace: Workspace,
     options: SweepOptions,
     *,
     space: dict[str, SearchParam] | None = None,
@@ -215,14 +199,14 @@ def sweep(
     from ray import tune
 
     options.validate()
-    domain = get_domain(domain_name)
+    settings = workspace.settings
     data_dir = smoke_data_dir(settings) if options.profile == "smoke" else settings.data_dir
-    manifest = ensure_data(domain_name, data_dir, smoke=options.profile == "smoke")
+    manifest = ensure_data(domain, data_dir, smoke=options.profile == "smoke")
     space = space if space is not None else domain.search_space()
     threads = max(1, int(options.cpus_per_trial))
     base = build_config(domain, options.profile, data_dir, threads=threads, overrides=overrides)
     validate_space(space, base)
-    sweep_id = resume or f"sweep-{domain_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_id = resume or f"sweep-{domain.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     base.update(sweep_id=sweep_id, storage_path=settings.storage_uri(), num_workers=1,
                 cpus_per_worker=options.cpus_per_trial, gpus_per_worker=options.gpus_per_trial)
 
@@ -238,12 +222,12 @@ def sweep(
     grid, interrupted = _fit(tuner)
     if interrupted:  # a half-run sweep has no winner yet
         raise Interrupted(f"sweep {sweep_id} was interrupted; nothing registered. Continue it with "
-                          f"`cityserve tune {domain_name} --resume {sweep_id}`")
+                          f"`cityserve tune {domain.name} --resume {sweep_id}`")
     trials = trial_table(grid, domain, list(space))
     out = Path(settings.storage_uri()) / sweep_id
     trials.to_parquet(out / TRIALS_FILE)
     draw_sweep(grid, trials, domain, list(space), out / FIGURE_FILE)
-    version = register_best(grid, domain, settings, manifest, sweep_id) if len(trials) else None
+    version = register_best(grid, domain, workspace, manifest, sweep_id) if len(trials) else None
     return sweep_id, trials, version
 
 
@@ -322,7 +306,7 @@ def draw_sweep(grid: Any, trials: pd.DataFrame, domain: Domain, keys: list[str],
     plt.close(fig)
 
 
-def register_best(grid: Any, domain: Domain, settings: Settings, manifest: dict[str, Any],
+def register_best(grid: Any, domain: Domain, workspace: Workspace, manifest: dict[str, Any],
                   sweep_id: str) -> Version:
     """Registers the best epoch of the best trial (its Train checkpoint) with the sweep as lineage."""
     from ray.train import Checkpoint
@@ -336,6 +320,6 @@ def register_best(grid: Any, domain: Domain, settings: Settings, manifest: dict[
                if isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_)
                and not k.startswith("config/") and k not in TUNE_KEYS}
     config = {k: v for k, v in best.config.items() if k not in SWEEP_KEYS}
-    return register_checkpoint(domain.name, settings, Checkpoint(path=row[CHECKPOINT_PATH_KEY]), metrics=metrics,
+    return register_checkpoint(domain, workspace, Checkpoint(path=row[CHECKPOINT_PATH_KEY]), metrics=metrics,
                                manifest=manifest, config=config,
                                lineage={"sweep": sweep_id, "trial": Path(best.path).name})

@@ -21,8 +21,8 @@ from typing import Any
 
 from bench import RESULTS
 from bench.load import tree_rss_gb
-from cityserve.config import Settings
-from training.evaluate import write_json_atomic
+from core.io import write_json_atomic
+from core.settings import Settings
 
 RESULT_FILE = RESULTS / "reliability.json"
 

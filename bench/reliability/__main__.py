@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.reliability import RESULT_FILE, Check, Target, command, save_checks
-from cityserve.config import Settings, get_settings
 from cluster.local import LOOPBACK_ENV
-from domains import DOMAINS
+from core.settings import Settings, get_settings
+from domains import DOMAINS, get_domain
 from services.config import ServeOverlay
+from training.workspace import Workspace
 
 # Two gateway replicas (quotas across replicas, a gateway killed) and two energy replicas (a model
 # replica killed): fixed, so autoscaling does not blur what a kill does.
@@ -57,25 +58,25 @@ def platform_checks() -> dict[str, Callable[[Target, bool], Check]]:
 
 def ensure_production(settings: Settings, domains: list[str]) -> None:
     """A production version of each domain (a smoke-size training where there is none)."""
-    from training.registry import Registry
     from training.trainer import train
 
-    registry = Registry(settings.registry_location())
+    workspace = Workspace.from_settings(settings)
     for domain in domains:
-        if not registry.stages(domain).get("production"):
-            version = train(domain, settings, profile="smoke", num_workers=1, cpus_per_worker=1)
-            registry.promote(domain, version.version)
+        if not workspace.registry.stages(domain).get("production"):
+            version = train(get_domain(domain), workspace, profile="smoke", num_workers=1, cpus_per_worker=1)
+            workspace.registry.promote(domain, version.version)
 
 
 def run_platform_checks(names: list[str], short: bool, port: int) -> list[Check]:
-    from cityserve.platform_cli import platform_down, platform_up, serve_config
+    from services.platform import platform_down, platform_up, serve_config
 
     state = Path(tempfile.mkdtemp(prefix="cityserve-reliability-"))
     settings = get_settings().model_copy(update={"state_dir": state, "ledger_url": f"sqlite:///{state}/ledger.db"})
     checks = platform_checks()
     results = []
     try:  # a platform that failed to start is stopped too
-        platform = platform_up(settings, serve_config(settings, "local", sorted(DOMAINS), port, OVERLAY), num_cpus=2)
+        config = serve_config(Workspace.from_settings(settings), "local", sorted(DOMAINS), port, OVERLAY)
+        platform = platform_up(settings, config, num_cpus=2)
         target = Target(platform.gateway_url, platform.dashboard_url, platform.gcs_address, settings, platform.pid)
         for name in names:
             results.append(_timed(name, partial(checks[name], target, short), save=not short))

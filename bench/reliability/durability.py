@@ -16,10 +16,10 @@ from pathlib import Path
 from bench.load import Sent
 from bench.reliability import Check, Target, command
 from bench.reliability.serving import CLIENT_TIMEOUT_S, load
-from cityserve.config import Settings
 from cluster.local import free_port
 from cluster.serve import wait_ready
-from domains.errors import ConfigError
+from core.errors import ConfigError
+from core.settings import Settings
 
 NAME = "shutdown_durability"
 # Statuses the gateway answers only after admitting a request (a lease taken, a row due). A 503

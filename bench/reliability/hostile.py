@@ -589,7 +589,7 @@ def tenant_names_refused(target: Target) -> dict[str, str | None]:
     naming the name field, else what happened instead. Refusals change nothing in the ledger."""
     import yaml
 
-    from domains.errors import ConfigError, InvalidInput
+    from core.errors import ConfigError, InvalidInput
     from services.tenants import Tenant, new_key, read_tenants_file
 
     store = target.store()

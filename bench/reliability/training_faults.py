@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from bench.reliability import Check, command
-from cityserve.config import Settings
 from cluster.local import connect
+from core.errors import RegistryError
+from core.settings import Settings
 from domains import get_domain
 from domains.base import META_FILE, WEIGHTS_FILE
-from domains.errors import RegistryError
 from training.registry import STAGES_FILE, VERSION_FILE, Registry
-from training.trainer import ensure_data, make_trainer, smoke_data_dir
+from training.runs import ensure_data, smoke_data_dir
+from training.trainer import make_trainer
+from training.workspace import Workspace
 
 T = TypeVar("T")
 CLI = Path(sys.executable).with_name("cityserve")
@@ -153,10 +155,10 @@ def check_registry_corruption(settings: Settings, short: bool = False) -> Check:
     from training.loop import fit_plain
 
     data_dir = smoke_data_dir(settings)
-    ensure_data(REGISTRY_DOMAIN, data_dir, smoke=True)
+    ensure_data(domain, data_dir, smoke=True)
     models = root / "models"
     for seed in (0, 1):
-        fit_plain(REGISTRY_DOMAIN, {**domain.default_config("smoke"), "seed": seed}, data_dir, models / str(seed))
+        fit_plain(domain, {**domain.default_config("smoke"), "seed": seed}, data_dir, models / str(seed))
 
     def promote(version: str) -> object:  # what `cityserve models promote` runs
         return registry.promote(REGISTRY_DOMAIN, version, verify=lambda path: domain.load_predictor(path, version))
@@ -259,7 +261,8 @@ def check_train_worker_kill(settings: Settings, short: bool = False) -> Check:
     started = time.monotonic()
     epochs, kill_after = (6, 2) if short else (12, 5)
     root, scratch = _scratch(settings, name)
-    metric = get_domain(TRAIN_DOMAIN).metric
+    domain = get_domain(TRAIN_DOMAIN)
+    metric = domain.metric
     figures: dict[str, Any] = {"domain": TRAIN_DOMAIN, "metric": metric, "epochs": epochs, "num_workers": 2,
                                "undisturbed_seeds": list(UNDISTURBED_SEEDS), "killed_seed": KILLED_SEED}
     problems: list[str] = []
@@ -267,7 +270,7 @@ def check_train_worker_kill(settings: Settings, short: bool = False) -> Check:
         cpus = ray.cluster_resources()["CPU"] / 8  # four runs of two workers at once
 
         def trainer(seed: int) -> Any:
-            made, _ = make_trainer(TRAIN_DOMAIN, scratch, profile="smoke", num_workers=2, cpus_per_worker=cpus,
+            made, _ = make_trainer(domain, scratch, profile="smoke", num_workers=2, cpus_per_worker=cpus,
                                    epochs=epochs, overrides={"patience": epochs, "seed": seed})
             return made
 
@@ -392,7 +395,8 @@ def check_tune_driver_kill(settings: Settings, short: bool = False) -> Check:
                                  "patience": {"kind": "choice", "values": [max(lengths)]}}))
     figures: dict[str, Any] = {"domain": TUNE_DOMAIN, "trial_epochs": lengths}
     problems: list[str] = []
-    ensure_data(TUNE_DOMAIN, smoke_data_dir(scratch), smoke=True)
+    domain = get_domain(TUNE_DOMAIN)
+    ensure_data(domain, smoke_data_dir(scratch), smoke=True)
     with _ray(scratch):
         # [1] the sweep's driver: the CLI as a user runs it, joining our cluster by its address
         env = {**os.environ, "CITYSERVE_DATA_DIR": str(scratch.data_dir), "CITYSERVE_STORAGE_PATH": str(storage),
@@ -440,7 +444,8 @@ def check_tune_driver_kill(settings: Settings, short: bool = False) -> Check:
         # [3] resume, in this process, as `cityserve tune --resume SWEEP_ID` does
         resumed_at = time.monotonic()
         try:
-            _, trials, version = sweep(TUNE_DOMAIN, scratch, SweepOptions(profile="smoke"), resume=sweep_dir.name)
+            _, trials, version = sweep(domain, Workspace.from_settings(scratch), SweepOptions(profile="smoke"),
+                                       resume=sweep_dir.name)
         except Exception as exc:  # a check reports what broke, whatever it is
             problems.append(f"the resumed sweep failed: {type(exc).__name__}: {str(exc)[-600:]}")
             return _finish(name, root, figures, problems, started)

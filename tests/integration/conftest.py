@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from cityserve.config import Settings
 from cluster.local import connect
 from cluster.serve import serve_env
+from core.settings import Settings
+from training.workspace import Workspace
 
 # Serving runs last: it reuses the versions that training and sweeping registered, and its
 # replicas' CPUs would otherwise keep training runs waiting.
@@ -28,6 +29,11 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
                     storage_path=str(root / "ray_results"), reports_dir=root / "reports",
                     ray_temp_dir=tmp_path_factory.mktemp("ray"), state_dir=root / "state",
                     ledger_url=f"sqlite:///{root / 'state' / 'ledger.db'}")
+
+
+@pytest.fixture(scope="session")
+def workspace(settings: Settings) -> Workspace:
+    return Workspace.from_settings(settings)
 
 
 @pytest.fixture(scope="session")

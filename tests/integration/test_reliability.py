@@ -14,27 +14,26 @@ import pytest
 from bench.reliability import Target
 from bench.reliability.__main__ import OVERLAY, PLATFORM_CHECKS, platform_checks
 from bench.reliability.durability import check_shutdown_durability
-from cityserve.config import Settings
-from tests.integration.test_serve import SERVED, TEST_OVERLAY, _ensure_versions, session_app
-from training.registry import Registry
+from core.settings import Settings
+from tests.integration.helpers import SERVED, TEST_OVERLAY, ensure_versions, session_app
+from training.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 @pytest.fixture(scope="module")
-def production(settings: Settings) -> None:
-    """A production version of each served domain (the earlier modules leave some)."""
-    registry = Registry(settings.registry_location())
+def production(workspace: Workspace) -> None:
+    """A production version of each served domain (the other modules may leave some)."""
     for domain in SERVED:
-        if not registry.stages(domain).get("production"):
-            registry.promote(domain, _ensure_versions(settings, domain, 1)[-1])
+        if not workspace.registry.stages(domain).get("production"):
+            workspace.registry.promote(domain, ensure_versions(workspace, domain, 1)[-1])
 
 
 @pytest.fixture(scope="module")
-def target(settings: Settings, production: None) -> Iterator[Target]:
+def target(workspace: Workspace, production: None) -> Iterator[Target]:
     """The test app, with `make reliability`'s two gateway and two energy replicas."""
-    with session_app(settings, TEST_OVERLAY, OVERLAY) as record:
-        yield Target(record.gateway_url, record.dashboard_url, record.gcs_address, settings, os.getpid())
+    with session_app(workspace, TEST_OVERLAY, OVERLAY) as record:
+        yield Target(record.gateway_url, record.dashboard_url, record.gcs_address, workspace.settings, os.getpid())
 
 
 @pytest.mark.parametrize("name", PLATFORM_CHECKS)

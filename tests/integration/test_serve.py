@@ -7,86 +7,50 @@ gateway replicas, so quotas are seen to hold across replicas.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
-import yaml
 
-from cityserve.config import Settings
-from cityserve.platform_cli import platform_up, reload_domain, serve_config
-from cluster.local import free_port
-from cluster.serve import Platform, stop_serve
+from cluster.serve import Platform
+from core.settings import Settings
 from domains import get_domain
 from domains.base import request_example
 from services.batch import score_file
-from services.config import VERBS, ServeOverlay
+from services.config import VERBS
+from services.platform import CONFIG_FILE, platform_up, reload_domain, serve_config
 from services.tenants import Store, Tenant, new_key
-from training.registry import Registry
-from training.trainer import train
+from tests.integration.helpers import (
+    GRID,
+    GRID_KEY,
+    SERVED,
+    TEST_OVERLAY,
+    ensure_versions,
+    http,
+    session_app,
+    write_tenants,
+)
+from training.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-SERVED = ("energy", "events", "traffic")
-# Two gateway replicas; one replica per model, no autoscaling: the cluster has 2 CPUs. Replicas
-# re-read the registry's stages every second, not every 10.
-TEST_OVERLAY = ServeOverlay(deployments={
-    "Gateway": {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}, "ray_actor_options": {"num_cpus": 0.2}},
-    **{d: {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 0.2},
-           "user_config": {"poll_s": 1}} for d in SERVED}})
-GRID_KEY = new_key()[0]  # the tenants file's tenant, as a Kubernetes Secret would list it
-GRID = {"name": "grid", "grants": ["energy"], "requests_per_minute": 1000, "items_per_minute": 10_000,
-        "max_concurrent": 8, "keys": [GRID_KEY]}
 
 
-def write_tenants(path: Path, *tenants: dict[str, Any]) -> None:
-    """Replaced, not edited in place: how Kubernetes updates a mounted Secret."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump({"tenants": list(tenants)}))
-    os.replace(tmp, path)
-
-
-def _ensure_versions(settings: Settings, domain: str, count: int) -> list[str]:
-    """At least `count` versions (training and sweeping tests leave some; train smoke runs for the rest)."""
-    registry = Registry(settings.registry_location())
-    while len(registry.versions(domain)) < count:
-        train(domain, settings, profile="smoke", num_workers=1, cpus_per_worker=1)
-    return [v.version for v in registry.versions(domain)]
-
-
-def http(method: str, url: str, body: Any = None, key: str | None = None) -> tuple[int, dict[str, str], Any]:
-    """(status, headers with lower-case names, JSON body)."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as resp:
-            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, json.loads(exc.read())
-
-
-def test_batch_scoring_reports_a_bad_row_and_scores_the_rest(settings: Settings, tmp_path: Path) -> None:
+def test_batch_scoring_reports_a_bad_row_and_scores_the_rest(workspace: Workspace, tmp_path: Path) -> None:
     # First in the module: its scoring actor needs a whole CPU, which the app's replicas would hold.
-    versions = _ensure_versions(settings, "events", 1)
+    versions = ensure_versions(workspace, "events", 1)
     source = tmp_path / "reports.csv"
     pd.DataFrame({"case": [10, 11, 12, 13],
                   "text": ["Water main break on Fulton St", "", "loud party next door", "pothole on 5th ave"]},
                  ).to_csv(source, index=False)
     dest = tmp_path / "scored.parquet"
-    report = score_file("events", settings, source, dest, ref=versions[-1], batch_size=2)
+    report = score_file(get_domain("events"), workspace, source, dest, ref=versions[-1], batch_size=2)
     assert (report.rows, report.scored, report.failed_count) == (4, 3, 1)
     assert report.failed[0][0] == 1 and "text" in report.failed[0][1]
     out = pd.read_parquet(dest)
@@ -96,33 +60,16 @@ def test_batch_scoring_reports_a_bad_row_and_scores_the_rest(settings: Settings,
 
 
 @pytest.fixture(scope="module")
-def platform(settings: Settings) -> Iterator[Platform]:
+def platform(workspace: Workspace) -> Iterator[Platform]:
     """The app on the session cluster, deployed the way `cityserve serve up` deploys it."""
-    registry = Registry(settings.registry_location())
     for domain in SERVED:
-        versions = _ensure_versions(settings, domain, 2 if domain == "energy" else 1)
-        registry.promote(domain, versions[-1])
-    tenants_file = settings.state_dir / "tenants.yaml"
+        versions = ensure_versions(workspace, domain, 2 if domain == "energy" else 1)
+        workspace.registry.promote(domain, versions[-1])
+    tenants_file = workspace.settings.state_dir / "tenants.yaml"
     write_tenants(tenants_file, GRID)
-    with session_app(settings, TEST_OVERLAY.model_copy(update={"args": {"tenants_file": str(tenants_file)}})) as record:
+    overlay = TEST_OVERLAY.model_copy(update={"args": {"tenants_file": str(tenants_file)}})
+    with session_app(workspace, overlay) as record:
         yield record
-
-
-@contextlib.contextmanager
-def session_app(settings: Settings, *overlays: ServeOverlay) -> Iterator[Platform]:
-    """The SERVED app deployed on the session cluster with `overlays`; deleted afterwards."""
-    import ray
-
-    node = ray._private.worker.global_worker.node
-    assert node is not None, "the session's Ray cluster is not running"
-    port = free_port()
-    record = Platform(os.getpid(), node.gcs_address, f"http://{node.webui_url}", f"http://127.0.0.1:{port}", "",
-                      "local")
-    record.save(settings.state_dir)  # our own process stands in for `ray start`'s
-    platform_up(settings, serve_config(settings, "local", SERVED, port, *overlays), num_cpus=2, timeout_s=600)
-    yield record
-    stop_serve(record.dashboard_url)
-    (settings.state_dir / "platform.json").unlink()
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +176,8 @@ def test_metering_counts_equal_requests_sent_sqlite(platform: Platform, settings
 
 
 def test_promote_and_rollback_under_load_fail_nothing(platform: Platform, keys: dict[str, str],
-                                                      settings: Settings) -> None:
-    registry = Registry(settings.registry_location())
+                                                      workspace: Workspace) -> None:
+    registry = workspace.registry
     before = registry.get("energy").version
     other = next(v.version for v in reversed(registry.versions("energy")) if v.version != before)
     url = f"{platform.gateway_url}/v1/energy/forecast"
@@ -249,10 +196,10 @@ def test_promote_and_rollback_under_load_fail_nothing(platform: Platform, keys: 
     try:
         time.sleep(2)
         registry.promote("energy", other)
-        assert reload_domain(settings, "energy", other, timeout_s=120)
+        assert reload_domain(workspace, "energy", other, timeout_s=120)
         time.sleep(2)
         registry.rollback("energy")
-        assert reload_domain(settings, "energy", before, timeout_s=120)
+        assert reload_domain(workspace, "energy", before, timeout_s=120)
         time.sleep(2)
     finally:
         stop.set()
@@ -276,9 +223,9 @@ def _wait_serving(platform: Platform, domain: str, version: str, timeout_s: floa
         time.sleep(0.5)
 
 
-def test_a_stage_moved_from_anywhere_reaches_the_replicas(platform: Platform, settings: Settings) -> None:
+def test_a_stage_moved_from_anywhere_reaches_the_replicas(platform: Platform, workspace: Workspace) -> None:
     """On Kubernetes nothing re-applies the serve config after a promotion: replicas poll the stage."""
-    registry = Registry(settings.registry_location())
+    registry = workspace.registry
     before = registry.get("energy").version
     other = next(v.version for v in reversed(registry.versions("energy")) if v.version != before)
     registry.promote("energy", other)  # the registry alone, as `cityserve cluster upgrade --model` does
@@ -287,11 +234,11 @@ def test_a_stage_moved_from_anywhere_reaches_the_replicas(platform: Platform, se
     _wait_serving(platform, "energy", before)
 
 
-def test_the_tenants_file_is_applied_at_start_and_on_change(platform: Platform, settings: Settings) -> None:
+def test_the_tenants_file_is_applied_at_start_and_on_change(platform: Platform, workspace: Workspace) -> None:
     url = f"{platform.gateway_url}/v1/energy/forecast"
     example = request_example(get_domain("energy").request_model)
     assert http("POST", url, example, GRID_KEY)[0] == 200
-    path = settings.state_dir / "tenants.yaml"
+    path = workspace.settings.state_dir / "tenants.yaml"
     rotated = new_key()[0]
     write_tenants(path, {**GRID, "keys": [rotated], "grants": ["events"]})
     deadline = time.monotonic() + 15
@@ -307,16 +254,20 @@ def test_the_tenants_file_is_applied_at_start_and_on_change(platform: Platform, 
         time.sleep(0.5)
 
 
-def test_metering_counts_equal_requests_sent_postgresql(platform: Platform, settings: Settings,
+def test_metering_counts_equal_requests_sent_postgresql(platform: Platform, workspace: Workspace,
                                                         tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Last: moves the ledger to a real PostgreSQL server (pgserver runs the postgres binaries)."""
+    """Moves the ledger to a real PostgreSQL server (pgserver runs the postgres binaries), then back."""
     import pgserver
 
     server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    settings = workspace.settings
+    port = int(platform.gateway_url.rsplit(":", 1)[1])
+    config = json.loads((settings.state_dir / CONFIG_FILE).read_text())  # what the module's app runs
     try:
-        moved = settings.model_copy(update={"ledger_url": server.get_uri()})
-        port = int(platform.gateway_url.rsplit(":", 1)[1])
-        platform_up(moved, serve_config(moved, "local", SERVED, port, TEST_OVERLAY), num_cpus=2, timeout_s=600)
-        _metering_round(platform.gateway_url, Store(moved.ledger_location()))
+        moved = Workspace(settings.model_copy(update={"ledger_url": server.get_uri()}), workspace.registry)
+        platform_up(moved.settings, serve_config(moved, "local", SERVED, port, TEST_OVERLAY), num_cpus=2,
+                    timeout_s=600)
+        _metering_round(platform.gateway_url, Store(moved.settings.ledger_location()))
     finally:
+        platform_up(settings, config, num_cpus=2, timeout_s=600)  # the tests after this one meter in SQLite
         server.cleanup()

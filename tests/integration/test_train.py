@@ -8,21 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from cityserve.config import Settings
 from domains import DOMAINS, get_domain
 from tests.schemas import validate_report
 from training.evaluate import evaluate
 from training.loop import TRAIN_STATE
 from training.trainer import train
+from training.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 @pytest.mark.parametrize("domain", sorted(DOMAINS))
-def test_smoke_run_with_two_workers_registers_and_evaluates(settings: Settings, domain: str,
+def test_smoke_run_with_two_workers_registers_and_evaluates(workspace: Workspace, domain: str,
                                                             tmp_path: Path) -> None:
-    version = train(domain, settings, profile="smoke", num_workers=2, cpus_per_worker=1)
     dom = get_domain(domain)
+    version = train(dom, workspace, profile="smoke", num_workers=2, cpus_per_worker=1)
     assert version.stage == "candidate"
     assert version.record["config"]["num_workers"] == 2
     assert dom.metric in version.metrics and version.metrics["epoch"] >= 1
@@ -31,7 +31,7 @@ def test_smoke_run_with_two_workers_registers_and_evaluates(settings: Settings, 
     assert TRAIN_STATE not in version.record["files"]
     assert (Path(version.record["lineage"]["checkpoint"]) / TRAIN_STATE).is_file()
 
-    report, evaluation = evaluate(domain, settings, version.version, tmp_path)
+    report, evaluation = evaluate(dom, workspace, version.version, tmp_path)
     validate_report(report)
     assert report["version"] == version.version and report["profile"] == "quick"
     assert evaluation.figure is not None and evaluation.figure.stat().st_size > 1000

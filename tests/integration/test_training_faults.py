@@ -11,7 +11,7 @@ from bench.reliability.training_faults import (
     check_train_worker_kill,
     check_tune_driver_kill,
 )
-from cityserve.config import Settings
+from core.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

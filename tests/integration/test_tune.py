@@ -11,20 +11,23 @@ from pathlib import Path
 
 import pytest
 
-from cityserve.config import Settings
+from core.settings import Settings
+from domains import get_domain
 from tests.schemas import validate_report
 from training.evaluate import evaluate
 from training.tune import FIGURE_FILE, TRIALS_FILE, SweepOptions, sweep
+from training.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
-def test_asha_sweep_registers_the_best_trial_as_a_candidate(settings: Settings, tmp_path: Path) -> None:
+def test_asha_sweep_registers_the_best_trial_as_a_candidate(workspace: Workspace, tmp_path: Path) -> None:
     # 2 concurrent trials on 2 CPUs: each trial's driver takes 0.05 CPU, its Train worker 0.9.
     # ASHA stops trials after their first epoch; each stop must free its worker's CPUs again.
     options = SweepOptions(num_samples=4, scheduler="asha", search="optuna", max_concurrent=2,
                            cpus_per_trial=0.9, profile="smoke")
-    sweep_id, trials, version = sweep("energy", settings, options, overrides={"epochs": 3, "patience": 3})
+    energy = get_domain("energy")
+    sweep_id, trials, version = sweep(energy, workspace, options, overrides={"epochs": 3, "patience": 3})
 
     assert len(trials) == 4 and trials["error"].isna().all()
     assert trials["epochs"].between(1, 3).all()
@@ -32,11 +35,11 @@ def test_asha_sweep_registers_the_best_trial_as_a_candidate(settings: Settings, 
     assert version.record["lineage"]["sweep"] == sweep_id
     assert version.metrics["val_mape"] == pytest.approx(trials["val_mape"].min())
     assert 1 <= version.metrics["epoch"] <= 3 and not any(k.startswith(("config/", "time_")) for k in version.metrics)
-    out = Path(settings.storage_uri()) / sweep_id
+    out = Path(workspace.settings.storage_uri()) / sweep_id
     assert (out / TRIALS_FILE).is_file() and (out / FIGURE_FILE).stat().st_size > 1000
 
     # The swept version is scored like any other and reported under `sweep` beside the model.
-    report, _ = evaluate("energy", settings, version.version, tmp_path, sweep_ref=version.version)
+    report, _ = evaluate(energy, workspace, version.version, tmp_path, sweep_ref=version.version)
     validate_report(report)
     assert report["sweep"]["sweep_id"] == sweep_id and report["sweep"]["metrics"] == report["metrics"]
 
@@ -69,7 +72,8 @@ def test_interrupted_sweep_resumes_its_trials_from_their_checkpoints(settings: S
     [sweep_dir] = [p for p in storage.glob("sweep-energy-*") if (p / "tuner.pkl").is_file()]
 
     resumed = settings.model_copy(update={"storage_path": str(storage)})
-    sweep_id, trials, version = sweep("energy", resumed, SweepOptions(profile="smoke"), resume=sweep_dir.name)
+    sweep_id, trials, version = sweep(get_domain("energy"), Workspace.from_settings(resumed),
+                                      SweepOptions(profile="smoke"), resume=sweep_dir.name)
 
     assert sweep_id == sweep_dir.name and len(trials) == 2
     assert trials["error"].isna().all()

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from cityserve import cli
-from cityserve.config import get_settings
+from core.settings import get_settings
 from training.registry import Registry
 
 

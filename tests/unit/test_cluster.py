@@ -9,7 +9,7 @@ import pytest
 
 from cluster import serve
 from cluster.local import OWN_PORTS, WORKER_START_TIMEOUT, _with_address, free_ports
-from domains.errors import ConfigError
+from core.errors import ConfigError
 
 
 def test_workers_learn_the_address_and_keep_the_callers_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from domains.errors import DataError
-from training.data.common import Kind, load_table, read_manifest, read_user_file, validate_frame, write_splits
+from core.errors import DataError
+from domains.tables import Kind, load_table, read_manifest, read_user_file, validate_frame, write_splits
 
 COLUMNS: dict[str, Kind] = {"timestamp": "datetime", "value": "float", "sensor": "str"}
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from core.errors import DataError, InvalidInput
 from domains import get_domain
 from domains.energy import (
     CALENDAR_DIM,
@@ -33,11 +34,10 @@ from domains.energy import (
     windows_for_split,
     with_band,
 )
-from domains.errors import DataError, InvalidInput
 from domains.metrics import pinball
+from domains.tables import load_table, read_manifest
 from tests.schemas import validate_report
 from training.data import energy as energy_data
-from training.data.common import load_table, read_manifest
 
 META = {
     "series_names": ["england_wales", "victoria"],
@@ -60,7 +60,7 @@ def model_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from training.loop import fit_plain
 
     out = tmp_path_factory.mktemp("energy-model") / "model"
-    fit_plain("energy", get_domain("energy").default_config("smoke"), data_dir, out)
+    fit_plain(get_domain("energy"), get_domain("energy").default_config("smoke"), data_dir, out)
     return out
 
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from domains.errors import DataError, InvalidInput
+from core.errors import DataError, InvalidInput
+from domains import get_domain
 from domains.events import (
     LABELS,
     MAX_TEXT_CHARS,
@@ -29,9 +30,9 @@ from domains.events import (
     decide,
     metric_rows,
 )
+from domains.tables import load_table, read_manifest
 from tests.schemas import validate_report
 from training.data import events as data
-from training.data.common import load_table, read_manifest
 
 # The frozen generator: the committed model was trained on exactly this corpus. A change to the
 # templates, slots, rates or sampling changes these; bump GENERATOR_VERSION and retrain if so.
@@ -264,7 +265,7 @@ def test_smoke_fine_tune_predicts_and_evaluates(smoke_dir: Path, tmp_path: Path)
     from training.loop import fit_plain
 
     domain = EventsDomain()
-    history = fit_plain("events", domain.default_config("smoke"), smoke_dir, tmp_path / "model")
+    history = fit_plain(get_domain("events"), domain.default_config("smoke"), smoke_dir, tmp_path / "model")
     assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
     predictor = domain.load_predictor(tmp_path / "model", "v1")
     assert isinstance(predictor, EventsPredictor)

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from core.errors import InvalidInput
 from domains import DOMAINS, get_domain
 from domains.base import request_example
-from domains.errors import InvalidInput
 from services import gateway
 from services.admission import Decision, Gatekeeper
 from services.config import VERBS, PlatformArgs

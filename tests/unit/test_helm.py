@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from cityserve.cli import main as cli
-from cityserve.config import Settings
 from cluster.kube import KubeError, find_helm
+from core.settings import Settings
 from domains import DOMAINS
 from services.config import (
     SERVE_DIR,

@@ -50,7 +50,7 @@ def fresh(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, object], 
     domain.prepare(data_dir, smoke=True)
     config = build_config(domain, "smoke", data_dir, threads=1, overrides={"epochs": 2, "patience": 5})
     ctx = Recorder(tmp_path_factory.mktemp("fresh"))
-    run_loop(config, ctx)
+    run_loop(get_domain("energy"), config, ctx)
     return config, ctx
 
 
@@ -63,7 +63,7 @@ def test_a_fresh_run_says_it_started_afresh(fresh: tuple[dict[str, object], Reco
 def test_a_resumed_run_says_after_which_epoch(fresh: tuple[dict[str, object], Recorder], tmp_path: Path) -> None:
     config, done = fresh
     ctx = Recorder(tmp_path, resume_from=done.checkpoints[0])
-    run_loop(config, ctx)
+    run_loop(get_domain("energy"), config, ctx)
     assert [(r["epoch"], r["resumed"], r["resumed_after_epoch"]) for r in ctx.reports] == [(2, 1.0, 1.0)]
 
 
@@ -73,7 +73,7 @@ def test_a_run_restored_after_it_ended_trains_nothing_and_reports_its_last_resul
     # nothing fails the whole restored sweep.
     config, done = fresh
     ctx = Recorder(tmp_path, resume_from=done.checkpoints[-1])
-    run_loop(config, ctx)
+    run_loop(get_domain("energy"), config, ctx)
     [again] = ctx.reports
     assert again == {**done.reports[-1], "resumed": 1.0, "resumed_after_epoch": 2.0}
     [checkpoint] = ctx.checkpoints

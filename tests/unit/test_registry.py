@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from domains.errors import RegistryError
+from core.errors import RegistryError
 from training.registry import Registry
 
 

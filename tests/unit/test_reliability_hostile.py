@@ -17,7 +17,7 @@ import uvicorn
 
 from bench.reliability import Target
 from bench.reliability.hostile import check_auth_matrix, check_fuzz, check_nasty_inputs, sign_test
-from cityserve.config import Settings
+from core.settings import Settings
 from domains import DOMAINS, get_domain
 from domains.base import request_example
 from services.config import PlatformArgs

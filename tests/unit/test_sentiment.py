@@ -14,7 +14,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from domains.errors import DataError, InvalidInput
+from core.errors import DataError, InvalidInput
+from domains import get_domain
 from domains.sentiment import (
     LABELS,
     MAX_TEXT_CHARS,
@@ -26,9 +27,9 @@ from domains.sentiment import (
     majority_labels,
     vader_labels,
 )
+from domains.tables import load_table, read_manifest
 from tests.schemas import validate_report
 from training.data import sentiment as data
-from training.data.common import load_table, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +250,7 @@ def test_a_fully_frozen_encoder_trains_its_heads_on_cached_features(smoke_dir: P
     assert set(batch) == {"features", "label", "score"} and batch["features"].shape == (4, 384)
     assert len(valid) == 12  # type: ignore[arg-type]
 
-    history = fit_plain("sentiment", config, smoke_dir, tmp_path / "model")
+    history = fit_plain(get_domain("sentiment"), config, smoke_dir, tmp_path / "model")
     assert len(history) == 2 and np.isfinite(history[-1]["train_loss"])
     # The saved model reads text; its frozen encoder must reproduce the cached features exactly,
     # or what was validated in training would not be what is served.
@@ -267,7 +268,7 @@ def test_smoke_fine_tune_predicts_and_evaluates(smoke_dir: Path, tmp_path: Path)
     from training.loop import fit_plain
 
     domain = SentimentDomain()
-    history = fit_plain("sentiment", domain.default_config("smoke"), smoke_dir, tmp_path / "model")
+    history = fit_plain(get_domain("sentiment"), domain.default_config("smoke"), smoke_dir, tmp_path / "model")
     assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
     predictor = domain.load_predictor(tmp_path / "model", "v1")
     items = [SentimentRequest(text="What a wonderful day"), SentimentRequest(text="It was terrible.")]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.errors import ConfigError
 from domains import DOMAINS
-from domains.errors import ConfigError
 from services import config as serve_config
 from services.config import GATEWAY, ServeOverlay, build_config, environments, model_configs, validate_config
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from domains.errors import ConfigError, InvalidInput
+from core.errors import ConfigError, InvalidInput
 from services.admission import Decision, Gatekeeper
 from services.tenants import (
     Leases,

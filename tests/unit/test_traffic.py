@@ -12,8 +12,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from core.errors import DataError, InvalidInput
 from domains import get_domain
-from domains.errors import DataError, InvalidInput
+from domains.tables import load_table, read_manifest
 from domains.traffic import (
     HORIZONS,
     N_FEATURES,
@@ -33,7 +34,6 @@ from domains.traffic import (
     to_matrix,
 )
 from tests.schemas import validate_report
-from training.data.common import load_table, read_manifest
 from training.data.traffic import load_real_counts, prepare_traffic, sim_sensor_ids
 
 
@@ -50,7 +50,7 @@ def model_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("traffic-model") / "model"
     config = {**get_domain("traffic").default_config("smoke"), "epochs": 1}
-    fit_plain("traffic", config, data_dir, out)
+    fit_plain(get_domain("traffic"), config, data_dir, out)
     return out
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import ConfigError
 from domains import DOMAINS, get_domain
 from domains.base import SearchParam
-from domains.errors import ConfigError
 from training.loop import build_config
 from training.tune import SweepOptions, _grid_values, load_space, validate_space
 

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from domains.errors import DataError
-from training.data.common import Kind, read_user_file, validate_frame, write_splits
+from core.errors import DataError
+from domains.tables import Kind, read_user_file, validate_frame, write_splits
 
 DOMAIN = "energy"
 STEP = pd.Timedelta(minutes=30)

@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from domains.errors import DataError
-from training.data.common import read_user_file, sha256_file, validate_frame, write_splits
+from core.errors import DataError
+from core.io import sha256_file
+from domains.tables import read_user_file, validate_frame, write_splits
 
 DOMAIN = "sentiment"
 LABELS = ("negative", "neutral", "positive")

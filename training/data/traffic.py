@@ -42,8 +42,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from domains.errors import DataError
-from training.data.common import read_user_file, sha256_file, validate_frame, write_splits
+from core.errors import DataError
+from core.io import replacing, sha256_file, write_json_atomic
+from domains.tables import read_user_file, validate_frame, write_splits
 
 DOMAIN = "traffic"
 REAL_NETWORK = "intersection"
@@ -322,14 +323,9 @@ def simulate_network(cache_dir: Path, size: SimSize, profile: dict[str, np.ndarr
             "count": seen.ravel(),
         }))
     table = pd.concat(frames, ignore_index=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is shared like any prepared data
-    os.replace(tmp, path)
-    info.write_text(json.dumps({"spec": asdict(spec), "model": SIM_MODEL, "rows": len(table),
-                                "sha256": sha256_file(path)}, indent=2))
+    with replacing(path) as tmp:
+        pq.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp)
+    write_json_atomic(info, {"spec": asdict(spec), "model": SIM_MODEL, "rows": len(table), "sha256": sha256_file(path)})
     return path
 
 

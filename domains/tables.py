@@ -22,7 +22,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from domains.errors import DataError
+from core.errors import DataError
+from core.io import sha256_file
 
 MANIFEST = "manifest.json"
 Kind = Literal["float", "int", "str", "datetime", "bool"]
@@ -115,14 +116,6 @@ def validate_frame(
 
 
 _BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _time_range(frame: pd.DataFrame) -> list[str] | None:

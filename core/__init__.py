@@ -1,0 +1,13 @@
+"""The bottom layer every package imports: settings, the error base and small shared file I/O.
+
+It imports nothing of ours, so anything above may use it without a cycle.
+"""
+
+from core.errors import CityServeError, ConfigError, DataError, Interrupted, InvalidInput, RegistryError
+from core.io import replacing, sha256_file, write_bytes_atomic, write_json_atomic
+from core.settings import Settings, get_settings
+
+__all__ = [
+    "CityServeError", "ConfigError", "DataError", "Interrupted", "InvalidInput", "RegistryError", "Settings",
+    "get_settings", "replacing", "sha256_file", "write_bytes_atomic", "write_json_atomic",
+]

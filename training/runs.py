@@ -1,0 +1,88 @@
+"""What every Ray Train run needs, whoever starts it (`cityserve train` or a sweep's trial): its
+data, its `TorchTrainer`, and the registration of its best checkpoint as a candidate version."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from core.errors import DataError
+from core.settings import Settings
+from domains.base import Domain
+from domains.tables import read_manifest
+from training.loop import TRAIN_STATE, train_loop_per_worker
+from training.registry import Version
+from training.workspace import Workspace
+
+
+def smoke_data_dir(settings: Settings) -> Path:
+    """Smoke runs use a tiny data set of their own, never the real prepared data."""
+    return settings.data_dir / "_smoke"
+
+
+def ensure_data(domain: Domain, data_dir: Path, *, smoke: bool) -> dict[str, Any]:
+    """The domain's manifest, preparing the data first if it is not there yet."""
+    try:
+        return read_manifest(data_dir, domain.name)
+    except DataError:  # not prepared yet: prepare it (errors in preparing propagate)
+        return domain.prepare(data_dir, smoke=smoke)
+
+
+def torch_trainer(domain: Domain, config: dict[str, Any], *, name: str, storage_path: str, num_workers: int,
+                  cpus_per_worker: float, gpus_per_worker: float, max_failures: int, callbacks: list[Any] | None = None
+                  ) -> Any:
+    """The `TorchTrainer` running `train_loop_per_worker` on `config`.
+
+    Args:
+        domain: ranks the checkpoints by its metric.
+        config: the loop's config (`training.loop.build_config`).
+        name: the run's name under `storage_path`; Train resumes a run of the same name from its checkpoints.
+        storage_path: where checkpoints go (absolute path or URI).
+        num_workers: Ray Train workers (DDP ranks).
+        cpus_per_worker: CPUs each worker holds.
+        gpus_per_worker: GPUs each worker holds (a fraction shares one); 0 trains on CPU.
+        max_failures: worker failures survived, each resuming from the last checkpoint.
+        callbacks: Train callbacks (a sweep's trial reports to Tune through one).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=max_failures),
+            # Two: a trial restored after it had ended reports its last checkpoint again (a copy
+            # scoring the same); with one kept, the copy could evict the original that the trial's
+            # earlier report names, and registering the best trial would find nothing there.
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=domain.metric,
+                                               checkpoint_score_order=domain.mode),
+        ),
+    )
+
+
+def register_checkpoint(domain: Domain, workspace: Workspace, checkpoint: Any, *, metrics: dict[str, Any],
+                        manifest: dict[str, Any], config: dict[str, Any], lineage: dict[str, Any]) -> Version:
+    """Registers a Train checkpoint (a model directory) as a candidate version with its lineage."""
+    # A copy without the resume state: a local checkpoint's directory is the checkpoint itself,
+    # which a restored sweep may still resume from.
+    with checkpoint.as_directory() as stored, tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        shutil.copytree(stored, model_dir, ignore=shutil.ignore_patterns(TRAIN_STATE))
+        return workspace.registry.register(domain.name, Path(model_dir), {
+            "profile": config["profile"],
+            "metrics": metrics,
+            "metric": domain.metric,
+            "mode": domain.mode,
+            "config": config,
+            "data": {"manifest_sha256": manifest["sha256"], "sources": manifest["sources"]},
+            "lineage": {**lineage, "checkpoint": checkpoint.path, "storage_path": workspace.settings.storage_uri()},
+        })
