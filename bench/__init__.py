@@ -1,4 +1,4 @@
-"""Benchmarks. Each writes `bench/results/NAME.json` in the shape `shared/schemas/` fixes."""
+"""Benchmarks. Each writes `bench/results/NAME.json` in the shape its result schema fixes (scripts read them)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Autoscaling: a load step on one domain of a platform this script starts; seconds from load
 start until an added replica is RUNNING (Serve routes to it from then on), and from load end
 until it is gone; medians of `--rounds` steps. Writes `bench/results/autoscale.json`
-(`shared/schemas/autoscale.schema.json`).
+(the `autoscale` result schema).
 
     .venv/bin/python -m bench.autoscale [--domain energy] [--concurrency 96] [--rounds 3] [--port 8322]
 """

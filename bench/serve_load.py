@@ -6,7 +6,7 @@ Every cell (concurrency 1/16/64 × 1/16 items per request) runs the same aiohttp
 same time against (b) and (c); torch uses the same thread count in (a), (b) and the replicas.
 (b) and (c) never run at the same time. Also records the idle platform's resident memory (all
 four domains, gateway, Ray). Writes `bench/results/serve_load.json`
-(`shared/schemas/serve_load.schema.json`) and prints each row with its ratios.
+(the `serve_load` result schema) and prints each row with its ratios.
 
     .venv/bin/python -m bench.serve_load [--domain D ...] [--seconds 10] [--port 8321]
 """

@@ -3,7 +3,7 @@
 Both sides run `training.loop.run_loop` with the same config and the same torch thread count; Ray
 Train gets one worker holding all the CPUs (`resources_per_worker={"CPU": threads}`). The figure is
 the median over epochs of each epoch's training samples/s (validation excluded). Writes
-`bench/results/train_throughput.json` (`shared/schemas/train_throughput.schema.json`), replacing
+`bench/results/train_throughput.json` (the `train_throughput` result schema), replacing
 each measured domain's row, and prints it.
 
     .venv/bin/python -m bench.train_throughput [--domain D ...] [--epochs 2] [--use-gpu]

@@ -10,7 +10,7 @@ The loop's own early stopping is off (patience = epochs) so only the scheduler s
 Compute is trial-epochs (epochs actually run, summed over trials); ASHA runs as many trials as the
 grid has points. Each sweep gets a throwaway registry and storage. Each domain's row (grid and
 ASHA from one run) replaces that domain's row in `bench/results/tune_efficiency.json`
-(`shared/schemas/tune_efficiency.schema.json`) as soon as it is measured; the file is printed.
+(the `tune_efficiency` result schema) as soon as it is measured; the file is printed.
 
     .venv/bin/python -m bench.tune_efficiency [--domain sentiment|energy ...]
 """

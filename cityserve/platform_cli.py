@@ -12,7 +12,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -247,23 +246,6 @@ def parse_since(value: str | None, now: float) -> float | None:
     return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
 
 
-def usage_summary(rows: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """Per tenant and domain: requests, answered, items billed, errors, p50/p99 latency, versions."""
-    import numpy as np
-
-    groups: dict[tuple[str, str], list[Any]] = {}
-    for u in rows:
-        groups.setdefault((u.tenant, u.domain), []).append(u)
-    out = []
-    for (tenant, domain), us in sorted(groups.items()):
-        ok = [u for u in us if u.status == 200]
-        latency = np.array([u.latency_ms for u in us])
-        out.append((tenant, domain, len(us), len(ok), sum(u.items for u in ok), len(us) - len(ok),
-                    round(float(np.percentile(latency, 50)), 1), round(float(np.percentile(latency, 99)), 1),
-                    ",".join(sorted({u.model_version for u in ok if u.model_version}))))
-    return out
-
-
 @click.command()
 @click.option("--tenant", help="Only this tenant.")
 @click.option("--since", help="30m, 24h, 7d, or an ISO date/time.")
@@ -273,15 +255,15 @@ def usage_summary(rows: Sequence[Any]) -> list[tuple[Any, ...]]:
 @friendly_errors
 def usage(tenant: str | None, since: str | None, detail: bool, as_json: bool, as_csv: bool) -> None:
     """Metered usage from the ledger: per tenant and domain, or per request with --detail."""
-    from services.tenants import USAGE_COLUMNS
+    from services.tenants import USAGE_COLUMNS, USAGE_SUMMARY_COLUMNS, summarise_usage
 
     rows = open_store().usage(tenant, parse_since(since, time.time()))
     if detail:
         columns: list[str] = list(USAGE_COLUMNS)
         table = [u.row() for u in rows]
     else:
-        columns = ["tenant", "domain", "requests", "answered", "items", "errors", "p50_ms", "p99_ms", "versions"]
-        table = usage_summary(rows)
+        columns = list(USAGE_SUMMARY_COLUMNS)
+        table = summarise_usage(rows)
     if as_csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(columns)

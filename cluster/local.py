@@ -45,8 +45,8 @@ def loopback_replica_grpc() -> None:
 # The ports we choose for a platform's listeners (GCS, dashboard, HAProxy's pages, the gateway)
 # come from between Ray's worker range (10002-19999) and the kernel's ephemeral range (32768 up),
 # where every port-0 bind of Ray's lands: chosen and released, one cannot be taken by those before
-# its owner binds it. Four picked from the ephemeral range were once two of the same port (the
-# dashboard's and HAProxy's exporter: its deploy failed).
+# its owner binds it. Picked from the ephemeral range, a port released by one free_port() call can
+# be handed out again by the next, so two listeners would be given one port.
 OWN_PORTS = range(20000, 32768)
 
 
@@ -103,8 +103,8 @@ def connect(settings: Settings, *, num_cpus: int | None = None, **kwargs: Any) -
         del os.environ["RAY_GCS_SERVER_PORT"]
 
 
-# Train gives a worker group 60 s to start, then fails the attempt; on 2 busy cores starting one
-# (a process importing torch) has taken longer than that during a sweep. A set value is kept.
+# Train gives a worker group 60 s to start, then fails the attempt; on a small busy machine starting
+# one (a process importing torch) can take longer than that during a sweep. A set value is kept.
 WORKER_START_TIMEOUT = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 

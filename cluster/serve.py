@@ -29,11 +29,11 @@ from core.io import write_json_atomic
 
 STATE_FILE = "platform.json"
 # Process-wide Serve settings, so they go to the head's environment (the controller, proxy and
-# replicas inherit it): per-request overhead is the bottleneck on small machines (RAY_NOTES trap 2),
-# and autoscaling metrics pushed every 10 s (the default) would make a scale-up take 10 s more.
-# THROUGHPUT_OPTIMIZED turns on direct ingress (each gateway replica serves HTTP itself); HAProxy
-# then spreads requests over the gateway replicas in place of Serve's Python proxy, which doubled
-# the gateway's throughput here (README, "What was tried").
+# replicas inherit it): per-request overhead, each hop through a Python process, is the bottleneck
+# on small machines, and autoscaling metrics pushed every 10 s (the default) would make a scale-up
+# take 10 s more. THROUGHPUT_OPTIMIZED turns on direct ingress (each gateway replica serves HTTP
+# itself); HAProxy then spreads requests over the gateway replicas in place of Serve's Python proxy,
+# one Python hop less per request (docs/benchmarks.md has the measurement).
 SERVE_ENV = {
     "RAY_AUTH_MODE": "token",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -41,8 +41,8 @@ SERVE_ENV = {
     # Ray starts its workers at nice 15, so on a shared machine any other process (a build, a load
     # generator) takes the CPU before a replica does, and a replica starting under load starves.
     "RAY_worker_niceness": "0",
-    # Serve gives a starting proxy 5 s to be ready, then kills and restarts it; a busy 2-core
-    # machine took longer three times in a row, and the deploy waiting on it failed.
+    # Serve gives a starting proxy 5 s to be ready, then kills and restarts it; on a busy small
+    # machine that can repeat until the deploy waiting on it fails.
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",

@@ -35,10 +35,10 @@ ACTOR_NAME = "cityserve-admission"
 NAMESPACE = "cityserve"
 # A tenant's requests are paced at its per-minute average: up to BURST at once after a quiet spell,
 # then each waits in the gateway for its turn, up to QUEUE_S; later than that is refused (429).
-# A limit per second alone (twice the average) let a flood's minute in within 30 s, and the sliding
-# window then replayed it every minute as those admissions expired: 30 s of ~34 admitted a second,
-# then none. Refusing what was ahead of the pace (no queue) still let each wave of retries in at
-# once, 20 a second: a neighbour's p99 rose 50 -> 324 ms on the replicas they share (bench/reliability).
+# Pacing at the average, not at a looser limit per second, keeps a flood from spending its minute's
+# quota in its first seconds, which the sliding window would then replay every minute as those
+# admissions expire. The short queue absorbs retries that arrive in step: refused at once, every wave
+# would reach the models together and slow the other tenants whose requests share those replicas.
 BURST, QUEUE_S = 10, 1.0
 SYNC_EVERY_S = 86400.0
 
@@ -89,9 +89,9 @@ class Gatekeeper:
 
     def _confirm(self, key_id: str) -> ApiKey | None:
         """A key the cache does not match, read from the store: a tenant created since the last
-        re-read works from its first request (a time-limited re-read on a miss refused it for up
-        to 0.25 s). Unknown ids and wrong secrets take the same one-row lookup, so their 401s take
-        equally long and do not tell an id that exists from one that does not."""
+        re-read works from its first request, without waiting for the next re-read. Unknown ids and
+        wrong secrets take the same one-row lookup, so their 401s take equally long and do not tell
+        an id that exists from one that does not."""
         found = self.store.api_key(key_id)
         if found is None:
             return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,10 +29,21 @@ class ErrorBody(BaseModel):
 
 
 class HttpError(CityServeError):
-    """An error with its HTTP status; `retry_after` (seconds) becomes the Retry-After header."""
+    """An error with its HTTP status; `retry_after` (seconds) becomes the Retry-After header.
+
+    A subclass names its status and code in its class line:
+    `class Unauthorized(HttpError, status=401, code="unauthorized")`.
+    """
 
     status = 400
     code = "bad_request"
+
+    def __init_subclass__(cls, *, status: int | None = None, code: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status = status
+        if code is not None:
+            cls.code = code
 
     def __init__(self, message: str, *, field: str | None = None, retry_after: float | None = None,
                  code: str | None = None) -> None:
@@ -41,44 +53,44 @@ class HttpError(CityServeError):
             self.code = code
 
 
-class Unauthorized(HttpError):
-    status, code = 401, "unauthorized"
+class Unauthorized(HttpError, status=401, code="unauthorized"):
+    """No API key, a malformed one, or one that is unknown, expired or revoked."""
 
 
-class Forbidden(HttpError):
-    status, code = 403, "forbidden"
+class Forbidden(HttpError, status=403, code="forbidden"):
+    """A valid key whose tenant is not granted the domain it calls."""
 
 
-class NotFound(HttpError):
-    status, code = 404, "not_found"
+class NotFound(HttpError, status=404, code="not_found"):
+    """A route the gateway does not serve."""
 
 
-class TooLarge(HttpError):
-    status, code = 413, "too_large"
+class TooLarge(HttpError, status=413, code="too_large"):
+    """A body, or a number of items, over the endpoint's or the tenant's limit."""
 
 
-class UnsupportedMediaType(HttpError):
-    status, code = 415, "unsupported_media_type"
+class UnsupportedMediaType(HttpError, status=415, code="unsupported_media_type"):
+    """A body declared as anything but JSON."""
 
 
-class Unprocessable(HttpError):
-    status, code = 422, "invalid_input"
+class Unprocessable(HttpError, status=422, code="invalid_input"):
+    """A body that is not JSON or does not validate, or items the model refuses (an unknown sensor, say)."""
 
 
-class QuotaExceeded(HttpError):
-    status, code = 429, "quota_exceeded"
+class QuotaExceeded(HttpError, status=429, code="quota_exceeded"):
+    """A tenant over its per-minute quota or its concurrency; Retry-After says when to come back."""
 
 
-class Internal(HttpError):
-    status, code = 500, "internal"
+class Internal(HttpError, status=500, code="internal"):
+    """A model that fails on a request's items: our fault, not the client's."""
 
 
-class Unavailable(HttpError):
-    status, code = 503, "unavailable"
+class Unavailable(HttpError, status=503, code="unavailable"):
+    """A domain not ready, at capacity or restarting, or the admission service away; Retry-After says when."""
 
 
-class GatewayTimeout(HttpError):
-    status, code = 504, "timeout"
+class GatewayTimeout(HttpError, status=504, code="timeout"):
+    """A domain that did not answer within its timeout."""
 
 
 BY_STATUS: dict[int, type[HttpError]] = {cls.status: cls for cls in HttpError.__subclasses__()}

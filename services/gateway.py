@@ -60,8 +60,9 @@ MODEL_ATTEMPTS = 2
 # The usage flush a stopping gateway replica waits for (Serve gives the whole replica 20 s).
 FLUSH_AT_EXIT_S = 5.0
 # A tenant refused for quota or concurrency (429) is refused again by this replica without parsing
-# its body or asking the admission actor, for this long at most and never past its Retry-After. A
-# flood's clients retry in step; each wave cost the gateways and the actor as much as admitted work.
+# its body or asking the admission actor, for this long at most and never past its Retry-After: a
+# flood's clients retry in step, and each wave would otherwise cost the gateways and the actor as
+# much as admitted work.
 REFUSAL_CACHE_S = 0.1
 
 
@@ -302,7 +303,7 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
 
     async def admission_problem() -> str | None:
         # A replica's admission actor starts beside it; until it answers, every request would
-        # wait for it (a first request after `serve up` took over 10 s on a busy machine).
+        # wait for it, so the replica is not ready before then.
         try:
             await asyncio.wait_for(backend.admission_ready(), timeout=5)
         except Exception as exc:  # starting or restarting: reported, never raised

@@ -79,7 +79,7 @@ class ModelServer:
         domain: the domain's name.
         registry_uri: where versions and stages live.
         torch_threads: torch's intra-op threads. Ray sets OMP_NUM_THREADS to the replica's whole
-            CPUs (1 for a fractional replica): say what we mean instead (RAY_NOTES trap 14).
+            CPUs (1 for a fractional replica), whatever torch should use: the serve config says it.
     """
 
     def __init__(self, domain: str, registry_uri: str, torch_threads: int = 1) -> None:

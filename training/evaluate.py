@@ -1,6 +1,6 @@
 """Evaluates a registered version on its domain's test split and writes `reports/DOMAIN.json` + PNG.
 
-The JSON follows `shared/schemas/report.schema.json`, so scripts can read and check it.
+The JSON has the fixed shape of the project's `report` result schema, so scripts can read and check it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each check is a function `check_<name>(target, short=False) -> Check`. `make reliability` runs the
 full versions (`python -m bench.reliability`) and writes `bench/results/reliability.json`
-(`shared/schemas/reliability.schema.json`); `tests/integration/test_reliability.py` runs the short
+(the `reliability` result schema); `tests/integration/test_reliability.py` runs the short
 version of each inside `make test`, so none of them rots. The same code decides `passed` in both.
 """
 

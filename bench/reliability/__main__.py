@@ -46,10 +46,11 @@ PLATFORM_CHECKS = ("exposure", "fuzz", "auth_matrix", "nasty_inputs", "quota_exa
 
 
 def platform_checks() -> dict[str, Callable[[Target, bool], Check]]:
+    from bench.reliability import auth as a
     from bench.reliability import hostile as h
     from bench.reliability import serving as s
 
-    checks = {"exposure": s.check_exposure, "fuzz": h.check_fuzz, "auth_matrix": h.check_auth_matrix,
+    checks = {"exposure": s.check_exposure, "fuzz": h.check_fuzz, "auth_matrix": a.check_auth_matrix,
               "nasty_inputs": h.check_nasty_inputs, "kill_domain_replica": s.check_kill_domain_replica,
               "kill_gateway_replica": s.check_kill_gateway_replica, "lease_return": s.check_lease_return,
               "quota_exactness": s.check_quota_exactness, "soak": s.check_soak}

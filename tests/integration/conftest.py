@@ -12,8 +12,10 @@ from cluster.serve import serve_env
 from core.settings import Settings
 from training.workspace import Workspace
 
-# Serving runs last: it reuses the versions that training and sweeping registered, and its
-# replicas' CPUs would otherwise keep training runs waiting.
+# For speed, not correctness: serving last reuses the versions that training and sweeping
+# registered (a serving module trains smoke versions for itself when it runs first). Every module
+# passes in any order: `pytest --random-order tests/integration` shuffles modules and their tests
+# (this sort runs first, the shuffle after it).
 ORDER = ("test_train.py", "test_tune.py", "test_training_faults.py", "test_serve.py", "test_reliability.py")
 
 

@@ -1,7 +1,7 @@
 """The Helm chart: lint, render, validate what it renders, and check it keeps the contract with the code.
 
 `helm` comes from `make` (`.venv/bin/helm`); the Kubernetes schemas from the `kubernetes-validate`
-package (strict, Kubernetes 1.32); the KubeRay CRD schemas from `../shared/kuberay/`. Each values
+package (strict, Kubernetes 1.32); the KubeRay CRD schemas (`KUBERAY`, laid beside the project). Each values
 file (the defaults and every `helm/ci/*.yaml`) is rendered once per module.
 """
 

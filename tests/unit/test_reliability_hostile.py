@@ -16,7 +16,8 @@ import pytest
 import uvicorn
 
 from bench.reliability import Target
-from bench.reliability.hostile import check_auth_matrix, check_fuzz, check_nasty_inputs, sign_test
+from bench.reliability.auth import check_auth_matrix, sign_test
+from bench.reliability.hostile import check_fuzz, check_nasty_inputs
 from core.settings import Settings
 from domains import DOMAINS, get_domain
 from domains.base import request_example

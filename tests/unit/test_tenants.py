@@ -293,3 +293,17 @@ def test_hostile_tenant_names_are_refused_by_the_cli_path_and_the_tenants_file(
     with pytest.raises(ConfigError, match=r"tenants\[0\]\.name: .*ASCII letters"):
         read_tenants_file(_write(tmp_path / "t.yaml", entry))
     store.create_tenant(Tenant("a" * 63, ["events"], 10, 100, 2), key_ttl_days=1)  # the longest name
+
+
+def test_usage_summary_bills_answered_items_per_tenant_and_domain() -> None:
+    from services.tenants import USAGE_SUMMARY_COLUMNS, Usage, summarise_usage
+
+    rows = [Usage("a", 1.0, "press", "sentiment", 3, 200, 10.0, "v2"),
+            Usage("b", 2.0, "press", "sentiment", 5, 429, 1.0),
+            Usage("c", 3.0, "grid", "energy", 1, 200, 30.0, "v1"),
+            Usage("d", 4.0, "press", "sentiment", 2, 200, 20.0, "v3")]
+    summary = [dict(zip(USAGE_SUMMARY_COLUMNS, row, strict=True)) for row in summarise_usage(rows)]
+    assert [(s["tenant"], s["domain"]) for s in summary] == [("grid", "energy"), ("press", "sentiment")]
+    press = summary[1]
+    assert (press["requests"], press["answered"], press["items"], press["errors"]) == (3, 2, 5, 1)
+    assert press["versions"] == "v2,v3" and press["p50_ms"] == 10.0

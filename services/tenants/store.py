@@ -1,14 +1,4 @@
-"""Tenants, their API keys, quotas and usage: the arithmetic, and the database that keeps them.
-
-Keys look like `csk_<key id>_<secret>`. Only the SHA-256 of the secret is stored: the secret holds
-256 random bits, so a fast hash is as safe as a slow one and costs microseconds per request. The
-key id is public (it finds the row); the digest is compared in constant time.
-
-Quotas mean what a tenant reads in its contract: in any 60 s window the requests (and items) it
-was admitted never exceed its per-minute quota. `SlidingWindow` keeps the admitted events of the
-last minute, so there is no fixed-window edge where twice the quota gets through; a `Pacer` spreads
-the requests over the minute, so a flood reaches the models evenly rather than in bursts. Concurrency
-slots are `Leases` with a time-to-live: a gateway replica killed mid-request cannot leak one.
+"""The SQL store of tenants, API keys, the audit log and the usage ledger, with its schema.
 
 The `Store` is SQLite (one file, the default) or PostgreSQL (a `postgresql://` URL); the same SQL
 runs on both. The admission actor (`services.admission`) is its only writer of usage rows.
@@ -18,254 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import hashlib
-import hmac
 import json
 import os
-import re
-import secrets
 import socket
 import sqlite3
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from core.errors import ConfigError, InvalidInput
-
-KEY_PREFIX = "csk"
-WINDOW_S = 60.0
-# A tenant's name reaches CLI arguments (a leading '-' reads as an option), metric labels, the audit
-# log and Kubernetes Secrets; ASCII only, so 'аdmin' (a Cyrillic а) cannot pass for 'admin'.
-TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
-
-
-# ---- keys ----------------------------------------------------------------------------------------
-def new_key() -> tuple[str, str, str]:
-    """A fresh API key: (the key to hand out once, its public id, the digest to store)."""
-    key_id = secrets.token_hex(6)
-    secret = secrets.token_urlsafe(32)
-    return f"{KEY_PREFIX}_{key_id}_{secret}", key_id, digest(secret)
-
-
-def digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def split_key(key: str) -> tuple[str, str] | None:
-    """(key id, digest of the secret) of a well-formed key; None for anything else."""
-    parts = key.split("_", 2)
-    if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or not parts[2]:
-        return None
-    return parts[1], digest(parts[2])
-
-
-def same_digest(a: str, b: str) -> bool:
-    """Constant-time comparison: the time taken says nothing about how much of a guess was right."""
-    return hmac.compare_digest(a.encode(), b.encode())
-
-
-def check_tenant_name(name: str) -> str:
-    """`name` if it is a valid tenant name (`TENANT_NAME`); ValueError saying the rule otherwise."""
-    if not TENANT_NAME.fullmatch(name):
-        raise ValueError(f"tenant name {name[:80]!r}: use 1 to 63 ASCII letters, digits, '-' and '_', "
-                         "starting with a letter or digit")
-    return name
-
-
-# ---- quota arithmetic ----------------------------------------------------------------------------
-class SlidingWindow:
-    """Amounts admitted in the last `span` seconds (requests: amount 1; items: the batch size)."""
-
-    def __init__(self, span: float = WINDOW_S) -> None:
-        self.span = span
-        self.events: deque[tuple[float, int]] = deque()
-        self.total = 0
-
-    def _expire(self, now: float) -> None:
-        while self.events and self.events[0][0] <= now - self.span:
-            self.total -= self.events.popleft()[1]
-
-    def wait(self, now: float, amount: int, limit: int) -> float:
-        """Seconds until `amount` more fits under `limit` (0: it fits now). `amount > limit`
-        never fits; callers refuse that before asking."""
-        self._expire(now)
-        excess = self.total + amount - limit
-        if excess <= 0:
-            return 0.0
-        freed = 0
-        for at, n in self.events:  # oldest first: the window frees them in this order
-            freed += n
-            if freed >= excess:
-                return at + self.span - now
-        return self.span
-
-    def add(self, now: float, amount: int) -> None:
-        self.events.append((now, amount))
-        self.total += amount
-
-
-class Pacer:
-    """Spreads a tenant's requests over the minute: one per `60 / per_minute` s on average, up to
-    `burst` at once after a quiet spell (GCRA: a token bucket kept as one timestamp, the time its
-    next request is due). `wait` is how far ahead of its turn a request is: the admission actor
-    refuses it past a limit and has the gateway hold it until its turn below."""
-
-    def __init__(self) -> None:
-        self.due = -float("inf")
-
-    def wait(self, now: float, per_minute: int, burst: int) -> float:
-        """Seconds until one more request's turn (0: now)."""
-        interval = WINDOW_S / per_minute
-        # to the microsecond: sums of intervals drift by ~1e-14, which must not refuse a request
-        return max(0.0, round(max(self.due, now) - (burst - 1) * interval - now, 6))
-
-    def add(self, now: float, per_minute: int) -> None:
-        self.due = max(self.due, now) + WINDOW_S / per_minute
-
-
-class Leases:
-    """Concurrency slots per tenant, each with an expiry so a lost release frees itself."""
-
-    def __init__(self) -> None:
-        self.held: dict[str, dict[str, float]] = {}  # tenant -> lease id -> expiry (monotonic)
-        self.owner: dict[str, str] = {}  # lease id -> tenant
-
-    def active(self, tenant: str, now: float) -> int:
-        leases = self.held.get(tenant, {})
-        for lease in [k for k, expiry in leases.items() if expiry <= now]:
-            del leases[lease]
-            self.owner.pop(lease, None)
-        return len(leases)
-
-    def acquire(self, tenant: str, cap: int, now: float, ttl: float) -> str | None:
-        if self.active(tenant, now) >= cap:
-            return None
-        lease = uuid.uuid4().hex
-        self.held.setdefault(tenant, {})[lease] = now + ttl
-        self.owner[lease] = tenant
-        return lease
-
-    def release(self, lease: str) -> None:
-        tenant = self.owner.pop(lease, None)
-        if tenant is not None:
-            self.held.get(tenant, {}).pop(lease, None)
-
-
-# ---- records -------------------------------------------------------------------------------------
-@dataclass
-class Tenant:
-    """A tenant app: which domains it may call and how much."""
-
-    name: str
-    grants: list[str]
-    requests_per_minute: int
-    items_per_minute: int
-    max_concurrent: int
-    created_at: float = 0.0
-    revoked_at: float | None = None
-
-
-@dataclass
-class ApiKey:
-    key_id: str
-    tenant: str
-    digest: str
-    created_at: float
-    expires_at: float
-    revoked_at: float | None = None
-
-    def problem(self, now: float) -> str | None:
-        """Why this key is refused now, or None."""
-        if self.revoked_at is not None:
-            return "API key revoked"
-        if self.expires_at <= now:
-            return f"API key expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.expires_at))}"
-        return None
-
-
-class TenantEntry(BaseModel):
-    """A tenant as a tenants file lists it (a Kubernetes Secret mounted into the Ray pods)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(description="The tenant's name: 1 to 63 ASCII letters, digits, '-' and '_', starting "
-                      "with a letter or digit.")
-    grants: list[str] = Field(description="Domains it may call.")
-    requests_per_minute: int = Field(ge=1, description="Admitted requests in any 60 s window.")
-    items_per_minute: int = Field(ge=1, description="Admitted items in any 60 s window.")
-    max_concurrent: int = Field(ge=1, description="Requests in flight at once.")
-    keys: list[str] = Field(min_length=1, max_length=2, description="Its API keys (two while it rotates), each "
-                            "`csk_<id>_<secret>` as `cityserve tenants new-key` prints them.")
-
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, name: str) -> str:
-        return check_tenant_name(name)
-
-    @field_validator("keys")
-    @classmethod
-    def _well_formed(cls, keys: list[str]) -> list[str]:
-        bad = [i for i, k in enumerate(keys) if split_key(k) is None]
-        if bad:  # never quote a key back: error messages reach logs
-            raise ValueError(f"keys {bad} are not csk_<id>_<secret>; make keys with `cityserve tenants new-key`")
-        return keys
-
-    def tenant(self) -> Tenant:
-        return Tenant(self.name, self.grants, self.requests_per_minute, self.items_per_minute, self.max_concurrent)
-
-
-def read_tenants_file(path: Path) -> list[TenantEntry]:
-    """The `tenants:` list of a YAML tenants file, validated."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-        listed = data.get("tenants") or []
-    except (OSError, yaml.YAMLError, AttributeError) as exc:
-        raise ConfigError(f"tenants file {path}: {exc}", field="tenants_file") from exc
-    entries = []
-    for i, item in enumerate(listed):
-        try:
-            entries.append(TenantEntry.model_validate(item))
-        except ValidationError as exc:  # without the input values: they would be keys, and reach logs
-            problems = "; ".join(f"tenants[{i}].{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                 for e in exc.errors(include_input=False))
-            raise ConfigError(f"tenants file {path}: {problems}", field="tenants_file") from None
-    names = [e.name for e in entries]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"tenants file {path}: a tenant is listed twice ({sorted(names)})", field="tenants_file")
-    return entries
-
-
-@dataclass
-class Usage:
-    """One admitted request, as the ledger keeps it for chargeback."""
-
-    request_id: str
-    at: float  # when it was admitted (wall clock): quota windows and billing periods count from it
-    tenant: str
-    domain: str
-    items: int
-    status: int
-    latency_ms: float
-    model_version: str = ""
-    # The row's key: the admission's lease, which the platform makes. The request id comes from the
-    # client (X-Request-Id) when it sends one, so a client repeating an id must not merge rows.
-    lease: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-    def row(self) -> tuple[Any, ...]:
-        return (self.request_id, self.at, self.tenant, self.domain, self.items, self.status, self.latency_ms,
-                self.model_version, self.lease)
-
-
-USAGE_COLUMNS = ("request_id", "at", "tenant", "domain", "items", "status", "latency_ms", "model_version", "lease")
+from services.tenants.keys import new_key, split_key
+from services.tenants.records import USAGE_COLUMNS, ApiKey, Tenant, Usage, check_limits
+from services.tenants.tenants_file import TenantEntry
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, grants TEXT NOT NULL,
@@ -398,7 +156,7 @@ class Store:
 
     def create_tenant(self, tenant: Tenant, key_ttl_days: float) -> str:
         """Adds a tenant with its first key; returns the key (shown once, never stored)."""
-        _check_limits(tenant)
+        check_limits(tenant)
         if self.query("SELECT name FROM tenants WHERE name = ?", (tenant.name,)):
             raise InvalidInput(f"tenant {tenant.name!r} exists; rotate its key with `cityserve tenants rotate`",
                                field="name")
@@ -455,7 +213,7 @@ class Store:
         changes = {k: v for k, v in changes.items() if v is not None}
         for k, v in changes.items():
             setattr(tenant, k, v)
-        _check_limits(tenant)
+        check_limits(tenant)
         with self._tx() as cur:
             cur.execute(self._sql("UPDATE tenants SET grants = ?, requests_per_minute = ?, items_per_minute = ?, "
                                   "max_concurrent = ? WHERE name = ?"),
@@ -477,7 +235,7 @@ class Store:
             dropped = managed - {e.name for e in listed}
             for entry in listed:
                 tenant = entry.tenant()
-                _check_limits(tenant)
+                check_limits(tenant)
                 cur.execute(self._sql("SELECT * FROM tenants WHERE name = ?"), (tenant.name,))
                 row = cur.fetchone()
                 values = (json.dumps(sorted(tenant.grants)), tenant.requests_per_minute, tenant.items_per_minute,
@@ -573,18 +331,3 @@ def _migrate_usage(cur: Any) -> None:
 def _tenant(row: Sequence[Any]) -> Tenant:
     name, grants, rpm, ipm, conc, created, revoked = row
     return Tenant(name, json.loads(grants), rpm, ipm, conc, created, revoked)
-
-
-def _check_limits(tenant: Tenant) -> None:
-    from domains import DOMAINS
-
-    try:
-        check_tenant_name(tenant.name)
-    except ValueError as exc:
-        raise InvalidInput(str(exc), field="name") from None
-    unknown = sorted(set(tenant.grants) - set(DOMAINS))
-    if unknown:
-        raise InvalidInput(f"unknown domains {unknown}; choose from {sorted(DOMAINS)}", field="grants")
-    for name in ("requests_per_minute", "items_per_minute", "max_concurrent"):
-        if getattr(tenant, name) < 1:
-            raise InvalidInput(f"{name} must be at least 1, got {getattr(tenant, name)}", field=name)
