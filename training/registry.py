@@ -201,13 +201,13 @@ class Registry:
             pafs.copy_files(src, tmp, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
             yield Path(tmp)
 
-    def load_predictor(self, domain: Domain, ref: str = PRODUCTION) -> Predictor:
-        """`domain`'s version `ref` (an id or alias), loaded for inference once its files match
-        their recorded checksums."""
+    def load_predictor(self, domain: Domain, ref: str = PRODUCTION, device: str = "cpu") -> Predictor:
+        """`domain`'s version `ref` (an id or alias), loaded for inference on `device` ("cpu",
+        "cuda", "cuda:1") once its files match their recorded checksums."""
         version = self.get(domain.name, ref)
         with self.model_dir(domain.name, version.version) as path:
             check_files(version, path)
-            return domain.load_predictor(path, version.version)
+            return domain.load_predictor(path, version.version, device)
 
     # ---- writing -----------------------------------------------------------------------------
     @contextlib.contextmanager
