@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -80,6 +80,9 @@ class ModelConfig(BaseModel):
     poll_s: float = Field(10.0, ge=0, le=3600, description="How often a replica re-reads the registry's stages and "
                           "reloads when the stage moved (how a promotion reaches a Kubernetes cluster without "
                           "editing its RayService); 0: only on a new generation.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the replica runs its model: auto = the GPU Ray assigned the replica "
+        "(`ray_actor_options.num_gpus`), else the CPU; cpu or cuda force one (cuda without a GPU fails the load).")
 
 
 class ServeOverlay(BaseModel):

@@ -17,7 +17,7 @@ from typing import Any
 from ray import serve
 
 from cluster.local import loopback_replica_grpc
-from core.errors import CityServeError, InvalidInput, RegistryError
+from core.errors import CityServeError, ConfigError, InvalidInput, RegistryError
 from domains import get_domain
 from domains.base import Predictor
 from services.config import ModelConfig
@@ -66,6 +66,21 @@ def predict_groups(predictor: Predictor, groups: Sequence[Sequence[Any]]) -> lis
     return out
 
 
+def replica_device(wanted: str) -> str:
+    """The torch device a replica loads its model on: `auto` is CUDA when Ray assigned this replica
+    GPUs (it then sets CUDA_VISIBLE_DEVICES to them, so they start at cuda:0), else the CPU."""
+    import ray
+    import torch
+
+    if wanted == "cpu":
+        return "cpu"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda': no CUDA device is visible to this replica; give the deployment "
+                          "ray_actor_options.num_gpus, or set device to auto or cpu", field="device")
+    assigned = ray.is_initialized() and bool(ray.get_gpu_ids())
+    return "cuda" if wanted == "cuda" or (assigned and torch.cuda.is_available()) else "cpu"
+
+
 def refusal(exc: CityServeError, status: int) -> dict[str, Any]:
     """An error as a value: cheaper than an exception across Ray, and keeps its status and field."""
     return {"status": status, "error": exc.as_json()}
@@ -102,8 +117,8 @@ class ModelServer:
         batcher: Any = self.predict_batch  # @serve.batch adds these setters at run time
         batcher.set_max_batch_size(config.max_batch_size)
         batcher.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-        reload = self.predictor is None or (config.generation, config.stage) != (self.config.generation,
-                                                                                 self.config.stage)
+        reload = self.predictor is None or (config.generation, config.stage, config.device) != (
+            self.config.generation, self.config.stage, self.config.device)
         self.config = config
         if reload:
             await self._load(f"generation {config.generation}")
@@ -117,8 +132,9 @@ class ModelServer:
         async with self.loading:
             try:
                 generation = await asyncio.to_thread(self.registry.generation, self.domain.name)
-                predictor = await asyncio.to_thread(self.registry.load_predictor, self.domain, self.config.stage)
-            except (RegistryError, OSError, RuntimeError, ValueError) as exc:
+                predictor = await asyncio.to_thread(self.registry.load_predictor, self.domain, self.config.stage,
+                                                    replica_device(self.config.device))
+            except (RegistryError, ConfigError, OSError, RuntimeError, ValueError) as exc:
                 if self.predictor is None:
                     raise
                 logger.error("%s: %s did not load (%s); still serving %s", self.domain.name, why, exc,
