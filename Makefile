@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: venv run test lint typecheck unit integration reliability clean
+.PHONY: venv run test lint typecheck unit integration reliability docs clean
 
 venv: $(STAMP)
 
@@ -35,7 +35,7 @@ $(BIN)/helm: | $(STAMP)
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/mypy cityserve domains training cluster services bench tests
+	$(BIN)/mypy core cityserve domains training cluster services bench tests docs
 
 unit: venv $(BIN)/helm
 	$(BIN)/pytest -q tests/unit
@@ -51,6 +51,10 @@ test: lint $(BIN)/helm
 # runs the short version of each.
 reliability: venv
 	$(BIN)/python -m bench.reliability
+
+# The tables of figures in docs/ and helm/README.md, from bench/results/, reports/ and helm/values.yaml.
+docs: venv
+	$(BIN)/python docs/generate.py
 
 clean:
 	rm -rf data/_smoke ray_results .pytest_cache .mypy_cache .ruff_cache
