@@ -51,9 +51,9 @@ def data_prepare(domain: str, source: Path | None, smoke_test: bool, full_sim: b
     if full_sim:
         if domain != "traffic" or smoke_test:
             raise ConfigError("--full-sim applies to `data prepare traffic` without --smoke-test", field="full_sim")
-        from training.data.traffic import prepare_traffic
+        from domains.traffic import TrafficDomain
 
-        manifest = prepare_traffic(data_dir, source=source, sim="full")
+        manifest = TrafficDomain().prepare(data_dir, source=source, sim="full")
     else:
         manifest = get_domain(domain).prepare(data_dir, source=source, smoke=smoke_test)
     rows = [(name, f["rows"], " → ".join(f["time_range"] or []), f["sha256"][:12])

@@ -1,5 +1,11 @@
 """The four city domains. `get_domain(name)` imports a domain only when asked: serving a
-forecaster never imports transformers."""
+forecaster never imports transformers.
+
+Each domain is a package (`events`, `sentiment`, `traffic`, `energy`) holding its data contract,
+model, baselines and data preparation; what they share sits beside them: `base` (what a domain
+is), `tables` (the prepared-data layout), `metrics`, `text` (the MiniLM text domains) and
+`forecast` (the forecasters' quantile answer and loss).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import importlib
 
 from core.errors import ConfigError
 from domains.base import Domain
+
+__all__ = ["DOMAINS", "get_domain"]
 
 DOMAINS: dict[str, str] = {
     "traffic": "domains.traffic:TrafficDomain",

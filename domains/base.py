@@ -31,7 +31,7 @@ META_FILE = "meta.json"
 
 @dataclass(frozen=True)
 class MetricRow:
-    """One row of an evaluation report (`../shared/schemas/report.schema.json`)."""
+    """One row of an evaluation report: an item of the report's `metrics` list."""
 
     subset: str
     name: str

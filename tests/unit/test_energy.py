@@ -1,4 +1,5 @@
-"""Energy domain: data preparation, features, baselines, request contract and a smoke train+predict."""
+"""Energy domain: data preparation, features, baselines, request checks and a smoke train+predict.
+(What every domain promises is in `test_domain_contract.py`.)"""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from domains.energy import (
     EnergyPredictor,
     EnergyRequest,
     EnergyResponse,
+    ForecastStep,
     RawWindows,
     WindowDataset,
     calendar_features,
@@ -34,10 +36,13 @@ from domains.energy import (
     windows_for_split,
     with_band,
 )
+from domains.energy.data import packaged_frame
+from domains.forecast import QuantileForecast
 from domains.metrics import pinball
 from domains.tables import load_table, read_manifest
-from tests.schemas import validate_report
-from training.data import energy as energy_data
+from tests.unit.conftest import SmokeRun
+
+DOMAIN = "energy"  # the `run` and `data_dir` fixtures' domain
 
 META = {
     "series_names": ["england_wales", "victoria"],
@@ -49,24 +54,8 @@ META = {
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("energy-data")
-    get_domain("energy").prepare(root, smoke=True)
-    return root
-
-
-@pytest.fixture(scope="module")
-def model_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training.loop import fit_plain
-
-    out = tmp_path_factory.mktemp("energy-model") / "model"
-    fit_plain(get_domain("energy"), get_domain("energy").default_config("smoke"), data_dir, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def predictor(model_dir: Path) -> EnergyPredictor:
-    loaded = get_domain("energy").load_predictor(model_dir, "test-1")
+def predictor(run: SmokeRun) -> EnergyPredictor:
+    loaded = run.predictor
     assert isinstance(loaded, EnergyPredictor)
     return loaded
 
@@ -102,7 +91,7 @@ def test_packaged_series_and_forecast_column(data_dir: Path) -> None:
     assert np.corrcoef(error[:-1], error[1:])[0, 1] > 0.8  # errors persist from one half-hour to the next
     assert frames.loc[frames["series"] == "england_wales", "temperature_forecast"].isna().all()
     # Seeded: preparing again gives the same forecast and the same checksum.
-    again = energy_data.packaged_frame(smoke=True)
+    again = packaged_frame(smoke=True)
     np.testing.assert_allclose(
         again.loc[again["series"] == "victoria", "temperature_forecast"].to_numpy(),
         vic.sort_values("timestamp")["temperature_forecast"].to_numpy(),
@@ -314,12 +303,19 @@ def test_malformed_requests_fail_validation(changes: dict[str, Any], quoted: str
     assert quoted in str(err.value)
 
 
+def test_a_step_is_a_timestamped_quantile_forecast() -> None:
+    assert issubclass(ForecastStep, QuantileForecast)
+    assert set(ForecastStep.model_fields) == {"timestamp", "p10", "p50", "p90"}
+    with pytest.raises(ValidationError, match="p90"):
+        ForecastStep.model_validate({"timestamp": "2014-12-01T00:00:00", "p10": 1.0, "p50": 2.0})
+
+
 def test_openapi_examples_are_servable(predictor: EnergyPredictor) -> None:
     examples = EnergyRequest.model_json_schema()["examples"]
     assert {e["series"] for e in examples} == {"victoria", "england_wales"}
     answers = predictor.predict([EnergyRequest(**e) for e in examples])
     for example, answer in zip(examples, answers, strict=True):
-        assert isinstance(answer, EnergyResponse) and answer.version == "test-1"
+        assert isinstance(answer, EnergyResponse) and answer.version == predictor.version == "smoke-v1"
         assert len(answer.steps) == HORIZON
         start = datetime.fromisoformat(example["start"])
         assert [s.timestamp for s in answer.steps] == [start + timedelta(minutes=30 * h) for h in range(HORIZON)]
@@ -336,18 +332,17 @@ def test_workday_override_changes_the_forecast(predictor: EnergyPredictor) -> No
 
 
 # ---- smoke train and evaluation ------------------------------------------------------------------
-def test_smoke_training_reports_the_validation_metric(model_dir: Path) -> None:
-    config = json.loads((model_dir / "config.json").read_text())
-    meta = json.loads((model_dir / "meta.json").read_text())
+def test_smoke_training_saves_its_config_and_series(run: SmokeRun) -> None:
+    assert run.history and all("val_mape" in h for h in run.history)
+    config = json.loads((run.model_dir / "config.json").read_text())
+    meta = json.loads((run.model_dir / "meta.json").read_text())
     assert config["hidden"] == get_domain("energy").default_config("smoke")["hidden"]
     assert meta["series_names"] == ["england_wales", "victoria"]
-    assert (model_dir / "model.pt").is_file()
+    assert (run.model_dir / "model.pt").is_file()
 
 
-def test_evaluation_rows_follow_the_report_schema(
-    predictor: EnergyPredictor, data_dir: Path, tmp_path: Path
-) -> None:
-    evaluation = get_domain("energy").evaluate(predictor, data_dir, tmp_path / "energy.png")
+def test_evaluation_rows_cover_each_series_and_the_oracle_temperature(run: SmokeRun) -> None:
+    evaluation = run.evaluation
     subsets = {r.subset for r in evaluation.rows}
     assert subsets == {"victoria_2014", "victoria_2014_oracle_temp", "england_wales_2000"}
     for subset in subsets:
@@ -360,8 +355,3 @@ def test_evaluation_rows_follow_the_report_schema(
     by = {(r.subset, r.name): r for r in evaluation.rows}
     assert (by["victoria_2014", "mape"].baselines["same_time_last_week"]
             == by["victoria_2014_oracle_temp", "mape"].baselines["same_time_last_week"])
-    assert (tmp_path / "energy.png").stat().st_size > 10_000
-    validate_report({"domain": "energy", "version": "test-1", "profile": "quick",
-                     "command": "cityserve evaluate energy",
-                     "data": {"manifest_sha256": "x", "sources": energy_data.PACKAGED_SOURCES},
-                     "metrics": [r.as_json() for r in evaluation.rows]})

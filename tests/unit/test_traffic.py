@@ -1,4 +1,5 @@
-"""Traffic domain: data preparation, features, baselines, request contract and a smoke train+predict."""
+"""Traffic domain: data preparation, features, baselines, request checks and a smoke train+predict.
+(What every domain promises is in `test_domain_contract.py`.)"""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from pydantic import ValidationError
 
 from core.errors import DataError, InvalidInput
 from domains import get_domain
+from domains.forecast import QUANTILE_NAMES, QuantileForecast
 from domains.tables import load_table, read_manifest
 from domains.traffic import (
     HORIZONS,
     N_FEATURES,
     NETWORKS,
     W_MAX,
+    TrafficDomain,
     TrafficPredictor,
     TrafficRequest,
     TrafficResponse,
@@ -33,25 +36,12 @@ from domains.traffic import (
     seasonal_naive,
     to_matrix,
 )
-from tests.schemas import validate_report
-from training.data.traffic import load_real_counts, prepare_traffic, sim_sensor_ids
+from domains.traffic import data as traffic_data
+from domains.traffic.data import load_real_counts
+from domains.traffic.simulation import sim_sensor_ids
+from tests.unit.conftest import SmokeRun
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("traffic-data")
-    prepare_traffic(root, smoke=True)
-    return root
-
-
-@pytest.fixture(scope="module")
-def model_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training.loop import fit_plain
-
-    out = tmp_path_factory.mktemp("traffic-model") / "model"
-    config = {**get_domain("traffic").default_config("smoke"), "epochs": 1}
-    fit_plain(get_domain("traffic"), config, data_dir, out)
-    return out
+DOMAIN = "traffic"  # the `run` and `data_dir` fixtures' domain
 
 
 def _long(counts: np.ndarray, start: str, step_minutes: int, sensors: list[str], episode: int = 0) -> pd.DataFrame:
@@ -132,8 +122,21 @@ def test_an_empty_file_is_refused_and_nothing_is_written(tmp_path: Path) -> None
     path = tmp_path / "empty.csv"
     path.write_text("timestamp,sensor,count\n")
     with pytest.raises(DataError, match="no rows"):
-        prepare_traffic(tmp_path / "data", source=path, smoke=True)
+        get_domain("traffic").prepare(tmp_path / "data", source=path, smoke=True)
     assert not (tmp_path / "data" / "traffic").exists()
+
+
+def test_prepare_passes_the_simulated_set_size_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def record(data_dir: Path, **kwargs: Any) -> dict[str, Any]:
+        calls.append(kwargs)
+        return {}
+
+    monkeypatch.setattr(traffic_data, "prepare", record)
+    TrafficDomain().prepare(tmp_path, sim="full")  # `cityserve data prepare traffic --full-sim`
+    TrafficDomain().prepare(tmp_path, smoke=True)
+    assert calls == [{"source": None, "smoke": False, "sim": "full"}, {"source": None, "smoke": True, "sim": "auto"}]
 
 
 def test_empty_counts_are_dropouts_and_missing_steps_are_filled(tmp_path: Path) -> None:
@@ -237,8 +240,8 @@ def test_poisson_floor_matches_the_closed_form() -> None:
 
 # ---- request contract ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def predictor(model_dir: Path) -> TrafficPredictor:
-    loaded = get_domain("traffic").load_predictor(model_dir, "v-test")
+def predictor(run: SmokeRun) -> TrafficPredictor:
+    loaded = run.predictor
     assert isinstance(loaded, TrafficPredictor)
     return loaded
 
@@ -274,13 +277,6 @@ def test_malformed_requests_are_rejected_quoting_the_value(overrides: dict[str, 
         TrafficRequest(**_request(**overrides))
 
 
-def test_request_examples_validate() -> None:
-    extra = TrafficRequest.model_config.get("json_schema_extra")
-    assert isinstance(extra, dict) and isinstance(extra["examples"], list)
-    for example in extra["examples"]:
-        TrafficRequest.model_validate(example)
-
-
 # ---- training, serving, evaluation ---------------------------------------------------------------
 def test_smoke_training_serves_ordered_non_negative_quantiles(predictor: TrafficPredictor) -> None:
     [response] = predictor.predict([TrafficRequest(**_request())])
@@ -289,6 +285,7 @@ def test_smoke_training_serves_ordered_non_negative_quantiles(predictor: Traffic
     for forecast in response.forecasts:
         assert set(forecast.horizons) == set(HORIZONS)
         for q in forecast.horizons.values():
+            assert isinstance(q, QuantileForecast) and tuple(q.model_dump()) == QUANTILE_NAMES
             assert 0 <= q.p10 <= q.p50 <= q.p90
     grid = sim_sensor_ids()[:3]
     [sim] = predictor.predict([TrafficRequest(network="grid", sensors=grid, history=[[20.0] * 6] * 3,
@@ -308,15 +305,10 @@ def test_loss_ignores_missing_targets() -> None:
     assert float(domain.loss(model, group_batch([item], list(NETWORKS))).detach()) > 100
 
 
-def test_evaluation_rows_follow_the_report_schema(predictor: TrafficPredictor, data_dir: Path,
-                                                  tmp_path: Path) -> None:
-    evaluation = get_domain("traffic").evaluate(predictor, data_dir, tmp_path / "traffic.png")
-    assert (tmp_path / "traffic.png").stat().st_size > 10_000
-    validate_report({"domain": "traffic", "version": "v-test", "profile": "quick", "command": "pytest",
-                     "data": {"manifest_sha256": predictor.meta["manifest_sha256"], "sources": []},
-                     "metrics": [r.as_json() for r in evaluation.rows]})
+def test_evaluation_rows_cover_both_networks_and_every_horizon(run: SmokeRun) -> None:
+    evaluation = run.evaluation
     rows = {(r.subset, r.horizon, r.name): r for r in evaluation.rows}
-    assert len(rows) == 2 * 3 * 5
+    assert len(rows) == len(evaluation.rows) == 2 * 3 * 5
     assert set(rows["real_counts", "15min", "mae"].baselines) == {
         "historical_average", "last_value", "seasonal_naive", "poisson_floor"}
     assert set(rows["simulated_network", "60min", "mae"].baselines) == {

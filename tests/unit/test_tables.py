@@ -1,4 +1,5 @@
-"""Bad user files are refused naming file, column and first bad row; nothing partial is written."""
+"""The prepared-data layout (`domains.tables`): bad user files are refused naming file, column and
+first bad row; splits and manifests are written atomically and checksummed deterministically."""
 
 from __future__ import annotations
 

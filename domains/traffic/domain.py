@@ -1,0 +1,273 @@
+"""Traffic: one multi-horizon, multi-sensor quantile forecaster serving two networks.
+
+`TrafficNet` (`domains.traffic.model`) reads windows of counts (`domains.traffic.features`) of the
+real intersection and the simulated grid (`domains.traffic.contract`), and forecasts P10/P50/P90
+at 15, 30 and 60 minutes for every sensor of a network.
+
+Validation metric ``val_mae``: the P50 MAE of each network and horizon divided by that network's mean
+count, averaged over the six (network, horizon) pairs, so both networks weigh the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel
+from torch import nn
+from torch.utils.data import Dataset
+
+from core.errors import InvalidInput
+from domains import metrics
+from domains.base import Batch, Domain, Evaluation, MetricRow, Predictor, SearchParam
+from domains.forecast import QuantileForecast, pinball_terms
+from domains.tables import load_table, read_manifest
+from domains.traffic.baselines import (
+    draw_forecasts,
+    historical_average,
+    last_value,
+    poisson_floor_mae,
+    seasonal_naive,
+)
+from domains.traffic.contract import HORIZONS, NETWORKS, SensorForecast, TrafficRequest, TrafficResponse
+from domains.traffic.features import (
+    TrafficWindows,
+    Windows,
+    encode,
+    group_batch,
+    make_windows,
+    model_inputs,
+    slot_keys,
+    to_matrix,
+)
+from domains.traffic.model import TrafficNet
+
+if TYPE_CHECKING:
+    from domains.traffic.simulation import SimSize
+
+
+class TrafficPredictor(Predictor):
+    """A loaded traffic model version."""
+
+    def __init__(self, model: TrafficNet, meta: dict[str, Any], version: str, device: str) -> None:
+        super().__init__(version)
+        self.model = model.to(device)
+        self.meta = meta
+        self.device = device
+
+    def forecast(self, network: str, counts: np.ndarray, hist_times: np.ndarray) -> np.ndarray:
+        """Raw-count quantiles, shape (windows, sensors, horizons, 3), for full-network windows."""
+        net_id = list(self.meta["networks"]).index(network)
+        net_meta = self.meta["networks"][network]
+        x, target = encode(counts, hist_times, net_meta, NETWORKS[network])
+        out = []
+        with torch.no_grad():
+            for lo in range(0, len(x), 256):
+                q = self.model.forecast(net_id, torch.from_numpy(x[lo:lo + 256]).to(self.device),
+                                        torch.from_numpy(target[lo:lo + 256]).to(self.device))
+                out.append(q.cpu().numpy())
+        scale = np.asarray(net_meta["scale"])[None, :, None, None]
+        return np.maximum(np.concatenate(out) * scale, 0.0)  # counts are never negative
+
+    def predict(self, items: Sequence[BaseModel]) -> list[BaseModel]:
+        return [self._predict_one(TrafficRequest.model_validate(item)) for item in items]
+
+    def _predict_one(self, req: TrafficRequest) -> TrafficResponse:
+        if req.network not in self.meta["networks"]:
+            raise InvalidInput(f"unknown network {req.network!r}; choose one of {sorted(self.meta['networks'])}",
+                               field="network")
+        spec = NETWORKS[req.network]
+        sensors: list[str] = self.meta["networks"][req.network]["sensors"]
+        index = {s: i for i, s in enumerate(sensors)}
+        counts = np.full((1, len(sensors), spec.window), np.nan)
+        rows = []
+        for i, (sensor, series) in enumerate(zip(req.sensors, req.history, strict=True)):  # lengths: the request model
+            if sensor not in index:
+                raise InvalidInput(f"unknown sensor {sensor!r} in network {req.network!r}", field=f"sensors[{i}]")
+            counts[0, index[sensor]] = [np.nan if v is None else v for v in series]
+            rows.append(index[sensor])
+        last = np.datetime64(req.last_timestamp.replace(tzinfo=None), "ns")
+        hist_times = last - np.arange(spec.window - 1, -1, -1) * np.timedelta64(spec.step_minutes, "m")
+        q = self.forecast(req.network, counts, hist_times[None, :])[0]
+        return TrafficResponse(network=req.network, version=self.version, forecasts=[
+            SensorForecast(sensor=sensors[r], horizons={
+                h: QuantileForecast(**QuantileForecast.fields_of(q[r, k])) for k, h in enumerate(HORIZONS)
+            }) for r in rows
+        ])
+
+
+class TrafficDomain(Domain):
+    """Traffic counts: P10/P50/P90 at 15/30/60 minutes for every sensor of a network."""
+
+    full_data_flags = "--full-sim"  # the 10-day simulated set, a one-off step
+
+    name = "traffic"
+    metric = "val_mae"
+    mode = "min"
+    request_model = TrafficRequest
+    response_model = TrafficResponse
+
+    def prepare(self, data_dir: Path, *, source: Path | None = None, smoke: bool = False,
+                sim: SimSize | Literal["auto"] = "auto") -> dict[str, Any]:
+        """As `Domain.prepare`; `sim` picks the simulated set (`domains.traffic.data.prepare`): "full"
+        simulates the full set once (`--full-sim`), "auto" uses it when cached, else the quick one."""
+        from domains.traffic.data import prepare  # build-side code (the simulator): serving never imports it
+
+        return prepare(data_dir, source=source, smoke=smoke, sim=sim)
+
+    def default_config(self, profile: Literal["smoke", "quick", "full"]) -> dict[str, Any]:
+        common = {"weight_decay": 0.01, "warmup_frac": 0.05, "grad_clip": 1.0, "seed": 0, "node_dim": 16}
+        if profile == "smoke":
+            return {**common, "epochs": 2, "batch_size": 16, "lr": 2e-3, "patience": 2,
+                    "hidden": 32, "layers": 1, "dropout": 0.0}
+        if profile == "quick":
+            return {**common, "epochs": 6, "batch_size": 32, "lr": 2e-3, "patience": 3,
+                    "hidden": 64, "layers": 2, "dropout": 0.1}
+        return {**common, "epochs": 12, "batch_size": 32, "lr": 2e-3, "patience": 4,
+                "hidden": 96, "layers": 2, "dropout": 0.1}
+
+    def _tables(self, data_dir: Path, split: str) -> dict[str, pd.DataFrame]:
+        return {name: load_table(data_dir, self.name, f"{name}_{split}") for name in NETWORKS}
+
+    def search_space(self) -> dict[str, SearchParam]:
+        return {
+            "lr": SearchParam("loguniform", 3e-4, 1e-2),
+            "weight_decay": SearchParam("loguniform", 1e-4, 1e-1),
+            "hidden": SearchParam("choice", values=(32, 64, 96, 128)),
+            "layers": SearchParam("randint", 1, 3),
+            "node_dim": SearchParam("choice", values=(8, 16, 32)),
+            "dropout": SearchParam("uniform", 0.0, 0.3),
+        }
+
+    def fit_meta(self, data_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+        """Sensor ids, mean counts (the unit the model works in) and smoothed profiles, from train only."""
+        networks = {}
+        for name, train in self._tables(data_dir, "train").items():
+            spec = NETWORKS[name]
+            sensors = sorted(train["sensor"].unique())
+            scale = train.groupby("sensor")["count"].mean().reindex(sensors).fillna(0.0).to_numpy() + 1.0
+            t = pd.DatetimeIndex(train["timestamp"])
+            dow, slot = slot_keys(t, spec.step_minutes)
+            frame = pd.DataFrame({"sensor": train["sensor"].to_numpy(), "weekend": (dow >= 5).astype(int),
+                                  "slot": slot, "count": train["count"].to_numpy()})
+            mean = frame.groupby(["weekend", "sensor", "slot"])["count"].mean()
+            full = pd.MultiIndex.from_product([[0, 1], sensors, range(spec.slots)])
+            prof = mean.reindex(full).to_numpy().reshape(2, len(sensors), spec.slots)
+            # A day type absent from train takes the other; smooth over three slots (circular).
+            for d in (0, 1):
+                if np.isnan(prof[d]).all():
+                    prof[d] = prof[1 - d]
+            padded = np.concatenate([prof[..., -1:], prof, prof[..., :1]], axis=-1)
+            windows = np.lib.stride_tricks.sliding_window_view(padded, 3, axis=-1)
+            seen = (~np.isnan(windows)).sum(-1)
+            prof = np.where(seen > 0, np.nansum(windows, axis=-1) / np.maximum(seen, 1), np.nan)
+            prof = np.where(np.isnan(prof), scale[None, :, None] - 1.0, prof)  # slots never simulated
+            networks[name] = {"sensors": sensors, "scale": scale.round(4).tolist(),
+                              "profile": prof.round(3).tolist()}
+        return {
+            "networks": networks,
+            "manifest_sha256": read_manifest(data_dir, self.name)["sha256"],
+        }
+
+    def datasets(self, data_dir: Path, config: dict[str, Any], meta: dict[str, Any]
+                 ) -> tuple[Dataset[Batch], Dataset[Batch]]:
+        out = []
+        for split in ("train", "valid"):
+            tables = self._tables(data_dir, split)
+            out.append(TrafficWindows({
+                name: make_windows(tables[name], meta["networks"][name]["sensors"], NETWORKS[name])
+                for name in NETWORKS
+            }, meta))
+        return out[0], out[1]
+
+    def build_model(self, config: dict[str, Any], meta: dict[str, Any]) -> nn.Module:
+        return TrafficNet(sizes=[len(n["sensors"]) for n in meta["networks"].values()],
+                          hidden=int(config["hidden"]), node_dim=int(config["node_dim"]),
+                          layers=int(config["layers"]), dropout=float(config["dropout"]))
+
+    def collate(self, items: list[Any]) -> Batch:
+        return group_batch(items, list(NETWORKS))
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Pinball loss over P10/P50/P90, weighted by sensor volume (so it tracks MAE in counts)."""
+        total, norm = torch.zeros(()), torch.zeros(())
+        for name, q in zip(NETWORKS, model(*model_inputs(batch, list(NETWORKS))), strict=True):
+            pin = pinball_terms(batch[f"{name}/y"], q).mean(-1)
+            mask = batch[f"{name}/y_mask"].float() * batch[f"{name}/weight"][..., None]
+            total = total.to(q.device) + (pin * mask).sum()
+            norm = norm.to(q.device) + mask.sum()
+        return total / norm.clamp_min(1.0)
+
+    def validate(self, model: nn.Module, loader: Iterable[Batch], meta: dict[str, Any]) -> dict[str, float]:
+        names = list(NETWORKS)
+        abs_err = torch.zeros(len(names), len(HORIZONS))
+        inside = torch.zeros(len(names), len(HORIZONS))
+        count = torch.zeros(len(names), len(HORIZONS))
+        for batch in loader:
+            for k, (name, q) in enumerate(zip(names, model(*model_inputs(batch, names)), strict=True)):
+                q = q.float()
+                y, mask = batch[f"{name}/y"], batch[f"{name}/y_mask"].float()
+                scale = torch.as_tensor(meta["networks"][name]["scale"], device=q.device)[:, None]
+                abs_err[k] += ((q[..., 1] - y).abs() * scale * mask).sum((0, 1)).cpu()
+                inside[k] += (((y >= q[..., 0]) & (y <= q[..., 2])).float() * mask).sum((0, 1)).cpu()
+                count[k] += mask.sum((0, 1)).cpu()
+        mae = abs_err / count.clamp_min(1)
+        out: dict[str, float] = {}
+        for k, name in enumerate(names):
+            mean_count = float(np.mean(meta["networks"][name]["scale"]) - 1.0)
+            for j, h in enumerate(HORIZONS):
+                out[f"val_mae_{name}_{h}"] = float(mae[k, j])
+                out[f"val_norm_mae_{name}_{h}"] = float(mae[k, j]) / mean_count
+        out["val_mae"] = float(np.mean([v for k, v in out.items() if k.startswith("val_norm_mae_")]))
+        out["val_coverage"] = float(inside.sum() / count.sum().clamp_min(1))
+        return out
+
+    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu") -> Predictor:
+        model, _, meta = self.load_model_files(Path(model_dir))
+        if not isinstance(model, TrafficNet):
+            raise TypeError(f"expected a TrafficNet, got {type(model).__name__}")
+        return TrafficPredictor(model, meta, version, device)
+
+    def evaluate(self, predictor: Predictor, data_dir: Path, figure: Path) -> Evaluation:
+        """METR-LA-style rows per subset and horizon on the test split, against the baselines."""
+        if not isinstance(predictor, TrafficPredictor):
+            raise TypeError(f"expected a TrafficPredictor, got {type(predictor).__name__}")
+        train, valid, test = (self._tables(data_dir, s) for s in ("train", "valid", "test"))
+        rows: list[MetricRow] = []
+        plots: dict[str, tuple[Windows, np.ndarray, list[str]]] = {}
+        notes = []
+        for name, spec in NETWORKS.items():
+            sensors = predictor.meta["networks"][name]["sensors"]
+            win = make_windows(test[name], sensors, spec)
+            q = predictor.forecast(name, win.counts, win.hist_times)  # (windows, sensors, horizons, 3)
+            actual = win.actual
+            ha = historical_average(train[name], sensors, spec, win.target_times).transpose(0, 2, 1)
+            history = pd.concat([train[name], valid[name], test[name]])
+            # Real counts run for weeks: same time a week earlier. Simulated sets are two weeks at
+            # most, split by day, so a week earlier is often not there: same time a day earlier.
+            lag = pd.Timedelta(days=7 if name == "intersection" else 1)
+            baselines = {"historical_average": ha, "last_value": last_value(win, ha),
+                         "seasonal_naive": seasonal_naive(history, sensors, win, lag, ha)}
+            floor = None
+            if name == "intersection":
+                floor = poisson_floor_mae(actual, to_matrix(test[name], sensors), win, sensors)
+                notes.append(f"real_counts Poisson floor MAE {floor:.2f} (oracle knowing a 75-min smoothed "
+                             "mean per step; horizon-independent)")
+            for k, h in enumerate(HORIZONS):
+                a = actual[:, :, k]
+                point = {b: v[:, :, k] for b, v in baselines.items()}
+                for metric, fn in (("mae", metrics.mae), ("rmse", metrics.rmse), ("mape", metrics.mape)):
+                    base = {b: fn(a, v) for b, v in point.items()}
+                    if metric == "mae" and floor is not None:
+                        base["poisson_floor"] = floor
+                    rows.append(MetricRow(spec.subset, metric, fn(a, q[:, :, k, 1]), base, horizon=h))
+                rows.append(MetricRow(spec.subset, "pinball", metrics.pinball(a, q[:, :, k]), {}, horizon=h))
+                rows.append(MetricRow(spec.subset, "coverage_p10_p90",
+                                      metrics.coverage(a, q[:, :, k, 0], q[:, :, k, 2]), {}, horizon=h))
+            plots[name] = (win, q, sensors)
+        draw_forecasts(plots, figure)
+        return Evaluation(rows=rows, figure=figure, notes=notes)
