@@ -17,6 +17,7 @@ records one. Tables stay within 80 columns: one idea per table, the columns that
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import statistics
@@ -67,6 +68,21 @@ def rows_carry_commits(rows: Iterable[Mapping[str, Any]], top: Mapping[str, Any]
     return any(row.get("commit") and row.get("commit") != top.get("commit") for row in rows)
 
 
+def result_table(rows: Iterable[Mapping[str, Any]], document: Mapping[str, Any], header: Sequence[str],
+                 align: str, cells: Callable[[Any], list[str]]) -> str:
+    """A table of one result file's rows; a `commit` column when some row was measured at another
+    commit than its file says."""
+    rows = list(rows)
+    by_row = rows_carry_commits(rows, document)
+    body = [cells(row) + ([commit_of(row, document)] if by_row else []) for row in rows]
+    return table([*header, *(["commit"] if by_row else [])], body, align + ("l" if by_row else ""))
+
+
+def file_commit(rows: Iterable[Mapping[str, Any]], document: Mapping[str, Any], per_row: str = "per row") -> str:
+    """The caption's commit: the file's, or where rows carry their own, where to find them."""
+    return per_row if rows_carry_commits(rows, document) else commit_of(document)
+
+
 def source(files: Sequence[str], commit: str, *extra: str) -> str:
     """The caption under a table: where the figures come from and which code they belong to."""
     names = ", ".join(f"`{name}`" for name in files)
@@ -76,6 +92,18 @@ def source(files: Sequence[str], commit: str, *extra: str) -> str:
 
 def missing(rel: str, command: str) -> str:
     return wrap(f"*No `{rel}` yet: `{command}` writes it.*")
+
+
+def from_result(rel: str, command: str) -> Callable[[Callable[[Json, str], str]], Callable[[Path], str]]:
+    """A generated block built from one result file `rel`; where the file is missing, the block
+    says which `command` writes it."""
+    def block(build: Callable[[Json, str], str]) -> Callable[[Path], str]:
+        @functools.wraps(build)
+        def from_root(root: Path) -> str:
+            document = load(root, rel)
+            return missing(rel, command) if document is None else build(document, rel)
+        return from_root
+    return block
 
 
 # ---- formatting ----------------------------------------------------------------------------------
@@ -159,11 +187,8 @@ def report_caption(report: Json, rel: str, *extra: str) -> str:
                   f"`{report['profile']}`", *extra)
 
 
-def eval_traffic(root: Path) -> str:
-    rel = "reports/traffic.json"
-    report = load(root, rel)
-    if report is None:
-        return missing(rel, "cityserve evaluate traffic")
+@from_result("reports/traffic.json", "cityserve evaluate traffic")
+def eval_traffic(report: Json, rel: str) -> str:
     rows = []
     for subset in subsets(report):
         for horizon in ("15min", "30min", "60min"):
@@ -196,11 +221,8 @@ def eval_traffic(root: Path) -> str:
     return "\n\n".join(out)
 
 
-def eval_energy(root: Path) -> str:
-    rel = "reports/energy.json"
-    report = load(root, rel)
-    if report is None:
-        return missing(rel, "cityserve evaluate energy")
+@from_result("reports/energy.json", "cityserve evaluate energy")
+def eval_energy(report: Json, rel: str) -> str:
     rows = []
     for subset in subsets(report):
         mape = metric(report, subset, "mape", "day_ahead")
@@ -221,11 +243,8 @@ def eval_energy(root: Path) -> str:
                        + "; gradient boosting is a regression on the same inputs (its MAPE)")])
 
 
-def eval_events(root: Path) -> str:
-    rel = "reports/events.json"
-    report = load(root, rel)
-    if report is None:
-        return missing(rel, "cityserve evaluate events")
+@from_result("reports/events.json", "cityserve evaluate events")
+def eval_events(report: Json, rel: str) -> str:
     rows = []
     for subset in subsets(report):
         f1 = metric(report, subset, "macro_f1")
@@ -253,11 +272,8 @@ def eval_events(root: Path) -> str:
                        f"+{EVENTS_TARGET_POINTS_OVER_TFIDF:g} points over TF-IDF + logistic regression")])
 
 
-def eval_sentiment(root: Path) -> str:
-    rel = "reports/sentiment.json"
-    report = load(root, rel)
-    if report is None:
-        return missing(rel, "cityserve evaluate sentiment")
+@from_result("reports/sentiment.json", "cityserve evaluate sentiment")
+def eval_sentiment(report: Json, rel: str) -> str:
     out = []
     for name, title in (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1")):
         rows = []
@@ -328,44 +344,36 @@ def train_throughput(root: Path) -> str:
     for rel in files:
         document = load(root, rel) or {}
         rows = document["rows"]
-        by_row = rows_carry_commits(rows, document)
-        header = ["domain", "device", "threads", "plain torch", "Ray Train", "ratio", "load"]
-        body = []
-        for row in rows:
-            cells = [row["domain"], row["device"], str(row["threads"]), rate(row["plain_samples_per_s"]),
-                     rate(row["ray_samples_per_s"]),
-                     f"{row['ratio']:.2f} {mark(row['ratio'] >= TRAIN_RATIO_TARGET)}",
-                     num(row.get("load_average"), 2)]
-            body.append(cells + ([commit_of(row, document)] if by_row else []))
-        out.append(table(header + (["commit"] if by_row else []), body, "lllrrrr" + ("l" if by_row else "")))
-        out.append(source([rel], "per row" if by_row else commit_of(document),
+        out.append(result_table(
+            rows, document, ["domain", "device", "threads", "plain torch", "Ray Train", "ratio", "load"], "lllrrrr",
+            lambda row: [row["domain"], row["device"], str(row["threads"]), rate(row["plain_samples_per_s"]),
+                         rate(row["ray_samples_per_s"]),
+                         f"{row['ratio']:.2f} {mark(row['ratio'] >= TRAIN_RATIO_TARGET)}",
+                         num(row.get("load_average"), 2)]))
+        out.append(source([rel], file_commit(rows, document),
                           f"samples/s; ratio = Ray Train / plain, target ≥ {TRAIN_RATIO_TARGET:g}; "
                           "load = load average while measured"))
     return "\n\n".join(out)
 
 
-def tune_efficiency(root: Path) -> str:
-    rel = "bench/results/tune_efficiency.json"
-    document = load(root, rel)
-    if document is None:
-        return missing(rel, ".venv/bin/python -m bench.tune_efficiency")
+@from_result("bench/results/tune_efficiency.json", ".venv/bin/python -m bench.tune_efficiency")
+def tune_efficiency(document: Json, rel: str) -> str:
     rows = document["rows"]
-    by_row = rows_carry_commits(rows, document)
-    body = []
-    for row in rows:
+
+    def cells(row: Json) -> list[str]:
         gap, share = row.get("relative_gap"), row.get("compute_share")
-        cells = [row["domain"], f"`{row['metric']}`", f"{row['grid']['best']:.4f}", f"{row['asha']['best']:.4f}",
-                 f"{gap:+.3f} {mark(gap <= TUNE_GAP_TARGET)}" if gap is not None else "—",
-                 f"{share:.2f} {mark(share <= TUNE_SHARE_TARGET)}" if share is not None else "—",
-                 f"{row['grid']['trial_epochs']} / {row['asha']['trial_epochs']}"]
-        body.append(cells + ([commit_of(row, document)] if by_row else []))
+        return [row["domain"], f"`{row['metric']}`", f"{row['grid']['best']:.4f}", f"{row['asha']['best']:.4f}",
+                f"{gap:+.3f} {mark(gap <= TUNE_GAP_TARGET)}" if gap is not None else "—",
+                f"{share:.2f} {mark(share <= TUNE_SHARE_TARGET)}" if share is not None else "—",
+                f"{row['grid']['trial_epochs']} / {row['asha']['trial_epochs']}"]
+
     walls = ", ".join(f"{row['domain']} {num(row['grid'].get('wall_s'), 0)} / {num(row['asha'].get('wall_s'), 0)} s"
                       for row in rows)
     loads = ", ".join(f"{row['domain']} {num(row.get('load_average'), 2)}" for row in rows)
     return "\n\n".join([
-        table(["domain", "metric", "grid best", "ASHA best", "gap", "compute", "epochs"]
-              + (["commit"] if by_row else []), body, "llrrrrr" + ("l" if by_row else "")),
-        source([rel], "per row" if by_row else commit_of(document),
+        result_table(rows, document, ["domain", "metric", "grid best", "ASHA best", "gap", "compute", "epochs"],
+                     "llrrrrr", cells),
+        source([rel], file_commit(rows, document),
                f"gap: how much worse ASHA's best is, relative (target ≤ {TUNE_GAP_TARGET:g}); compute: ASHA's "
                f"trial-epochs over the grid's (target ≤ {TUNE_SHARE_TARGET:g}); epochs: grid / ASHA "
                f"trial-epochs; wall time grid / ASHA: {walls}; load average: {loads}")])
@@ -392,19 +400,16 @@ def serve_caption(document: Json, rel: str, what: str) -> str:
 
 
 def serve_throughput_table(document: Json, rel: str) -> str:
-    by_row = rows_carry_commits(document["rows"], document)
-    body = []
-    for domain, rows in serve_rows(document).items():
-        for row in rows:
-            gateway = row["gateway_items_per_s"]
-            cells = [domain, f"{row['concurrency']} × {row['items_per_request']}",
-                     rate(row["in_process_items_per_s"]), rate(row["uvicorn_items_per_s"]), rate(gateway),
-                     f"{gateway / row['in_process_items_per_s']:.2f}", f"{gateway / row['uvicorn_items_per_s']:.2f}",
-                     f"{row['errors']:,}"]
-            body.append(cells + ([commit_of(row, document)] if by_row else []))
+    def cells(row: Json) -> list[str]:
+        gateway = row["gateway_items_per_s"]
+        return [row["domain"], f"{row['concurrency']} × {row['items_per_request']}",
+                rate(row["in_process_items_per_s"]), rate(row["uvicorn_items_per_s"]), rate(gateway),
+                f"{gateway / row['in_process_items_per_s']:.2f}", f"{gateway / row['uvicorn_items_per_s']:.2f}",
+                f"{row['errors']:,}"]
+
+    rows = [row for grouped in serve_rows(document).values() for row in grouped]  # a domain's rows together
     header = ["domain", "conc × items", "(a)", "(b)", "(c)", "c/a", "c/b", "(c) err"]
-    return "\n\n".join([table(header + (["commit"] if by_row else []), body,
-                              "lrrrrrrr" + ("l" if by_row else "")),
+    return "\n\n".join([result_table(rows, document, header, "lrrrrrrr", cells),
                         serve_caption(document, rel, "items/s")])
 
 
@@ -501,11 +506,8 @@ def serve_targets(root: Path) -> str:
         source([f for f, d in ((rel, document), (auto_rel, autoscale)) if d is not None], " / ".join(commits))])
 
 
-def autoscale(root: Path) -> str:
-    rel = "bench/results/autoscale.json"
-    document = load(root, rel)
-    if document is None:
-        return missing(rel, ".venv/bin/python -m bench.autoscale")
+@from_result("bench/results/autoscale.json", ".venv/bin/python -m bench.autoscale")
+def autoscale(document: Json, rel: str) -> str:
     rounds = document.get("rounds", [])
     body = [[str(i), f"{r['scale_up_s']:.1f}", f"{r['scale_down_s']:.1f}", str(r.get("load_errors_last_5s", "—"))]
             for i, r in enumerate(rounds, 1)]
@@ -551,22 +553,14 @@ def figure(value: Any) -> str | None:
     return None
 
 
-def reliability(root: Path) -> str:
-    rel = "bench/results/reliability.json"
-    document = load(root, rel)
-    if document is None:
-        return missing(rel, "make reliability")
+@from_result("bench/results/reliability.json", "make reliability")
+def reliability(document: Json, rel: str) -> str:
     checks = document["checks"]
-    by_row = rows_carry_commits(checks, document)
-    body = []
-    for check in checks:
-        figures = check["figures"]
-        cells = [f"`{check['name']}`", "yes" if check["passed"] else "**no**",
-                 num(figures.get("seconds"), 1), num(figures.get("load_average"), 2)]
-        body.append(cells + ([commit_of(check, document)] if by_row else []))
     passed = sum(1 for check in checks if check["passed"])
-    out = [table(["check", "passed", "seconds", "load avg."] + (["commit"] if by_row else []), body,
-                 "llrr" + ("l" if by_row else "")),
+    out = [result_table(checks, document, ["check", "passed", "seconds", "load avg."], "llrr",
+                        lambda check: [f"`{check['name']}`", "yes" if check["passed"] else "**no**",
+                                       num(check["figures"].get("seconds"), 1),
+                                       num(check["figures"].get("load_average"), 2)]),
            wrap(f"**{passed} of {len(checks)} checks pass.** Their figures (series longer than {SHORT_LIST} "
                 "values and nested records stay in the file; `.venv/bin/python -m bench.reliability --table` "
                 "prints it):")]
@@ -586,7 +580,7 @@ def reliability(root: Path) -> str:
         for problem in check.get("problems") or []:
             line += f". **Problem:** {problem}"
         out.append(wrap(line.rstrip() + ".", "  "))
-    out.append(source([rel], "per check (column)" if by_row else commit_of(document),
+    out.append(source([rel], file_commit(checks, document, "per check (column)"),
                       "load avg.: the load average while the check ran"))
     return "\n\n".join(out[:2]) + "\n\n" + "\n".join(out[2:-1]) + "\n\n" + out[-1]
 
