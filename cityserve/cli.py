@@ -131,12 +131,14 @@ def tune(domain: str, num_samples: int, scheduler: str, search: str, max_concurr
 @main.command()
 @click.argument("domain", type=DOMAIN)
 @click.option("--version", "ref", default="production", show_default=True, help="Version id or alias.")
-@click.option("--out", type=click.Path(path_type=Path), help="Report folder (default: CITYSERVE_REPORTS_DIR).")
+@click.option("--out", metavar="PATH|URI",
+              help="Report folder, local or a URI such as s3://bucket/reports (default: CITYSERVE_REPORTS_DIR).")
 @click.option("--sweep", "sweep_ref", metavar="VERSION", help="Also score this swept version (report key `sweep`).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def evaluate(domain: str, ref: str, out: Path | None, sweep_ref: str | None, as_json: bool) -> None:
+def evaluate(domain: str, ref: str, out: str | None, sweep_ref: str | None, as_json: bool) -> None:
     """Score a version of DOMAIN on its test split; writes reports/DOMAIN.json and a PNG."""
+    from core.storage import join
     from domains import get_domain
     from training.evaluate import evaluate as run_evaluation
 
@@ -159,7 +161,7 @@ def evaluate(domain: str, ref: str, out: Path | None, sweep_ref: str | None, as_
     print_table(f"{domain} on the test split", [*columns, "baselines"], rows, False)
     for note in evaluation.notes:
         console.print(f"- {note}")
-    console.print(f"report: {out / (domain + '.json')}; figure: {evaluation.figure}")
+    console.print(f"report: {join(out, domain + '.json')}; figure: {evaluation.figure or join(out, domain + '.png')}")
 
 
 # ---- models ----------------------------------------------------------------------------------

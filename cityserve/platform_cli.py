@@ -11,7 +11,6 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import click
 
@@ -275,15 +274,16 @@ def usage(tenant: str | None, since: str | None, detail: bool, as_json: bool, as
 # ---- batch -------------------------------------------------------------------------------------
 @click.command()
 @click.argument("domain", type=DOMAIN)
-@click.argument("source", type=click.Path(path_type=Path))
-@click.argument("dest", type=click.Path(path_type=Path))
+@click.argument("source", metavar="SOURCE")  # a local path or a URI (s3://bucket/in.csv): click.Path would mangle one
+@click.argument("dest", metavar="DEST")
 @click.option("--version", "ref", default="production", show_default=True, help="Version id or alias.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--concurrency", type=int, default=1, show_default=True, help="Scoring actors (each loads the model).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def batch(domain: str, source: Path, dest: Path, ref: str, batch_size: int, concurrency: int, as_json: bool) -> None:
-    """Score SOURCE (Parquet or CSV, one request item per row) into the Parquet file DEST."""
+def batch(domain: str, source: str, dest: str, ref: str, batch_size: int, concurrency: int, as_json: bool) -> None:
+    """Score SOURCE (Parquet or CSV, one request item per row) into the Parquet file DEST; each a local
+    path or a URI such as s3://bucket/scored.parquet."""
     from domains import get_domain
     from services.batch import score_file
 

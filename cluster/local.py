@@ -87,7 +87,8 @@ def connect(settings: Settings, *, num_cpus: int | None = None, **kwargs: Any) -
     # Train's PlacementGroupCleaner then dies, so a trial stopped by ASHA leaks its workers' CPUs
     # and the next trials wait forever. So every worker of our jobs is told the address.
     if settings.ray_address:
-        ray.init(address=settings.ray_address, runtime_env=_with_address(kwargs, settings.ray_address), **kwargs)
+        ray.init(address=settings.ray_address,
+                 runtime_env=with_storage_env(_with_address(kwargs, settings.ray_address)), **kwargs)
         return
     temp = str(settings.ray_temp_dir.resolve()) if settings.ray_temp_dir else None
     port = free_port()  # our own cluster's address must be known before it starts
@@ -98,7 +99,7 @@ def connect(settings: Settings, *, num_cpus: int | None = None, **kwargs: Any) -
     try:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", _temp_dir=temp,
-                 runtime_env=_with_address(kwargs, f"127.0.0.1:{port}"), **kwargs)
+                 runtime_env=with_storage_env(_with_address(kwargs, f"127.0.0.1:{port}")), **kwargs)
     finally:
         del os.environ["RAY_GCS_SERVER_PORT"]
 
@@ -119,3 +120,34 @@ def _with_address(kwargs: dict[str, Any], address: str) -> dict[str, Any]:
     env.setdefault(name, os.environ.get(name, default))
     runtime_env["env_vars"] = env
     return runtime_env
+
+
+# Object storage (registry, Train/Tune storage, reports, batch files on s3://) is reached with the
+# endpoint and credentials in these variables; workers on other nodes have only what the job gives them.
+STORAGE_ENV_PREFIX = "AWS_"
+SETUP_HOOK = "worker_process_setup_hook"
+
+
+def with_storage_env(runtime_env: dict[str, Any]) -> dict[str, Any]:
+    """`runtime_env` plus a worker setup hook that gives every worker of the job this process's AWS_*
+    variables, so workers on any node reach object storage as this driver does (a variable the
+    caller put in `env_vars` is left to it).
+
+    Not as `env_vars`: Ray logs a job's env_vars in full (`runtime_env_agent.log` on every node),
+    and these hold a secret key. The hook is stored in the cluster (GCS), not written to a log.
+    """
+    given = runtime_env.get("env_vars", {})
+    values = {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIX) and k not in given}
+    if not values:
+        return runtime_env
+    previous = runtime_env.get(SETUP_HOOK)
+    if previous is not None and not callable(previous):
+        raise ConfigError(f"runtime_env {SETUP_HOOK} must be a function to run beside the storage settings",
+                          field=SETUP_HOOK)
+
+    def set_storage_env() -> None:
+        os.environ.update(values)
+        if previous is not None:
+            previous()
+
+    return {**runtime_env, SETUP_HOOK: set_storage_env}

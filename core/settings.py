@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.storage import is_uri
 
 
 class Settings(BaseSettings):
@@ -21,7 +25,9 @@ class Settings(BaseSettings):
     storage_path: str = Field(
         "ray_results", description="Ray Train/Tune storage: a local path (made absolute) or a URI."
     )
-    reports_dir: Path = Field(Path("reports"), description="Where evaluation reports and figures go.")
+    reports_dir: str = Field(
+        "reports", description="Where evaluation reports and figures go: a local path or a URI (s3://, gs://)."
+    )
     ray_address: str | None = Field(
         None, description="Join this Ray cluster ('auto' or host:port); unset starts a local one of our own."
     )
@@ -31,9 +37,15 @@ class Settings(BaseSettings):
         "sqlite:///state/cityserve.db",
         description="Tenants, keys, audit log and usage ledger: sqlite:///FILE or postgresql://user:pw@host/db.")
 
+    @field_validator("reports_dir", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: Any) -> Any:
+        """A `Path` is taken as its text (the field also holds URIs, which a Path would mangle)."""
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
     def storage_uri(self) -> str:
         """Ray needs an absolute path or a URI (a relative path fails inside `fit()`)."""
-        if "://" in self.storage_path:
+        if is_uri(self.storage_path):
             return self.storage_path
         return str(Path(self.storage_path).resolve())
 
@@ -45,7 +57,7 @@ class Settings(BaseSettings):
         return self.ledger_url
 
     def registry_location(self) -> str:
-        if "://" in self.registry_uri:
+        if is_uri(self.registry_uri):
             return self.registry_uri
         return str(Path(self.registry_uri).resolve())
 

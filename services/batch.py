@@ -3,18 +3,20 @@
 The same request model validates each row and the same `Predictor` answers it as on the
 endpoint. A row that does not validate, or that the model refuses, is reported by its number
 (0-based data row) in the output's `error` column; the other rows are scored. The output is one
-Parquet file with the input's columns plus `row`, `error` and `result` (the response as JSON),
-written beside the destination and renamed into place: never half a file.
+Parquet file with the input's columns plus `row`, `error` and `result` (the response as JSON).
+Source and destination are local paths or URIs (`s3://bucket/in.csv`); the output is written
+whole or not at all (locally renamed into place, on an object store one PUT).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
 import pandas as pd
@@ -24,7 +26,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
 from core.errors import ConfigError, DataError
-from core.io import replacing
+from core.storage import Location
 from domains import get_domain
 from domains.base import Domain
 from services.errors import field_path
@@ -45,17 +47,27 @@ class BatchReport:
     output: str = ""
 
 
-def read_table(path: Path) -> pa.Table:
-    if not path.exists():
-        raise DataError(str(path), "no such file")
+def read_table(source: str | os.PathLike[str]) -> pa.Table:
+    """A Parquet or CSV file (a local path or a URI) as a table."""
+    name, at = os.fspath(source), Location.of(source)
+    if not at.exists():
+        raise DataError(name, "no such file")
+    suffix = PurePosixPath(at.path).suffix.lower()
     try:
-        if path.suffix.lower() == ".parquet":
-            return pq.read_table(path)
-        if path.suffix.lower() == ".csv":
-            return pacsv.read_csv(path)
+        if suffix == ".parquet":
+            return pq.read_table(at.path, filesystem=at.fs)
+        if suffix == ".csv":
+            with at.fs.open_input_stream(at.path) as fh:
+                return pacsv.read_csv(fh)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(str(path), f"unreadable: {exc}") from exc
-    raise DataError(str(path), "expected a .parquet or .csv file")
+        raise DataError(name, f"unreadable: {exc}") from exc
+    raise DataError(name, "expected a .parquet or .csv file")
+
+
+def write_table(table: pa.Table, dest: str | os.PathLike[str]) -> None:
+    """Writes `table` as the Parquet file `dest` (a local path or a URI), whole or not at all."""
+    with Location.of(dest).writing() as tmp:
+        pq.write_table(table, tmp)
 
 
 def _text_field(annotation: Any) -> bool:
@@ -113,9 +125,11 @@ class Scorer:
         return batch.assign(error=errors, result=results)
 
 
-def score_file(domain: Domain, workspace: Workspace, source: Path, dest: Path, *, ref: str = "production",
-               batch_size: int = 64, concurrency: int = 1, torch_threads: int = 1) -> BatchReport:
-    """Scores `source` with `domain`'s `ref` version into the Parquet file `dest`."""
+def score_file(domain: Domain, workspace: Workspace, source: str | os.PathLike[str], dest: str | os.PathLike[str],
+               *, ref: str = "production", batch_size: int = 64, concurrency: int = 1,
+               torch_threads: int = 1) -> BatchReport:
+    """Scores `source` (Parquet or CSV) with `domain`'s `ref` version into the Parquet file `dest`;
+    each a local path or a URI."""
     import ray
 
     from cluster.local import connect
@@ -124,7 +138,7 @@ def score_file(domain: Domain, workspace: Workspace, source: Path, dest: Path, *
     missing = [n for n, f in domain.request_model.model_fields.items()
                if f.is_required() and n not in table.column_names]
     if missing:
-        raise DataError(str(source), f"lacks the columns {missing} that {domain.name} requests need",
+        raise DataError(os.fspath(source), f"lacks the columns {missing} that {domain.name} requests need",
                         column=missing[0])
     if batch_size < 1 or concurrency < 1:
         raise ConfigError("batch size and concurrency must be at least 1", field="batch_size")
@@ -141,9 +155,9 @@ def score_file(domain: Domain, workspace: Workspace, source: Path, dest: Path, *
         batch_size=batch_size, batch_format="pandas", concurrency=concurrency, num_cpus=torch_threads)
     out = scored.to_arrow_refs()
     result = pa.concat_tables(ray.get(out)).sort_by("row") if out else table
-    with replacing(dest) as tmp:
-        pq.write_table(result, tmp)
+    write_table(result, dest)
     error_col = result.column("error").to_pylist()
     rows_col = result.column("row").to_pylist()
     failed = [(r, e) for r, e in zip(rows_col, error_col, strict=True) if e is not None]
-    return BatchReport(version, result.num_rows, result.num_rows - len(failed), failed[:100], len(failed), str(dest))
+    return BatchReport(version, result.num_rows, result.num_rows - len(failed), failed[:100], len(failed),
+                       os.fspath(dest))

@@ -14,12 +14,13 @@ record is left out of listings and refused by name; it never hides the others. E
 version starts as a `candidate`; `promote` makes one `production`, `rollback` returns to the one
 before. Serving names the `production` alias, never a version number; each promote or rollback
 bumps the domain's `generation`, which the serve config carries so replicas know to reload.
+Writers of a domain's numbering and stages take its lock (`<domain>/.lock`: a file lock on a
+disk, writers' claims on an object store), so concurrent registrations get distinct numbers there too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -35,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.fs as pafs
 
 from core.errors import RegistryError
-from core.io import sha256_file, write_bytes_atomic
+from core.io import sha256_file
+from core.storage import Location
 
 if TYPE_CHECKING:
     from domains.base import Domain, Predictor
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 VERSION_FILE = "version.json"
 STAGES_FILE = "stages.json"
 ISSUED_FILE = "issued.json"  # the highest version number ever given out in the domain
+LOCK = ".lock"  # a file locally; a prefix of writers' claims on an object store
 PRODUCTION = "production"
 CANDIDATE = "candidate"
 FILES = "files"  # in version.json: {path in the version folder: sha256}, recorded at registration
@@ -89,39 +92,32 @@ class Registry:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        if "://" in uri:
-            self.fs, self.root = pafs.FileSystem.from_uri(uri)
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).resolve())
-        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.location = Location.of(uri)
+        self.fs, self.root = self.location.fs, self.location.path
+        self.local = self.location.local
 
     # ---- reading -----------------------------------------------------------------------------
-    def _path(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts])
+    def _at(self, *parts: str) -> Location:
+        return self.location.join(*parts)
 
-    def _read_json(self, path: str) -> dict[str, Any] | None:
+    def _read_json(self, at: Location) -> dict[str, Any] | None:
         """The file's JSON object; None when there is no such file."""
         try:
-            with self.fs.open_input_stream(path) as fh:
-                data = json.loads(fh.read().decode())
+            data = json.loads(at.read_bytes().decode())
         except FileNotFoundError:
             return None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RegistryError(f"{path} is corrupt ({exc})") from exc
+            raise RegistryError(f"{at} is corrupt ({exc})") from exc
         if not isinstance(data, dict):
-            raise RegistryError(f"{path} is corrupt (a JSON {type(data).__name__}, not an object)")
+            raise RegistryError(f"{at} is corrupt (a JSON {type(data).__name__}, not an object)")
         return data
 
-    def _write_json(self, path: str, data: dict[str, Any]) -> None:
-        payload = json.dumps(data, indent=2, default=str).encode()
-        if self.local:  # readers never see a half-written file
-            write_bytes_atomic(Path(path), payload)
-        else:  # one object PUT is atomic on object stores
-            with self.fs.open_output_stream(path) as fh:
-                fh.write(payload)
+    def _write_json(self, at: Location, data: dict[str, Any]) -> None:
+        """Whole or not at all: readers never see half a record."""
+        at.write_bytes(json.dumps(data, indent=2, default=str).encode())
 
     def stages(self, domain: str) -> dict[str, Any]:
-        return self._read_json(self._path(domain, STAGES_FILE)) or {PRODUCTION: None, "history": []}
+        return self._read_json(self._at(domain, STAGES_FILE)) or {PRODUCTION: None, "history": []}
 
     def generation(self, domain: str) -> int:
         """How many times the domain's production stage has moved."""
@@ -135,10 +131,10 @@ class Registry:
     def _record(self, domain: str, name: str) -> dict[str, Any] | None:
         """A version's record (None: the folder is no version); refused when unreadable or when it
         names another version (every record written here names its own)."""
-        path = self._path(domain, name, VERSION_FILE)
-        record = self._read_json(path)
+        at = self._at(domain, name, VERSION_FILE)
+        record = self._read_json(at)
         if record is not None and (record.get("domain"), record.get("version")) != (domain, name):
-            raise RegistryError(f"{path} is corrupt (it names {record.get('domain')!r} {record.get('version')!r})")
+            raise RegistryError(f"{at} is corrupt (it names {record.get('domain')!r} {record.get('version')!r})")
         return record
 
     def versions(self, domain: str) -> list[Version]:
@@ -152,10 +148,9 @@ class Registry:
     def _scan(self, domain: str) -> tuple[list[Version], dict[str, str]]:
         """The domain's versions, oldest first, and why each version folder with an unreadable record
         is not one."""
-        selector = pafs.FileSelector(self._path(domain), allow_not_found=True)
         stages = self.stages(domain)
         found, unreadable = [], {}
-        for info in self.fs.get_file_info(selector):
+        for info in self._at(domain).children():
             name = info.base_name
             if info.type != pafs.FileType.Directory or not _is_version(name):
                 continue
@@ -193,13 +188,8 @@ class Registry:
     @contextlib.contextmanager
     def model_dir(self, domain: str, version: str) -> Iterator[Path]:
         """A local folder with the version's files (the registry folder itself when local)."""
-        src = self._path(domain, version)
-        if self.local:
-            yield Path(src)
-            return
-        with tempfile.TemporaryDirectory(prefix=f"cityserve-{domain}-{version}-") as tmp:
-            pafs.copy_files(src, tmp, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
-            yield Path(tmp)
+        with self._at(domain, version).local_dir() as path:
+            yield path
 
     def load_predictor(self, domain: Domain, ref: str = PRODUCTION, device: str = "cpu") -> Predictor:
         """`domain`'s version `ref` (an id or alias), loaded for inference on `device` ("cpu",
@@ -212,26 +202,25 @@ class Registry:
     # ---- writing -----------------------------------------------------------------------------
     @contextlib.contextmanager
     def _lock(self, domain: str) -> Iterator[None]:
-        """Serialises writers of one domain on a local registry (object stores: one writer assumed)."""
-        if not self.local:
-            yield
-            return
-        Path(self._path(domain)).mkdir(parents=True, exist_ok=True)
-        with open(self._path(domain, ".lock"), "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
+        """Serialises the writers of one domain's numbering and stages, on a disk or an object store
+        (`Location.lock`): two concurrent registrations would otherwise take the same number and
+        write into one folder, and two promotions would each bump the generation from the same value."""
+        if self.local:
+            Path(self._at(domain).path).mkdir(parents=True, exist_ok=True)
+        try:
+            with self._at(domain, LOCK).lock():
                 yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        except TimeoutError as exc:
+            raise RegistryError(f"{domain}: {exc}; try again") from exc
 
     def _next_version(self, domain: str) -> str:
-        selector = pafs.FileSelector(self._path(domain), allow_not_found=True)
-        numbers = [int(i.base_name[1:]) for i in self.fs.get_file_info(selector) if _is_version(i.base_name)]
+        """The next version number, recorded as issued (call it holding the domain's lock)."""
+        numbers = [int(i.base_name[1:]) for i in self._at(domain).children() if _is_version(i.base_name)]
         # A number is never given twice: reports, audit lines and lineage name versions, and a
         # removed vN's number would otherwise go to the next model registered.
-        issued = int((self._read_json(self._path(domain, ISSUED_FILE)) or {}).get("version", 0))
+        issued = int((self._read_json(self._at(domain, ISSUED_FILE)) or {}).get("version", 0))
         number = max([*numbers, issued], default=0) + 1
-        self._write_json(self._path(domain, ISSUED_FILE), {"version": number})
+        self._write_json(self._at(domain, ISSUED_FILE), {"version": number})
         return f"v{number}"
 
     def register(self, domain: str, model_dir: Path, record: dict[str, Any]) -> Version:
@@ -243,27 +232,28 @@ class Registry:
             record: metrics, data manifest checksum, profile, lineage; created time, code
                 revision and the files' checksums are added here.
         """
+        # Only the numbering holds the lock: the number is ours once issued, and the copy (a large
+        # model's upload) must not keep other writers waiting.
         with self._lock(domain):
             version = self._next_version(domain)
-            full = {**record, "domain": domain, "version": version,
-                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "code_revision": record.get("code_revision") or code_revision()}
-            if self.local:
-                tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self._path(domain)))
-                try:
-                    shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-                    full[FILES] = file_digests(tmp)  # what landed in the registry, not only what was sent
-                    (tmp / VERSION_FILE).write_text(json.dumps(full, indent=2, default=str))
-                    os.replace(tmp, self._path(domain, version))
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-            else:
-                full[FILES] = file_digests(model_dir)
-                dest = self._path(domain, version)
-                pafs.copy_files(str(model_dir), dest, source_filesystem=pafs.LocalFileSystem(),
-                                destination_filesystem=self.fs)
-                self._write_json(self._path(domain, version, VERSION_FILE), full)
+        full = {**record, "domain": domain, "version": version,
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "code_revision": record.get("code_revision") or code_revision()}
+        dest = self._at(domain, version)
+        if self.local:
+            tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self._at(domain).path))
+            try:
+                shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+                full[FILES] = file_digests(tmp)  # what landed in the registry, not only what was sent
+                (tmp / VERSION_FILE).write_text(json.dumps(full, indent=2, default=str))
+                os.replace(tmp, dest.path)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        else:  # the record last: until it is written the folder is no version
+            full[FILES] = file_digests(model_dir)
+            dest.upload_dir(model_dir)
+            self._write_json(dest.join(VERSION_FILE), full)
         return self.get(domain, version)
 
     def promote(self, domain: str, version: str, verify: Callable[[Path], object] | None = None) -> Version:
@@ -289,8 +279,8 @@ class Registry:
             history = [v for v in stages.get("history", []) if v != target.version]
             if current:
                 history.append(current)
-            self._write_json(self._path(domain, STAGES_FILE), {PRODUCTION: target.version, "history": history,
-                                                               "generation": int(stages.get("generation", 0)) + 1})
+            self._write_json(self._at(domain, STAGES_FILE), {PRODUCTION: target.version, "history": history,
+                                                             "generation": int(stages.get("generation", 0)) + 1})
         return self.get(domain, target.version)
 
     def rollback(self, domain: str) -> Version:
@@ -301,8 +291,8 @@ class Registry:
             if not history:
                 raise RegistryError(f"{domain} has no earlier production version to roll back to")
             previous = history.pop()
-            self._write_json(self._path(domain, STAGES_FILE), {PRODUCTION: previous, "history": history,
-                                                               "generation": int(stages.get("generation", 0)) + 1})
+            self._write_json(self._at(domain, STAGES_FILE), {PRODUCTION: previous, "history": history,
+                                                             "generation": int(stages.get("generation", 0)) + 1})
         return self.get(domain, previous)
 
 

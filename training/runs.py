@@ -3,13 +3,13 @@ data, its `TorchTrainer`, and the registration of its best checkpoint as a candi
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from core.errors import DataError
 from core.settings import Settings
+from core.storage import Location
 from domains.base import Domain
 from domains.tables import read_manifest
 from training.loop import TRAIN_STATE, train_loop_per_worker
@@ -71,18 +71,20 @@ def torch_trainer(domain: Domain, config: dict[str, Any], *, name: str, storage_
 
 def register_checkpoint(domain: Domain, workspace: Workspace, checkpoint: Any, *, metrics: dict[str, Any],
                         manifest: dict[str, Any], config: dict[str, Any], lineage: dict[str, Any]) -> Version:
-    """Registers a Train checkpoint (a model directory) as a candidate version with its lineage."""
-    # A copy without the resume state: a local checkpoint's directory is the checkpoint itself,
-    # which a restored sweep may still resume from.
-    with checkpoint.as_directory() as stored, tempfile.TemporaryDirectory() as tmp:
+    """Registers a Train checkpoint (a model directory, local or in object storage) as a candidate
+    version with its lineage."""
+    stored = Location.from_fs(checkpoint.filesystem, checkpoint.path)
+    # A copy without the resume state (optimizer and scheduler: not part of the model, and as large):
+    # a local checkpoint's directory is the checkpoint itself, which a restored sweep may resume from.
+    with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        shutil.copytree(stored, model_dir, ignore=shutil.ignore_patterns(TRAIN_STATE))
-        return workspace.registry.register(domain.name, Path(model_dir), {
+        stored.download_dir(model_dir, skip=[TRAIN_STATE])
+        return workspace.registry.register(domain.name, model_dir, {
             "profile": config["profile"],
             "metrics": metrics,
             "metric": domain.metric,
             "mode": domain.mode,
             "config": config,
             "data": {"manifest_sha256": manifest["sha256"], "sources": manifest["sources"]},
-            "lineage": {**lineage, "checkpoint": checkpoint.path, "storage_path": workspace.settings.storage_uri()},
+            "lineage": {**lineage, "checkpoint": str(stored), "storage_path": workspace.settings.storage_uri()},
         })

@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import pandas as pd
 from cluster.local import connect
 from core.errors import ConfigError, Interrupted
 from core.settings import Settings
+from core.storage import Location
 from domains import get_domain
 from domains.base import Domain, SearchParam
 from training.loop import build_config
@@ -212,7 +214,7 @@ def sweep(
 
     connect(settings)
     if resume:
-        path = f"{settings.storage_uri()}/{resume}"
+        path = str(Location.of(settings.storage_uri()).join(resume))
         if not tune.Tuner.can_restore(path):
             raise ConfigError(f"no sweep {resume!r} to resume under {settings.storage_uri()}", field="resume")
         tuner = tune.Tuner.restore(path, trainable=tune.with_resources(run_trial, {"CPU": DRIVER_CPU}),
@@ -224,11 +226,29 @@ def sweep(
         raise Interrupted(f"sweep {sweep_id} was interrupted; nothing registered. Continue it with "
                           f"`cityserve tune {domain.name} --resume {sweep_id}`")
     trials = trial_table(grid, domain, list(space))
-    out = Path(settings.storage_uri()) / sweep_id
-    trials.to_parquet(out / TRIALS_FILE)
-    draw_sweep(grid, trials, domain, list(space), out / FIGURE_FILE)
+    write_results(grid, trials, domain, list(space), Location.of(settings.storage_uri()).join(sweep_id))
     version = register_best(grid, domain, workspace, manifest, sweep_id) if len(trials) else None
     return sweep_id, trials, version
+
+
+def write_results(grid: Iterable[Any], trials: pd.DataFrame, domain: Domain, keys: list[str],
+                  out: str | Location) -> Location:
+    """Writes the trials table (`TRIALS_FILE`) and the sweep figure (`FIGURE_FILE`) into the sweep's
+    folder `out` in Ray storage, a local path or a URI; each file whole or not at all.
+
+    Args:
+        grid: the sweep's results (a Tune `ResultGrid`, or any iterable of `Result`).
+        trials: `trial_table(grid, ...)`.
+        domain: names the metric.
+        keys: the searched hyperparameters.
+        out: the sweep's folder.
+    """
+    out = Location.of(out)
+    with out.join(TRIALS_FILE).writing() as path:
+        trials.to_parquet(path)
+    with out.join(FIGURE_FILE).writing() as path:
+        draw_sweep(grid, trials, domain, keys, path)
+    return out
 
 
 def _fit(tuner: Any) -> tuple[Any, bool]:
@@ -282,7 +302,7 @@ def important_params(trials: pd.DataFrame, metric: str, keys: list[str]) -> list
     return sorted(scores, key=lambda k: -scores[k])
 
 
-def draw_sweep(grid: Any, trials: pd.DataFrame, domain: Domain, keys: list[str], path: Path) -> None:
+def draw_sweep(grid: Iterable[Any], trials: pd.DataFrame, domain: Domain, keys: list[str], path: Path) -> None:
     """Metric per trial over epochs, and the metric against the two most important hyperparameters."""
     import matplotlib
 
@@ -302,7 +322,7 @@ def draw_sweep(grid: Any, trials: pd.DataFrame, domain: Domain, keys: list[str],
         if key in ("lr", "weight_decay"):
             ax.set_xscale("log")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # `path` may be a temporary name without the suffix
     plt.close(fig)
 
 
@@ -320,6 +340,10 @@ def register_best(grid: Any, domain: Domain, workspace: Workspace, manifest: dic
                if isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_)
                and not k.startswith("config/") and k not in TUNE_KEYS}
     config = {k: v for k, v in best.config.items() if k not in SWEEP_KEYS}
-    return register_checkpoint(domain, workspace, Checkpoint(path=row[CHECKPOINT_PATH_KEY]), metrics=metrics,
+    # The reported path is one in the storage's filesystem (on S3 `bucket/x/…`, no scheme): alone it
+    # would be taken for a local path.
+    storage = Location.of(workspace.settings.storage_uri())
+    checkpoint = Checkpoint(path=row[CHECKPOINT_PATH_KEY], filesystem=storage.fs)
+    return register_checkpoint(domain, workspace, checkpoint, metrics=metrics,
                                manifest=manifest, config=config,
                                lineage={"sweep": sweep_id, "trial": Path(best.path).name})

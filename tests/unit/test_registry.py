@@ -1,14 +1,19 @@
-"""Registry semantics: numbering, stages, promotion checks, rollback, atomic writes."""
+"""Registry semantics: numbering, stages, promotion checks, rollback, atomic writes, on a local
+folder and on S3 (a real S3 server: the `s3` fixture)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from core.errors import RegistryError
+from core.storage import Location
 from training.registry import Registry
 
 
@@ -21,9 +26,16 @@ def model_dir(tmp_path: Path) -> Path:
     return d
 
 
-@pytest.fixture
-def registry(tmp_path: Path) -> Registry:
+@pytest.fixture(params=["local", "s3"])
+def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Registry:
+    if request.param == "s3":
+        return Registry(f"{request.getfixturevalue('s3_dir')}/registry")
     return Registry(str(tmp_path / "registry"))
+
+
+def _file(registry: Registry, *parts: str) -> Location:
+    """A file in the registry, wherever it is kept (to damage it as a disk or a bucket might)."""
+    return registry.location.join(*parts)
 
 
 def test_versions_number_up_and_start_as_candidates(registry: Registry, model_dir: Path) -> None:
@@ -33,7 +45,7 @@ def test_versions_number_up_and_start_as_candidates(registry: Registry, model_di
     assert [v.stage for v in registry.versions("energy")] == ["candidate", "candidate"]
     assert b.record["code_revision"] and b.record["created"]
     assert registry.get("energy", "latest").version == "v2"
-    assert (Path(registry.root) / "energy" / "v1" / "model.pt").read_bytes() == b"weights"
+    assert _file(registry, "energy", "v1", "model.pt").read_bytes() == b"weights"
 
 
 def test_no_production_is_a_clear_error(registry: Registry, model_dir: Path) -> None:
@@ -75,21 +87,32 @@ def test_promotion_refused_when_files_do_not_load(registry: Registry, model_dir:
 def test_crash_mid_register_leaves_no_version(registry: Registry, model_dir: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     registry.register("sentiment", model_dir, {})
+    upload = Location.upload_file
+    uploaded: list[Path] = []
 
     def explode(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
+    def upload_one_then_explode(self: Location, source: Path) -> None:
+        # On an object store the files go one by one: the crash comes with some of them there.
+        if uploaded:
+            explode()
+        uploaded.append(source)
+        upload(self, source)
+
     monkeypatch.setattr(shutil, "copytree", explode)
+    monkeypatch.setattr(Location, "upload_file", upload_one_then_explode)
     with pytest.raises(OSError, match="disk full"):
         registry.register("sentiment", model_dir, {})
     assert [v.version for v in registry.versions("sentiment")] == ["v1"]
-    leftovers = [p.name for p in (Path(registry.root) / "sentiment").iterdir() if p.name.startswith(".incoming")]
-    assert leftovers == []
+    assert [i.base_name for i in _file(registry, "sentiment").children() if i.base_name.startswith(".incoming")] == []
+    monkeypatch.undo()
+    assert registry.register("sentiment", model_dir, {}).version == "v3"
 
 
 def test_folder_without_version_file_is_not_a_version(registry: Registry, model_dir: Path) -> None:
     registry.register("energy", model_dir, {})
-    (Path(registry.root) / "energy" / "v2").mkdir()  # e.g. a copy to object storage cut short
+    _file(registry, "energy", "v2", "model.pt").write_bytes(b"half")  # e.g. a copy cut short
     assert [v.version for v in registry.versions("energy")] == ["v1"]
     assert registry.register("energy", model_dir, {}).version == "v3"
 
@@ -97,7 +120,7 @@ def test_folder_without_version_file_is_not_a_version(registry: Registry, model_
 def test_a_removed_versions_number_is_not_given_again(registry: Registry, model_dir: Path) -> None:
     registry.register("energy", model_dir, {})
     removed = registry.register("energy", model_dir, {})
-    shutil.rmtree(Path(registry.root) / "energy" / removed.version)
+    registry.fs.delete_dir(_file(registry, "energy", removed.version).path)
     assert registry.register("energy", model_dir, {}).version == "v3"
 
 
@@ -114,7 +137,7 @@ def test_promote_and_rollback_bump_the_generation_replicas_reload_on(registry: R
 
 
 def _stages_file(registry: Registry, domain: str) -> bytes:
-    return (Path(registry.root) / domain / "stages.json").read_bytes()
+    return _file(registry, domain, "stages.json").read_bytes()
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "swap"])
@@ -125,13 +148,13 @@ def test_promotion_refused_when_a_file_changed_since_registration(registry: Regi
     registry.register("energy", model_dir, {})
     registry.promote("energy", "v1")
     before = _stages_file(registry, "energy")
-    weights = Path(registry.root) / "energy" / "v2" / "model.pt"
+    weights = _file(registry, "energy", "v2", "model.pt")
     if damage == "flip":
         weights.write_bytes(b"weighTs")
     elif damage == "truncate":
         weights.write_bytes(weights.read_bytes()[:3])
     elif damage == "delete":
-        weights.unlink()
+        weights.delete()
     else:
         weights.write_bytes(b"other weights")
 
@@ -142,8 +165,6 @@ def test_promotion_refused_when_a_file_changed_since_registration(registry: Regi
 
 
 def test_versions_record_their_files_checksums(registry: Registry, model_dir: Path) -> None:
-    import hashlib
-
     version = registry.register("energy", model_dir, {})
     assert version.record["files"] == {"config.json": hashlib.sha256(b"{}").hexdigest(),
                                        "model.pt": hashlib.sha256(b"weights").hexdigest()}
@@ -153,7 +174,7 @@ def test_a_corrupt_record_hides_neither_production_nor_the_others(registry: Regi
     for _ in range(3):
         registry.register("traffic", model_dir, {})
     registry.promote("traffic", "v1")
-    (Path(registry.root) / "traffic" / "v2" / "version.json").write_text("{not json")
+    _file(registry, "traffic", "v2", "version.json").write_bytes(b"{not json")
 
     assert registry.get("traffic").version == "v1"
     assert [v.version for v in registry.versions("traffic")] == ["v1", "v3"]
@@ -167,8 +188,8 @@ def test_a_corrupt_record_hides_neither_production_nor_the_others(registry: Regi
 def test_a_record_naming_another_version_is_corrupt(registry: Registry, model_dir: Path) -> None:
     registry.register("events", model_dir, {})
     registry.register("events", model_dir, {})
-    root = Path(registry.root) / "events"
-    (root / "v2" / "version.json").write_text((root / "v1" / "version.json").read_text())
+    v1_record = _file(registry, "events", "v1", "version.json").read_bytes()
+    _file(registry, "events", "v2", "version.json").write_bytes(v1_record)
     with pytest.raises(RegistryError, match=r"corrupt \(it names 'events' 'v1'\)"):
         registry.promote("events", "v2")
 
@@ -177,21 +198,66 @@ def test_load_predictor_refuses_files_changed_since_registration(registry: Regis
     class Loader:
         name = "energy"
 
-        def load_predictor(self, path: Path, version: str) -> str:
-            return version
+        def load_predictor(self, path: Path, version: str, device: str) -> str:
+            return f"{version} {(path / 'model.pt').read_bytes().decode()} on {device}"
 
     registry.register("energy", model_dir, {})
     registry.promote("energy", "v1")
-    assert registry.load_predictor(Loader()) == "v1"  # type: ignore[arg-type]
-    (Path(registry.root) / "energy" / "v1" / "config.json").write_text('{"hidden": 1}')
+    assert registry.load_predictor(Loader()) == "v1 weights on cpu"  # type: ignore[arg-type]
+    _file(registry, "energy", "v1", "config.json").write_bytes(b'{"hidden": 1}')
     with pytest.raises(RegistryError, match=r"config\.json does not match"):
         registry.load_predictor(Loader())  # type: ignore[arg-type]
 
 
 def test_versions_registered_before_checksums_still_load(registry: Registry, model_dir: Path) -> None:
     registry.register("energy", model_dir, {})
-    record_file = Path(registry.root) / "energy" / "v1" / "version.json"
-    record = json.loads(record_file.read_text())
+    record_file = _file(registry, "energy", "v1", "version.json")
+    record = json.loads(record_file.read_bytes())
     del record["files"]
-    record_file.write_text(json.dumps(record))
+    record_file.write_bytes(json.dumps(record).encode())
     assert registry.promote("energy", "v1").stage == "production"
+
+
+def test_concurrent_registrations_get_distinct_versions(registry: Registry, tmp_path: Path) -> None:
+    # Two sweeps (or a sweep and `cityserve train`) finishing at once, on different machines: on an
+    # object store there is no file lock, and without one each took the same number and wrote
+    # into the same folder, the last record hiding the others' models.
+    models = []
+    for i in range(4):
+        d = tmp_path / f"model{i}"
+        d.mkdir()
+        (d / "model.pt").write_bytes(f"weights {i}".encode() * 100)
+        models.append(d)
+    start = threading.Barrier(len(models))
+    registered: dict[int, str] = {}
+
+    def register(i: int) -> None:
+        start.wait()
+        registered[i] = registry.register("traffic", models[i], {"trial": i}).version
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(len(models))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert sorted(registered.values()) == ["v1", "v2", "v3", "v4"]
+    for i, version in registered.items():
+        record = registry.get("traffic", version).record
+        assert record["trial"] == i
+        assert record["files"]["model.pt"] == hashlib.sha256(f"weights {i}".encode() * 100).hexdigest()
+        assert registry.promote("traffic", version).stage == "production"  # its files match its record
+
+
+def test_a_crashed_writers_lock_is_taken_over(s3_dir: str, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import core.storage
+
+    registry = Registry(f"{s3_dir}/registry")
+    _file(registry, "energy", ".lock", "claim-of-a-dead-writer").write_bytes(b"{}")
+    monkeypatch.setattr(core.storage, "LOCK_WAIT_S", 0.5)
+    with pytest.raises(RegistryError, match="held by another writer"):
+        registry.register("energy", model_dir, {})
+    time.sleep(1.1)  # the store dates objects to the second
+    monkeypatch.setattr(core.storage, "STALE_CLAIM_S", 0.5)
+    assert registry.register("energy", model_dir, {}).version == "v1"
+    assert [i.base_name for i in _file(registry, "energy", ".lock").children()] == []

@@ -1,17 +1,30 @@
-"""Sweep flags and search spaces are refused before anything starts, naming what is wrong."""
+"""Sweep flags and search spaces are refused before anything starts, naming what is wrong; a
+sweep's results land in its folder in Ray storage, on a disk or in S3."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import pytest
 
 from core.errors import ConfigError
+from core.storage import Location
 from domains import DOMAINS, get_domain
 from domains.base import SearchParam
 from training.loop import build_config
-from training.tune import SweepOptions, _grid_values, load_space, validate_space
+from training.tune import (
+    FIGURE_FILE,
+    TRIALS_FILE,
+    SweepOptions,
+    _grid_values,
+    load_space,
+    trial_table,
+    validate_space,
+    write_results,
+)
 
 BASE = {"lr": 1e-3, "dropout": 0.1, "hidden": 64, "epochs": 3}
 
@@ -80,3 +93,38 @@ def test_every_domain_declares_a_valid_space(name: str, tmp_path: Path) -> None:
     space = domain.search_space()
     validate_space(space, base)
     assert len(space) >= 4
+
+
+# ---- the sweep's results, written where Ray keeps the sweep -------------------------------------
+def _grid() -> list[Any]:
+    """Two finished trials as Tune hands them back (real `Result`s, no cluster)."""
+    from ray.tune import Result
+
+    results = []
+    for i, (lr, mapes) in enumerate([(1e-3, [0.30, 0.21]), (1e-2, [0.28, 0.25])]):
+        history = pd.DataFrame({"epoch": [1, 2], "val_mape": mapes, "resumed": [0.0, 0.0]})
+        results.append(Result(metrics={"config": {"lr": lr, "dropout": 0.1 * i, "epochs": 2}}, checkpoint=None,
+                              error=None, path=f"bucket/sweeps/sweep-1/run_trial_{i:05d}", metrics_dataframe=history))
+    return results
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_trials_table_and_figure_land_in_the_sweeps_folder(where: str, request: pytest.FixtureRequest,
+                                                          tmp_path: Path) -> None:
+    # They were written through Path(storage_uri) / sweep_id, which turns s3://bucket/x into a local
+    # folder "s3:/bucket/x" (and fails, that folder not existing).
+    storage = request.getfixturevalue("s3_dir") if where == "s3" else str(tmp_path / "ray_results")
+    energy = get_domain("energy")
+    grid = _grid()
+    trials = trial_table(grid, energy, ["lr", "dropout"])
+    out = write_results(grid, trials, energy, ["lr", "dropout"], Location.of(storage).join("sweep-1"))
+
+    assert str(out) == (f"{storage}/sweep-1" if where == "s3" else str(tmp_path / "ray_results" / "sweep-1"))
+    with out.join(TRIALS_FILE).reading() as path:
+        written = pd.read_parquet(path)
+    assert list(written["trial_id"]) == ["run_trial_00000", "run_trial_00001"]
+    assert written["val_mape"].tolist() == pytest.approx([0.21, 0.25])
+    figure = out.join(FIGURE_FILE).read_bytes()
+    assert figure[:8] == b"\x89PNG\r\n\x1a\n" and len(figure) > 10_000
+    assert sorted(i.base_name for i in out.children()) == sorted([TRIALS_FILE, FIGURE_FILE])
+    assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
