@@ -52,9 +52,15 @@ test: lint $(BIN)/helm
 reliability: venv
 	$(BIN)/python -m bench.reliability
 
+# The multi-node checks at full size (~25 min here) on a Ray head + 2 worker nodes started on this machine, with
+# the registry, Ray storage and reports on an S3 server (moto): bench/results/cluster.json. `make test` runs the
+# short version of each (tests/integration/test_cluster.py).
+cluster: venv
+	$(BIN)/python -m bench.cluster
+
 # The tables of figures in docs/ and helm/README.md, from bench/results/, reports/ and helm/values.yaml.
 docs: venv
-	$(BIN)/python docs/generate.py
+	$(BIN)/python -m docs.generate
 
 clean:
 	rm -rf data/_smoke ray_results .pytest_cache .mypy_cache .ruff_cache

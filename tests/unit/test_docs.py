@@ -3,19 +3,13 @@ front page, and its links lead somewhere."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
-if TYPE_CHECKING:
-    # docs/ is a folder of pages, not a package: mypy, given `docs`, knows the script as `generate`.
-    import generate
-else:
-    generate = importlib.import_module("docs.generate")
+from docs import chart, generate, markdown
 
 ROOT = generate.ROOT
 README = ROOT / "README.md"
@@ -23,7 +17,7 @@ README = ROOT / "README.md"
 
 def test_no_committed_page_differs_from_what_the_generator_makes() -> None:
     stale = [str(page.relative_to(ROOT)) for page in generate.stale()]
-    assert not stale, f"stale generated pages {stale}: run `.venv/bin/python docs/generate.py`"
+    assert not stale, f"stale generated pages {stale}: run `make docs`"
 
 
 def test_the_chart_readme_and_the_figure_pages_hold_generated_blocks() -> None:
@@ -64,7 +58,7 @@ def test_a_changed_result_file_makes_its_page_stale(tmp_path: Path) -> None:
 def test_every_documented_chart_value_has_a_row() -> None:
     text = (ROOT / "helm/values.yaml").read_text()
     documented = len(re.findall(r"^\s*# --", text, re.MULTILINE))
-    keys = [value.key for value in generate.chart_values(ROOT)]
+    keys = [value.key for value in chart.chart_values(ROOT)]
     assert len(keys) == documented == len(set(keys))
     assert "workerGroups.gpu.tolerations" in keys and "extraEnv.name" not in keys
 
@@ -77,8 +71,8 @@ def test_a_broken_marker_is_an_error_not_a_silent_pass() -> None:
 
 
 def test_a_figure_without_a_commit_says_so_and_one_with_a_commit_shows_it() -> None:
-    assert generate.commit_of({}) == "not recorded"
-    assert generate.commit_of({"commit": "0123456789abcdef"}, {"commit": "ffff"}) == "`0123456789`"
+    assert markdown.commit_of({}) == "not recorded"
+    assert markdown.commit_of({"commit": "0123456789abcdef"}, {"commit": "ffff"}) == "`0123456789`"
 
 
 def test_generated_tables_fit_80_columns() -> None:

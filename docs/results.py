@@ -1,0 +1,457 @@
+"""The generated blocks of figures: evaluation reports (`reports/DOMAIN.json`), benchmarks and
+the reliability suite (`bench/results/*.json`), with the targets each figure is judged against."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from docs.markdown import (
+    Json,
+    commit_of,
+    file_commit,
+    from_result,
+    load,
+    mark,
+    missing,
+    num,
+    rate,
+    result_table,
+    rows_carry_commits,
+    source,
+    table,
+    wrap,
+)
+
+# ---- evaluation reports (reports/DOMAIN.json) ----------------------------------------------------
+
+# Targets the project set for the `full` models; the reports carry figures, not targets.
+TRAFFIC_TARGET_VS_HISTORICAL = {("simulated_network", "15min"): 0.65, ("simulated_network", "30min"): 0.74,
+                                ("simulated_network", "60min"): 0.85, ("real_counts", "15min"): 0.85}
+COVERAGE_BAND = (0.75, 0.85)  # a P10-P90 band should hold ~80 % of actuals
+ENERGY_TARGET_VS_LAST_WEEK = {"victoria_2014": 0.6}
+EVENTS_TARGET_MACRO_F1 = 0.90
+EVENTS_TARGET_POINTS_OVER_TFIDF = 5.0
+
+
+def metric(report: Json, subset: str, name: str, horizon: str | None = None, label: str | None = None,
+           key: str = "metrics") -> Json | None:
+    """One metric row of a report (or of its `sweep`, key='sweep')."""
+    rows = report["sweep"]["metrics"] if key == "sweep" else report["metrics"]
+    for row in rows:
+        if (row["subset"], row["name"], row.get("horizon"), row.get("label")) == (subset, name, horizon, label):
+            found: Json = row
+            return found
+    return None
+
+
+def subsets(report: Json) -> list[str]:
+    """The report's subsets in the order they first appear."""
+    return list(dict.fromkeys(row["subset"] for row in report["metrics"]))
+
+
+def report_caption(report: Json, rel: str, *extra: str) -> str:
+    return source([rel], commit_of(report), f"{report['domain']} {report['version']}, profile "
+                  f"`{report['profile']}`", *extra)
+
+
+@from_result("reports/traffic.json", "cityserve evaluate traffic")
+def eval_traffic(report: Json, rel: str) -> str:
+    rows = []
+    for subset in subsets(report):
+        for horizon in ("15min", "30min", "60min"):
+            mae = metric(report, subset, "mae", horizon)
+            coverage = metric(report, subset, "coverage_p10_p90", horizon)
+            if mae is None:
+                continue
+            base = mae["baselines"]
+            vs_hist = mae["model"] / base["historical_average"]
+            target = TRAFFIC_TARGET_VS_HISTORICAL.get((subset, horizon))
+            hist = f"{vs_hist:.3f}" + (f" {mark(vs_hist <= target)}" if target else "")
+            cov = "—"
+            if coverage is not None:
+                low, high = COVERAGE_BAND
+                cov = f"{coverage['model']:.3f} {mark(low <= coverage['model'] <= high)}"
+            rows.append([subset, horizon.replace("min", " min"), f"{mae['model']:.2f}", hist,
+                         f"{mae['model'] / base['last_value']:.3f}", f"{mae['model'] / base['seasonal_naive']:.3f}",
+                         cov])
+    out = [table(["subset", "horizon", "MAE", "× hist. avg", "× last", "× seasonal", "P10–P90"], rows)]
+    floor = metric(report, "real_counts", "mae", "15min")
+    if floor is not None and "poisson_floor" in floor["baselines"]:
+        value = floor["baselines"]["poisson_floor"]
+        out.append(wrap(f"Poisson noise floor on `real_counts`: MAE {value:.2f} = "
+                        f"**{value / floor['baselines']['historical_average']:.3f}×** historical average."))
+    low, high = COVERAGE_BAND
+    targets = ", ".join(f"{subset} {horizon.replace('min', ' min')} ≤ {bound:g}"
+                        for (subset, horizon), bound in TRAFFIC_TARGET_VS_HISTORICAL.items())
+    out.append(report_caption(report, rel, "MAE in vehicles per 5 min (grid) / 15 min (intersection); "
+                              f"targets for × hist. avg: {targets}; P10–P90 coverage target {low:g}–{high:g}"))
+    return "\n\n".join(out)
+
+
+@from_result("reports/energy.json", "cityserve evaluate energy")
+def eval_energy(report: Json, rel: str) -> str:
+    rows = []
+    for subset in subsets(report):
+        mape = metric(report, subset, "mape", "day_ahead")
+        coverage = metric(report, subset, "coverage_p10_p90", "day_ahead")
+        if mape is None:
+            continue
+        base = mape["baselines"]
+        ratio = mape["model"] / base["same_time_last_week"]
+        target = ENERGY_TARGET_VS_LAST_WEEK.get(subset)
+        vs = f"{ratio:.3f}" + (f" {mark(ratio <= target)}" if target else "")
+        rows.append([subset, f"{mape['model']:.4f}", vs, f"{base['regression']:.4f}",
+                     f"{coverage['model']:.3f}" if coverage else "—"])
+    return "\n\n".join([
+        table(["subset", "MAPE", "× last week", "grad. boost.", "P10–P90"], rows),
+        report_caption(report, rel, "day-ahead, 48 half-hours; × last week: MAPE over same time last week's, "
+                       "target " + ", ".join(f"{subset} ≤ {bound:g}" for subset, bound in
+                                             ENERGY_TARGET_VS_LAST_WEEK.items())
+                       + "; gradient boosting is a regression on the same inputs (its MAPE)")])
+
+
+@from_result("reports/events.json", "cityserve evaluate events")
+def eval_events(report: Json, rel: str) -> str:
+    rows = []
+    for subset in subsets(report):
+        f1 = metric(report, subset, "macro_f1")
+        accuracy = metric(report, subset, "accuracy")
+        priority = metric(report, subset, "priority_macro_f1")
+        if f1 is None:
+            continue
+        tfidf = f1["baselines"]["tfidf_logreg"]
+        points = 100 * (f1["model"] - tfidf)
+        rows.append([subset, f"{f1['model']:.3f} {mark(f1['model'] >= EVENTS_TARGET_MACRO_F1)}",
+                     f"{points:+.1f} {mark(points >= EVENTS_TARGET_POINTS_OVER_TFIDF)}",
+                     f"{accuracy['model']:.3f}" if accuracy else "—",
+                     f"{priority['model']:.3f}" if priority else "—", f"{tfidf:.3f}"])
+    first = subsets(report)[0]
+    classes = sorted((row for row in report["metrics"] if row["name"] == "f1" and row["subset"] == first),
+                     key=lambda row: -row["model"])
+    per_class = table(["class", "F1", "TF-IDF F1"],
+                      [[row["label"], f"{row['model']:.2f}", f"{row['baselines']['tfidf_logreg']:.2f}"]
+                       for row in classes])
+    return "\n\n".join([
+        table(["subset", "macro-F1", "pts > TF-IDF", "accuracy", "priority F1", "TF-IDF F1"], rows),
+        f"Per class, `{first}`:",
+        per_class,
+        report_caption(report, rel, f"targets: macro-F1 ≥ {EVENTS_TARGET_MACRO_F1:.2f} and ≥ "
+                       f"+{EVENTS_TARGET_POINTS_OVER_TFIDF:g} points over TF-IDF + logistic regression")])
+
+
+@from_result("reports/sentiment.json", "cityserve evaluate sentiment")
+def eval_sentiment(report: Json, rel: str) -> str:
+    out = []
+    for name, title in (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1")):
+        rows = []
+        for subset in subsets(report):
+            row = metric(report, subset, name)
+            if row is None:
+                continue
+            base = row["baselines"]
+            beats = row["model"] > base["linear_probe"] and (subset != "tweets" or row["model"] > base["vader"])
+            rows.append([subset, f"{row['model']:.3f} {mark(beats)}", f"{base['vader']:.3f}",
+                         f"{base['linear_probe']:.3f}", f"{base['majority']:.3f}"])
+        out += [f"{title}:", table(["subset", "model", "VADER", "linear probe", "majority"], rows)]
+    labels = ["negative", "neutral", "positive"]
+    rows = []
+    for subset in subsets(report):
+        cells = [metric(report, subset, "f1", label=label) for label in labels]
+        rows.append([subset, *[f"{cell['model']:.2f}" if cell else "—" for cell in cells]])
+    out += ["F1 per class (the model):", table(["subset", *labels], rows)]
+    out.append(report_caption(report, rel, "✓: above the linear probe (and, on tweets, above VADER)"))
+    return "\n\n".join(out)
+
+
+def eval_energy_sweep(root: Path) -> str:
+    rel = "reports/energy.json"
+    report = load(root, rel)
+    if report is None or "sweep" not in report:
+        return f"*No swept version in `{rel}` yet: `cityserve evaluate energy --sweep VERSION` adds one.*"
+    sweep = report["sweep"]
+    names = {"mape": "MAPE", "coverage_p10_p90": "P10–P90 cov.", "pinball": "pinball"}
+    rows = []
+    for subset in subsets(report):
+        for name, title in names.items():
+            ours = metric(report, subset, name, "day_ahead")
+            swept = metric(report, subset, name, "day_ahead", key="sweep")
+            if ours is None or swept is None:
+                continue
+            def shown(value: float, name: str = name) -> str:
+                if name == "pinball":  # in the series' units: GW (~0.06) or MW (~130)
+                    return num(value, 4 if abs(value) < 1 else 1)
+                return f"{value:.4f}" if name == "mape" else f"{value:.3f}"
+
+            regression = ours["baselines"].get("regression")
+            cells = [shown(ours["model"]), shown(swept["model"])]
+            if name == "mape":
+                best = min(range(2), key=lambda i: (ours["model"], swept["model"])[i])
+                cells[best] = f"**{cells[best]}**"
+            rows.append([subset, title, *cells, shown(regression) if regression is not None else "—"])
+    return "\n\n".join([
+        table(["subset", "metric", f"prod. {report['version']}", f"swept {sweep['version']}", "grad. boost."],
+              rows, "llrrr"),
+        source([rel], commit_of(sweep, report), f"key `sweep`: `{sweep['sweep_id']}`; pinball in the "
+               "series' units (GW for Victoria, MW for England & Wales)")])
+
+
+# ---- benchmarks (bench/results/*.json) -----------------------------------------------------------
+
+TRAIN_RATIO_TARGET = 0.9
+TUNE_GAP_TARGET = 0.02        # tune_efficiency.schema.json: relative_gap <= 0.02
+TUNE_SHARE_TARGET = 0.35      # tune_efficiency.schema.json: compute_share <= 0.35
+
+
+def train_throughput(root: Path) -> str:
+    files = [rel for rel in ("bench/results/train_throughput.json", "bench/results/train_throughput_gpu.json")
+             if (root / rel).is_file()]
+    if not files:
+        return missing("bench/results/train_throughput.json", ".venv/bin/python -m bench.train_throughput")
+    out = []
+    for rel in files:
+        document = load(root, rel) or {}
+        rows = document["rows"]
+        out.append(result_table(
+            rows, document, ["domain", "device", "threads", "plain torch", "Ray Train", "ratio", "load"], "lllrrrr",
+            lambda row: [row["domain"], row["device"], str(row["threads"]), rate(row["plain_samples_per_s"]),
+                         rate(row["ray_samples_per_s"]),
+                         f"{row['ratio']:.2f} {mark(row['ratio'] >= TRAIN_RATIO_TARGET)}",
+                         num(row.get("load_average"), 2)]))
+        out.append(source([rel], file_commit(rows, document),
+                          f"samples/s; ratio = Ray Train / plain, target ≥ {TRAIN_RATIO_TARGET:g}; "
+                          "load = load average while measured"))
+    return "\n\n".join(out)
+
+
+@from_result("bench/results/tune_efficiency.json", ".venv/bin/python -m bench.tune_efficiency")
+def tune_efficiency(document: Json, rel: str) -> str:
+    rows = document["rows"]
+
+    def cells(row: Json) -> list[str]:
+        gap, share = row.get("relative_gap"), row.get("compute_share")
+        return [row["domain"], f"`{row['metric']}`", f"{row['grid']['best']:.4f}", f"{row['asha']['best']:.4f}",
+                f"{gap:+.3f} {mark(gap <= TUNE_GAP_TARGET)}" if gap is not None else "—",
+                f"{share:.2f} {mark(share <= TUNE_SHARE_TARGET)}" if share is not None else "—",
+                f"{row['grid']['trial_epochs']} / {row['asha']['trial_epochs']}"]
+
+    walls = ", ".join(f"{row['domain']} {num(row['grid'].get('wall_s'), 0)} / {num(row['asha'].get('wall_s'), 0)} s"
+                      for row in rows)
+    loads = ", ".join(f"{row['domain']} {num(row.get('load_average'), 2)}" for row in rows)
+    return "\n\n".join([
+        result_table(rows, document, ["domain", "metric", "grid best", "ASHA best", "gap", "compute", "epochs"],
+                     "llrrrrr", cells),
+        source([rel], file_commit(rows, document),
+               f"gap: how much worse ASHA's best is, relative (target ≤ {TUNE_GAP_TARGET:g}); compute: ASHA's "
+               f"trial-epochs over the grid's (target ≤ {TUNE_SHARE_TARGET:g}); epochs: grid / ASHA "
+               f"trial-epochs; wall time grid / ASHA: {walls}; load average: {loads}")])
+
+
+def serve_rows(document: Json) -> dict[str, list[Json]]:
+    grouped: dict[str, list[Json]] = {}
+    for row in document["rows"]:
+        grouped.setdefault(row["domain"], []).append(row)
+    return grouped
+
+
+def serve_caption(document: Json, rel: str, what: str) -> str:
+    rows = document["rows"]
+    commit = "per row (column)" if rows_carry_commits(rows, document) else commit_of(document)
+    extra = [what, document["device"]]
+    if "torch_threads" in document:
+        extra.append(f"{document['torch_threads']} torch thread(s) per model")
+    if "seconds_per_cell" in document:
+        extra.append(f"{document['seconds_per_cell']:g} s per cell")
+    if "load_average" in document:
+        extra.append(f"load average {document['load_average']:g} at the end")
+    return source([rel], commit, *extra)
+
+
+def serve_throughput_table(document: Json, rel: str) -> str:
+    def cells(row: Json) -> list[str]:
+        gateway = row["gateway_items_per_s"]
+        return [row["domain"], f"{row['concurrency']} × {row['items_per_request']}",
+                rate(row["in_process_items_per_s"]), rate(row["uvicorn_items_per_s"]), rate(gateway),
+                f"{gateway / row['in_process_items_per_s']:.2f}", f"{gateway / row['uvicorn_items_per_s']:.2f}",
+                f"{row['errors']:,}"]
+
+    rows = [row for grouped in serve_rows(document).values() for row in grouped]  # a domain's rows together
+    header = ["domain", "conc × items", "(a)", "(b)", "(c)", "c/a", "c/b", "(c) err"]
+    return "\n\n".join([result_table(rows, document, header, "lrrrrrrr", cells),
+                        serve_caption(document, rel, "items/s")])
+
+
+def serve_latency_table(document: Json, rel: str) -> str:
+    body = []
+    for domain, rows in serve_rows(document).items():
+        for row in rows:
+            uvicorn = (f"{row['uvicorn_p50_ms']:,.0f} / {row['uvicorn_p99_ms']:,.0f}"
+                       if "uvicorn_p50_ms" in row else "—")
+            body.append([domain, f"{row['concurrency']} × {row['items_per_request']}", uvicorn,
+                         f"{row['gateway_p50_ms']:,.0f} / {row['gateway_p99_ms']:,.0f}"])
+    return "\n\n".join([table(["domain", "conc × items", "(b) p50 / p99", "(c) p50 / p99"], body),
+                        serve_caption(document, rel, "milliseconds per request")])
+
+
+def serve_throughput(root: Path) -> str:
+    rel = "bench/results/serve_load.json"
+    document = load(root, rel)
+    return serve_throughput_table(document, rel) if document else missing(rel, ".venv/bin/python -m bench.serve_load")
+
+
+def serve_latency(root: Path) -> str:
+    rel = "bench/results/serve_load.json"
+    document = load(root, rel)
+    return serve_latency_table(document, rel) if document else missing(rel, ".venv/bin/python -m bench.serve_load")
+
+
+def serve_gpu(root: Path) -> str:
+    rel = "bench/results/serve_gpu.json"
+    document = load(root, rel)
+    if document is None:
+        return "*No `bench/results/serve_gpu.json` yet: serving has not been measured on a GPU.*"
+    return "\n\n".join([serve_throughput_table(document, rel), serve_latency_table(document, rel)])
+
+
+@dataclass(frozen=True)
+class ServeTarget:
+    """One serving target: a ratio (or p99) in one cell of serve_load.json, compared with a bound."""
+
+    what: str
+    domains: tuple[str, ...]
+    concurrency: int
+    items: int
+    value: Callable[[Json], float]
+    bound: float
+    at_most: bool = False
+    unit: str = ""
+
+
+SERVE_TARGETS = (
+    ServeTarget("16 items: (c) ≥ 0.7 × (a)", ("events", "sentiment"), 64, 16,
+                lambda r: r["gateway_items_per_s"] / r["in_process_items_per_s"], 0.7),
+    ServeTarget("16 items: (c) ≥ 0.3 × (a)", ("traffic", "energy"), 64, 16,
+                lambda r: r["gateway_items_per_s"] / r["in_process_items_per_s"], 0.3),
+    ServeTarget("1 item: (c) ≥ 0.35 × (a)", ("events", "sentiment"), 64, 1,
+                lambda r: r["gateway_items_per_s"] / r["in_process_items_per_s"], 0.35),
+    ServeTarget("1 item: (c) ≥ 0.8 × (b)", ("events", "sentiment"), 64, 1,
+                lambda r: r["gateway_items_per_s"] / r["uvicorn_items_per_s"], 0.8),
+    ServeTarget("p99 ≤ 250 ms, conc. 16, 1 item", ("events", "sentiment"), 16, 1,
+                lambda r: r["gateway_p99_ms"], 250, at_most=True, unit=" ms"),
+)
+SCALE_UP_TARGET_S = 15.0
+IDLE_RSS_TARGET_GB = 6.0
+
+
+def serve_targets(root: Path) -> str:
+    rel, auto_rel = "bench/results/serve_load.json", "bench/results/autoscale.json"
+    document, autoscale = load(root, rel), load(root, auto_rel)
+    body = []
+    if document is not None:
+        cells = {(r["domain"], r["concurrency"], r["items_per_request"]): r for r in document["rows"]}
+        for target in SERVE_TARGETS:
+            values = [cells.get((d, target.concurrency, target.items)) for d in target.domains]
+            if any(v is None for v in values):
+                continue
+            figures = [target.value(v) for v in values if v is not None]
+            ok = [f <= target.bound if target.at_most else f >= target.bound for f in figures]
+            shown = " / ".join(f"{f:.0f}" if target.unit else f"{f:.2f}" for f in figures)
+            body.append([f"{target.what}, {' / '.join(target.domains)}", shown + target.unit,
+                         " / ".join(mark(o) for o in ok)])
+        if "idle_rss_gb" in document:
+            rss = document["idle_rss_gb"]
+            body.append([f"idle platform ≤ {IDLE_RSS_TARGET_GB:g} GB resident", f"{rss:.2f} GB",
+                         mark(rss <= IDLE_RSS_TARGET_GB)])
+    if autoscale is not None:
+        up = autoscale["scale_up_s"]
+        body.append([f"scale-up ≤ {SCALE_UP_TARGET_S:g} s ({autoscale['domain']})", f"{up:.1f} s",
+                     mark(up <= SCALE_UP_TARGET_S)])
+    if not body:
+        return missing(rel, ".venv/bin/python -m bench.serve_load")
+    commits = list(dict.fromkeys(commit_of(d) for d in (document, autoscale) if d is not None))
+    return "\n\n".join([
+        table(["target (concurrency 64 unless said)", "measured", ""], body, "lrl"),
+        source([f for f, d in ((rel, document), (auto_rel, autoscale)) if d is not None], " / ".join(commits))])
+
+
+@from_result("bench/results/autoscale.json", ".venv/bin/python -m bench.autoscale")
+def autoscale(document: Json, rel: str) -> str:
+    rounds = document.get("rounds", [])
+    body = [[str(i), f"{r['scale_up_s']:.1f}", f"{r['scale_down_s']:.1f}", str(r.get("load_errors_last_5s", "—"))]
+            for i, r in enumerate(rounds, 1)]
+    body.append(["**median**", f"**{document['scale_up_s']:.1f}**", f"**{document['scale_down_s']:.1f}**", ""])
+    config = document.get("config", {})
+    scaling = config.get("autoscaling_config", {})
+    setting = ", ".join(f"`{k}` {v}" for k, v in scaling.items())
+    extra = [f"{document['domain']}, {config.get('concurrency', '?')} clients per step",
+             "scale-up: load start → the added replica answers; scale-down: load end → it is gone"]
+    if setting:
+        extra.append(f"settings during the run: {setting}")
+    if "load_average" in document:
+        extra.append(f"load average {document['load_average']:g}")
+    return "\n\n".join([table(["step", "scale-up s", "scale-down s", "errors, last 5 s"], body),
+                        source([rel], commit_of(document), *extra)])
+
+
+# ---- reliability (bench/results/reliability.json) ------------------------------------------------
+
+SHORT_LIST = 20  # series longer than this stay in the file (e.g. requests per second over a run)
+SHORT_RECORD = 8  # records of more keys, or of nested values, stay in the file
+
+
+def figure(value: Any) -> str | None:
+    """A figure as the reader sees it; None for structures too big for a page (they stay in the file)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) <= SHORT_LIST and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        return "[" + ", ".join(figure(v) or "" for v in value) + "]"
+    if isinstance(value, list) and not value:
+        return "[]"
+    if isinstance(value, dict) and len(value) <= SHORT_RECORD:
+        shown = {key: figure(v) for key, v in value.items() if not isinstance(v, dict | list)}
+        if len(shown) == len(value):
+            return "{" + ", ".join(f"{key}: {text}" for key, text in shown.items()) + "}"
+    return None
+
+
+@from_result("bench/results/reliability.json", "make reliability")
+def reliability(document: Json, rel: str) -> str:
+    checks = document["checks"]
+    passed = sum(1 for check in checks if check["passed"])
+    out = [result_table(checks, document, ["check", "passed", "seconds", "load avg."], "llrr",
+                        lambda check: [f"`{check['name']}`", "yes" if check["passed"] else "**no**",
+                                       num(check["figures"].get("seconds"), 1),
+                                       num(check["figures"].get("load_average"), 2)]),
+           wrap(f"**{passed} of {len(checks)} checks pass.** Their figures (series longer than {SHORT_LIST} "
+                "values and nested records stay in the file; `.venv/bin/python -m bench.reliability --table` "
+                "prints it):")]
+    for check in checks:
+        shown, kept = [], 0
+        for key, value in check["figures"].items():
+            if key in ("seconds", "load_average"):
+                continue
+            text = figure(value)
+            if text is None:
+                kept += 1
+            else:
+                shown.append(f"{key} {text}")
+        line = f"- `{check['name']}`: " + ", ".join(shown)
+        if kept:
+            line += f"; {kept} more in the file"
+        for problem in check.get("problems") or []:
+            line += f". **Problem:** {problem}"
+        out.append(wrap(line.rstrip() + ".", "  "))
+    out.append(source([rel], file_commit(checks, document, "per check (column)"),
+                      "load avg.: the load average while the check ran"))
+    return "\n\n".join(out[:2]) + "\n\n" + "\n".join(out[2:-1]) + "\n\n" + out[-1]
+
+
