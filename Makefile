@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: venv run test lint typecheck unit integration reliability docs clean
+.PHONY: venv run test lint typecheck unit integration reliability cluster docs clean
 
 venv: $(STAMP)
 
@@ -52,7 +52,7 @@ test: lint $(BIN)/helm
 reliability: venv
 	$(BIN)/python -m bench.reliability
 
-# The multi-node checks at full size (~25 min here) on a Ray head + 2 worker nodes started on this machine, with
+# The multi-node checks at full size (~12 min here) on a Ray head + 2 worker nodes started on this machine, with
 # the registry, Ray storage and reports on an S3 server (moto): bench/results/cluster.json. `make test` runs the
 # short version of each (tests/integration/test_cluster.py).
 cluster: venv

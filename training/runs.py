@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from core.errors import DataError
+from core.errors import ConfigError, DataError
 from core.settings import Settings
 from core.storage import Location
 from domains.base import Domain
@@ -30,9 +30,22 @@ def ensure_data(domain: Domain, data_dir: Path, *, smoke: bool) -> dict[str, Any
         return domain.prepare(data_dir, smoke=smoke)
 
 
+# How Ray places a run's workers (its placement group's strategy): PACK fills one node first (the least
+# traffic between workers); SPREAD puts them on different nodes where it can (a node lost costs fewer of
+# them, and each gets a node's CPUs); STRICT_* refuse to start otherwise.
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def check_placement(strategy: str) -> None:
+    """Refuses a placement strategy Ray does not know, before anything starts."""
+    if strategy not in PLACEMENT_STRATEGIES:
+        raise ConfigError(f"placement strategy {strategy!r}: choose one of {list(PLACEMENT_STRATEGIES)}",
+                          field="placement_strategy")
+
+
 def torch_trainer(domain: Domain, config: dict[str, Any], *, name: str, storage_path: str, num_workers: int,
-                  cpus_per_worker: float, gpus_per_worker: float, max_failures: int, callbacks: list[Any] | None = None
-                  ) -> Any:
+                  cpus_per_worker: float, gpus_per_worker: float, max_failures: int, callbacks: list[Any] | None = None,
+                  placement_strategy: str = "PACK") -> Any:
     """The `TorchTrainer` running `train_loop_per_worker` on `config`.
 
     Args:
@@ -45,16 +58,18 @@ def torch_trainer(domain: Domain, config: dict[str, Any], *, name: str, storage_
         gpus_per_worker: GPUs each worker holds (a fraction shares one); 0 trains on CPU.
         max_failures: worker failures survived, each resuming from the last checkpoint.
         callbacks: Train callbacks (a sweep's trial reports to Tune through one).
+        placement_strategy: how the workers are placed on the cluster's nodes (`PLACEMENT_STRATEGIES`).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    check_placement(placement_strategy)
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus_per_worker > 0,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=placement_strategy),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,

@@ -14,7 +14,7 @@ from core.settings import Settings
 from domains.base import Domain
 from training.loop import build_config
 from training.registry import Version
-from training.runs import ensure_data, register_checkpoint, smoke_data_dir, torch_trainer
+from training.runs import check_placement, ensure_data, register_checkpoint, smoke_data_dir, torch_trainer
 from training.workspace import Workspace
 
 PROFILES = ("smoke", "quick", "full")
@@ -38,6 +38,7 @@ def make_trainer(
     epochs: int | None = None,
     max_failures: int = 2,
     overrides: dict[str, Any] | None = None,
+    placement_strategy: str = "PACK",
 ) -> tuple[Any, dict[str, Any]]:
     """A `TorchTrainer` for one domain, and the data manifest it trains on.
 
@@ -52,6 +53,8 @@ def make_trainer(
         epochs: overrides the profile's epochs.
         max_failures: worker failures survived, each resuming from the last checkpoint.
         overrides: other hyperparameters over the profile's.
+        placement_strategy: how the workers are placed on the nodes (`training.runs.PLACEMENT_STRATEGIES`):
+            PACK (the default) fills one node first, SPREAD puts them on different nodes where it can.
     """
     import ray
 
@@ -61,6 +64,7 @@ def make_trainer(
         raise ConfigError(f"--num-workers must be at least 1, got {num_workers}", field="num_workers")
     if epochs is not None and epochs < 1:
         raise ConfigError(f"--epochs must be at least 1, got {epochs}", field="epochs")
+    check_placement(placement_strategy)
     data_dir = smoke_data_dir(settings) if profile == "smoke" else settings.data_dir
     manifest = ensure_data(domain, data_dir, smoke=profile == "smoke")
 
@@ -73,7 +77,8 @@ def make_trainer(
     config["num_workers"], config["use_gpu"] = num_workers, use_gpu
     trainer = torch_trainer(domain, config, name=run_name(domain.name, profile), storage_path=settings.storage_uri(),
                             num_workers=num_workers, cpus_per_worker=cpus_per_worker,
-                            gpus_per_worker=1.0 if use_gpu else 0.0, max_failures=max_failures)
+                            gpus_per_worker=1.0 if use_gpu else 0.0, max_failures=max_failures,
+                            placement_strategy=placement_strategy)
     return trainer, manifest
 
 

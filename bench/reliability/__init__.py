@@ -113,17 +113,23 @@ class Target:
         return name, str(key)
 
 
-def command(name: str) -> str:
-    """How to run one check again (reliability.json's `command`)."""
-    return f".venv/bin/python -m bench.reliability --only {name}"
+def command(name: str, runner: str = "bench.reliability") -> str:
+    """How to run one check of the suite `runner` again (the result file's `command`)."""
+    return f".venv/bin/python -m {runner} --only {name}"
 
 
-def save_checks(checks: list[Check], path: Path = RESULT_FILE) -> Path:
-    """Replaces the entries of these checks' names in reliability.json (others kept: checks may be
-    run one at a time), stamping the load average each was measured under."""
+def save_checks(checks: list[Check], path: Path = RESULT_FILE, *, stamp: dict[str, str] | None = None) -> Path:
+    """Replaces the entries of these checks' names in the result file (others kept: checks may be
+    run one at a time), stamping the load average each was measured under.
+
+    `stamp`: values for the file's top level (cluster.json's `commit`). An entry kept from the file
+    as it was carries that file's value of a stamped key as its own where the new one differs: it
+    was measured there, not at this run's commit."""
     load = round(os.getloadavg()[0], 2)
-    rows = json.loads(path.read_text())["checks"] if path.is_file() else []
+    before = json.loads(path.read_text()) if path.is_file() else {}
+    stamp = stamp or {}
     fresh = {c.name: {**asdict(c), "figures": {**c.figures, "load_average": load}} for c in checks}
-    rows = [r for r in rows if r["name"] not in fresh] + list(fresh.values())
-    write_json_atomic(path, {"checks": sorted(rows, key=lambda r: str(r["name"]))})
+    earlier = {k: before[k] for k in stamp if k in before and before[k] != stamp[k]}
+    kept = [{**earlier, **r} for r in before.get("checks", []) if r["name"] not in fresh]
+    write_json_atomic(path, {**stamp, "checks": sorted(kept + list(fresh.values()), key=lambda r: str(r["name"]))})
     return path

@@ -1,0 +1,137 @@
+"""`make cluster`: the multi-node checks, full size, on one cluster this script starts.
+
+    .venv/bin/python -m bench.cluster [--only NAME ...] [--short] [--json-out FILE]
+
+Starts an S3 server (moto) and a Ray cluster of a head and two worker nodes on this machine,
+runs each check on them (everything stored goes to the bucket), and writes
+`bench/results/cluster.json`, replacing only the checks run. `--short` runs the versions
+`make test` runs: printed (and written to `--json-out`), never saved over the full-size figures.
+Exits 1 when a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from bench.cluster import CHECKS, RESULT_FILE, RUNNER, ClusterEnv, document, save
+from bench.reliability import Check, command
+from cluster.local import LOOPBACK_ENV
+
+# What the cluster's processes must have in their environment before the nodes start (they
+# inherit it): the token auth this process talks to them with, loopback-only nodes, and Train's
+# record of each run (where its workers ran, what `RayNodes.train_runs` reads).
+CLUSTER_ENV = {"RAY_AUTH_MODE": "token", "RAY_TRAIN_ENABLE_STATE_TRACKING": "1", **LOOPBACK_ENV}
+
+
+def checks() -> dict[str, Callable[[ClusterEnv, bool], Check]]:
+    from bench.cluster import serving, training
+
+    return {"object_store": training.check_object_store, "ddp_across_nodes": training.check_ddp_across_nodes,
+            "tune_across_nodes": training.check_tune_across_nodes, "serving_node_loss": serving.check_serving_node_loss,
+            "training_node_loss": training.check_training_node_loss}
+
+
+def _timed(name: str, run: Callable[[], Check], *, save_it: bool) -> Check:
+    """Runs one check and saves it at once (`save_it`; short versions are not the file's figures): a
+    later check failing to run loses nothing. A check that raises is a failed check, its error the
+    problem."""
+    started = time.monotonic()
+    try:
+        check = run()
+    except Exception as exc:
+        check = Check(name, False, {}, command(name, RUNNER), [f"did not run to the end: {type(exc).__name__}: {exc}"])
+    check.figures["seconds"] = round(time.monotonic() - started, 1)
+    check.figures["load_average"] = round(os.getloadavg()[0], 2)
+    if save_it:
+        save([check])
+    print(json.dumps({"name": check.name, "passed": check.passed, "problems": check.problems}), flush=True)
+    return check
+
+
+def run(names: list[str], short: bool) -> list[Check]:
+    """Starts the S3 server and the cluster, runs the checks `names` in CHECKS' order, stops both."""
+    from cluster.serve import serve_env
+
+    # Serve's settings (and HAProxy's ports) for the nodes' processes, as `serve up` gives its head
+    os.environ.update({**serve_env(), **CLUSTER_ENV})
+    # Short: the socket paths under it must stay within the kernel's 107 characters.
+    root = Path(tempfile.mkdtemp(prefix="cs-cluster-"))
+    results: list[Check] = []
+    try:
+        _run_on_cluster(root, names, short, results)
+    finally:
+        # Ray's logs and the S3 server's stay for a look when something failed
+        if results and all(c.passed for c in results) and len(results) == len(names):
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"logs kept in {root}", flush=True)
+    return results
+
+
+def _run_on_cluster(root: Path, names: list[str], short: bool, results: list[Check]) -> None:
+    """Runs the checks on a cluster and S3 server under `root`, appending each outcome to `results`
+    as it comes (a check that takes the run down still leaves those before it)."""
+    from bench.cluster.nodes import ray_nodes, s3_server
+    from cluster.local import connect
+    from core.settings import get_settings
+
+    started = time.monotonic()
+    with s3_server(root) as bucket_root, ray_nodes(root) as nodes:
+        bucket = f"{bucket_root}/{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        state = root / "state"  # the head's own disk: the platform record, the SQLite ledger
+        settings = get_settings().model_copy(update={
+            "registry_uri": f"{bucket}/registry", "storage_path": f"{bucket}/ray_results",
+            "reports_dir": f"{bucket}/reports", "ray_address": nodes.gcs_address, "ray_temp_dir": None,
+            "state_dir": state, "ledger_url": f"sqlite:///{state}/ledger.db"})
+        connect(settings)  # every worker of this job gets RAY_ADDRESS and the S3 variables
+        _same_node_as_head(nodes.head_id)
+        print(json.dumps({"cluster": nodes.node_table(), "bucket": bucket,
+                          "up_s": round(time.monotonic() - started, 1)}), flush=True)
+        env = ClusterEnv(nodes, settings, bucket)
+        every = checks()
+        for name in CHECKS:
+            if name in names:
+                results.append(_timed(name, partial(every[name], env, short), save_it=not short))
+
+
+def _same_node_as_head(head_id: str) -> None:
+    """The driver must sit on the head: the checks kill worker nodes, never the driver's."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    if here != head_id:
+        raise RuntimeError(f"the driver joined node {here}, not the head {head_id}")
+
+
+def main() -> None:
+    # Before ray is imported: it reads these when imported (token auth, loopback-only nodes).
+    os.environ.update(CLUSTER_ENV)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=CHECKS, default=list(CHECKS), metavar="NAME",
+                        help=f"checks to run, of {', '.join(CHECKS)}")
+    parser.add_argument("--short", action="store_true", help="the short versions `make test` runs (not saved)")
+    parser.add_argument("--json-out", type=Path, help="also write this run's checks here, as cluster.json has them")
+    args = parser.parse_args()
+    started = time.monotonic()
+    results = run(args.only, args.short)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(document(results), indent=2) + "\n")
+    if args.short:
+        print(json.dumps(document(results)))
+    print(f"{sum(c.passed for c in results)}/{len(results)} passed in {time.monotonic() - started:.0f} s"
+          + ("" if args.short else f"; {RESULT_FILE}"), flush=True)
+    sys.exit(0 if all(c.passed for c in results) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""CityServe on several nodes: the short version of every multi-node check (`bench.cluster`).
+
+The checks need a cluster of a head and two worker nodes, and this session already runs a
+single-node cluster in this process (`ray_cluster`); one process drives one cluster. So they run
+as a user runs them, `python -m bench.cluster --short`, in a process of their own that starts its
+own S3 server and its own three nodes (every port free-picked, its workers pinned to its own
+address), and this test reads the checks it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.cluster import CHECKS
+from core.settings import Settings
+from tests.schemas import validate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def checks(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("cluster") / "cluster.json"
+    # Nothing of this session's cluster or bucket: the runner makes its own, and shares only the
+    # smoke data the session prepares (read-only once there).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_", "CITYSERVE_"))}
+    env["CITYSERVE_DATA_DIR"] = str(settings.data_dir)
+    done = subprocess.run([sys.executable, "-m", "bench.cluster", "--short", "--json-out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert out.is_file(), f"exit {done.returncode}: {(done.stdout + done.stderr)[-3000:]}"
+    document = json.loads(out.read_text())
+    validate("cluster", document)
+    return {c["name"]: c for c in document["checks"]}
+
+
+def test_every_check_ran_and_passed(checks: dict[str, dict[str, Any]]) -> None:
+    assert sorted(checks) == sorted(CHECKS)
+    assert {name: c["problems"] for name, c in checks.items() if not c["passed"]} == {}
+
+
+def test_everything_stored_is_in_the_bucket(checks: dict[str, dict[str, Any]]) -> None:
+    figures = checks["object_store"]["figures"]
+    assert figures["checkpoint"].startswith(figures["storage_path"]) and figures["storage_path"].startswith("s3://")
+    assert figures["trained_on"] != figures["loaded_on"] and {figures["trained_on"], figures["loaded_on"]} <= {
+        "worker-1", "worker-2"}
+    assert all(count > 0 for count in figures["objects"].values())
+    assert figures["report_version"] == figures["registered"] == figures["loaded_version"]
+
+
+def test_ddp_workers_ran_on_two_worker_nodes_and_track_one_worker(checks: dict[str, dict[str, Any]]) -> None:
+    figures = checks["ddp_across_nodes"]["figures"]
+    assert sorted(w["node"] for w in figures["ddp_workers"]) == ["worker-1", "worker-2"]
+    assert all(d <= figures["tolerance_rel"] for d in figures["max_rel_diff"].values())
+    assert len(figures["curves"]["ddp"]["val_loss"]) == len(figures["curves"]["one_worker"]["val_loss"]) == \
+        figures["epochs"]
+
+
+def test_a_sweep_spreads_over_both_worker_nodes(checks: dict[str, dict[str, Any]]) -> None:
+    figures = checks["tune_across_nodes"]["figures"]
+    assert figures["nodes_used"] == ["worker-1", "worker-2"] and figures["overlapping_on_two_nodes"]
+    assert figures["registered_checkpoint"].startswith(figures["results"])
+
+
+def test_serving_survives_a_worker_node_lost_under_load(checks: dict[str, dict[str, Any]]) -> None:
+    figures = checks["serving_node_loss"]["figures"]
+    assert figures["replicas_before"]["energy"] == ["worker-1", "worker-2"]
+    assert figures["replicas_before"]["Gateway"] == figures["admission_actor"] == ["head"]
+    assert figures["failed_pct"] <= 1 and figures["hung"] == 0
+    assert figures["slowest_s"] <= figures["timeout_s"] + 1
+    assert figures["replica_back_s_after_node_joined"] is not None
+
+
+def test_training_resumes_on_the_nodes_left_after_a_node_is_lost(checks: dict[str, dict[str, Any]]) -> None:
+    figures = checks["training_node_loss"]["figures"]
+    killed = figures["killed"]["node"]
+    assert figures["resumed"] and figures["resumed_after_epoch"] >= figures["checkpoint_epoch_at_kill"]
+    assert figures["final_epoch"] == figures["epochs"]
+    assert killed in {w["node"] for w in figures["attempts"][0]}
+    assert killed not in {w["node"] for w in figures["attempts"][-1]}
