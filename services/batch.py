@@ -6,6 +6,10 @@ endpoint. A row that does not validate, or that the model refuses, is reported b
 Parquet file with the input's columns plus `row`, `error` and `result` (the response as JSON).
 Source and destination are local paths or URIs (`s3://bucket/in.csv`); the output is written
 whole or not at all (locally renamed into place, on an object store one PUT).
+
+Each scoring actor may hold GPUs (`gpus`, a fraction shares one): it then loads the version on the
+GPU Ray gave it, as a serving replica does (`services.model.replica_device`), and the text models
+answer in bf16 there.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from core.storage import Location
 from domains import get_domain
 from domains.base import Domain
 from services.errors import field_path
-from services.model import predict_groups
+from services.model import predict_groups, replica_device
 from training.registry import Registry
 from training.workspace import Workspace
 
@@ -94,14 +98,16 @@ def row_item(model: type[BaseModel], row: dict[str, Any]) -> BaseModel:
 
 
 class Scorer:
-    """A Ray Data callable class: each actor loads the version once and scores batches."""
+    """A Ray Data callable class: each actor loads the version once, on the GPU Ray assigned it
+    (`map_batches(num_gpus=...)`) or else the CPU, and scores batches."""
 
     def __init__(self, domain: str, registry_uri: str, version: str, torch_threads: int) -> None:
         import torch
 
         torch.set_num_threads(torch_threads)
         self.domain = get_domain(domain)
-        self.predictor = Registry(registry_uri).load_predictor(self.domain, version)
+        self.device = replica_device("auto")
+        self.predictor = Registry(registry_uri).load_predictor(self.domain, version, self.device)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         errors: list[str | None] = [None] * len(batch)
@@ -127,9 +133,21 @@ class Scorer:
 
 def score_file(domain: Domain, workspace: Workspace, source: str | os.PathLike[str], dest: str | os.PathLike[str],
                *, ref: str = "production", batch_size: int = 64, concurrency: int = 1,
-               torch_threads: int = 1) -> BatchReport:
+               torch_threads: int = 1, gpus: float = 0.0) -> BatchReport:
     """Scores `source` (Parquet or CSV) with `domain`'s `ref` version into the Parquet file `dest`;
-    each a local path or a URI."""
+    each a local path or a URI.
+
+    Args:
+        domain: whose model scores.
+        workspace: the settings and registry.
+        source: the input file.
+        dest: the output Parquet file.
+        ref: a version id or a stage.
+        batch_size: rows per model call.
+        concurrency: scoring actors, each loading the model.
+        torch_threads: CPUs each actor holds and torch's threads in it.
+        gpus: GPUs each actor holds (0.5: two actors share one); 0 scores on the CPU.
+    """
     import ray
 
     from cluster.local import connect
@@ -142,6 +160,10 @@ def score_file(domain: Domain, workspace: Workspace, source: str | os.PathLike[s
                         column=missing[0])
     if batch_size < 1 or concurrency < 1:
         raise ConfigError("batch size and concurrency must be at least 1", field="batch_size")
+    if gpus < 0 or (gpus > 1 and not float(gpus).is_integer()):
+        # Ray's rule for a task's GPUs: a fraction of one GPU, or whole GPUs.
+        raise ConfigError(f"GPUs per actor must be 0, a fraction up to 1, or a whole number; got {gpus:g}",
+                          field="gpus")
     settings = workspace.settings
     version = workspace.registry.get(domain.name, ref).version
     table = table.append_column("row", pa.array(range(table.num_rows), pa.int64()))
@@ -152,9 +174,12 @@ def score_file(domain: Domain, workspace: Workspace, source: str | os.PathLike[s
     DataContext.get_current().enable_progress_bars = True  # a long job shows how far it is
     scored = ray.data.from_arrow(table).map_batches(
         Scorer, fn_constructor_args=(domain.name, settings.registry_location(), version, torch_threads),
-        batch_size=batch_size, batch_format="pandas", concurrency=concurrency, num_cpus=torch_threads)
+        batch_size=batch_size, batch_format="pandas", concurrency=concurrency, num_cpus=torch_threads,
+        num_gpus=gpus)
     out = scored.to_arrow_refs()
-    result = pa.concat_tables(ray.get(out)).sort_by("row") if out else table
+    # A batch with no refused row has an all-null `error` column (Arrow type null), one with no scored
+    # row an all-null `result`: promoting null to the other batches' string type joins them.
+    result = pa.concat_tables(ray.get(out), promote_options="default").sort_by("row") if out else table
     write_table(result, dest)
     error_col = result.column("error").to_pylist()
     rows_col = result.column("row").to_pylist()

@@ -205,6 +205,7 @@ mergo version the running Helm bundles; tests/unit/test_helm.py compares the res
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- include "cityserve.checkDevices" . -}}
 {{- $registry := include "cityserve.registryUri" . -}}
 {{- if not (or (hasPrefix "s3://" $registry) (hasPrefix "gs://" $registry)) -}}
 {{- $mount := trimSuffix "/" .Values.sharedVolume.mountPath -}}
@@ -225,6 +226,57 @@ mergo version the running Helm bundles; tests/unit/test_helm.py compares the res
 {{- end -}}
 {{- end -}}
 {{- $_ := include "cityserve.tenantsSecretName" . -}}
+{{- end -}}
+
+{{/*
+needsGpus (dict where gpus groups): fails unless an enabled worker group's pods hold `gpus` GPUs (a
+fraction shares one GPU, so it needs a pod with one). Ray schedules a replica or a worker inside one
+pod: GPUs no pod holds leave it pending forever, and serving or the job waits without an error.
+*/}}
+{{- define "cityserve.needsGpus" -}}
+{{- $need := .gpus | float64 -}}
+{{- if gt $need 0.0 -}}
+{{- $pod := ternary 1.0 $need (le $need 1.0) -}}
+{{- $fits := false -}}
+{{- range $name, $group := .groups -}}
+{{- if and $group.enabled (ge ($group.gpus | default 0 | float64) $pod) -}}
+{{- $fits = true -}}
+{{- end -}}
+{{- end -}}
+{{- if not $fits -}}
+{{- fail (printf "%s asks for %v GPU(s), but no enabled worker group has pods with %v: %s" .where $need $pod
+    "enable a group with that many `gpus` (workerGroups.gpu), or ask for none") -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* checkDevices: the serve config's and the jobs' GPUs fit the clusters they run on (tests/unit/test_helm.py
+checks the same on every values file, CPUs and replica counts included). */}}
+{{- define "cityserve.checkDevices" -}}
+{{- $config := include "cityserve.serveConfig" . | fromJson -}}
+{{- range $deployment := (index $config.applications 0).deployments -}}
+{{- $gpus := dig "ray_actor_options" "num_gpus" 0 $deployment -}}
+{{- include "cityserve.needsGpus" (dict "where" (printf "serve deployment %s (ray_actor_options.num_gpus)" $deployment.name)
+    "gpus" $gpus "groups" $.Values.workerGroups) -}}
+{{- end -}}
+{{- range $kind := list "train" "tune" -}}
+{{- $job := get $.Values.jobs $kind -}}
+{{- if $job.enabled -}}
+{{- $groups := (include "cityserve.jobClusterValues" (dict "ctx" $ "job" $job) | fromJson).workerGroups -}}
+{{- if eq $kind "train" -}}
+{{- if $job.useGpu -}}
+{{- include "cityserve.needsGpus" (dict "where" "jobs.train.useGpu (one GPU per worker)" "gpus" 1 "groups" $groups) -}}
+{{- if kindIs "invalid" $job.cpusPerWorker -}}
+{{- fail (printf "jobs.train.useGpu needs jobs.train.cpusPerWorker (at most a GPU pod's CPUs): %s %s"
+    "without it `cityserve train` gives each worker every CPU the job's cluster has when it starts (all its"
+    "pods' together), more than any one GPU pod holds, and the job waits for a pod that never comes") -}}
+{{- end -}}
+{{- end -}}
+{{- else -}}
+{{- include "cityserve.needsGpus" (dict "where" "jobs.tune.gpusPerTrial" "gpus" $job.gpusPerTrial "groups" $groups) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The URL the chart's ledger Secret holds: the value, else serve/cluster.yaml's ledger_url. */}}
