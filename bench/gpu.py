@@ -16,23 +16,14 @@ recorded as failed; the others still run), each printed as a JSON line when it e
   the time all 4 ran together. Passes when all 4 overlapped.
 
 Before them, `prepare` generates the events corpus and trains the version that serving loads.
-Writes `bench/results/gpu.json` (the `gpu` result schema: top-level `commit`, `device`, `checks`),
-rewritten after every step. Sized to finish within 8 minutes on one H100/H200 with 16 cores.
+Writes `bench/results/gpu.json` (the `gpu` result schema), rewritten after every step; sized to
+finish within 8 minutes on one H100/H200 with 16 cores. `--cpu-smoke` runs every step at tiny
+sizes on the CPU (the plumbing, not the figures), writing only where `--out` says.
 
-`--cpu-smoke` runs every step at tiny sizes on the CPU (the plumbing, not the figures) and writes
-only where `--out` says; `tests/integration/test_gpu_script.py` runs it.
-
-On the GPU machine lent by the `device` tool (PyTorch and transformers, no Ray, no registry, no
-MiniLM weights; see ../shared/device/README.md):
-
-    # here, once: the Ray bundle, the wheels the image lacks, MiniLM's config and tokenizer
-    ../shared/device/make-ray-bundle.sh 2.60.0 .device
-    bash bench/gpu_device.sh prepare
-    # the device call: run(command="bash bench/gpu_device.sh", carry=[".device"], timeout_s=600)
-    # then here: copy the returned gpu.json to bench/results/gpu.json (its log comes back beside it)
-
-There the encoder is built from the packaged `config.json` with random weights
-(`--random-encoder-from`): speed does not depend on their values, and the results say so.
+On a lent GPU machine (PyTorch and transformers, no Ray, no package registry, no MiniLM weights),
+`bench/gpu_device.sh` installs the carried Ray bundle and the wheels the image lacks and runs this
+script (its header says how). There the encoder is built from the packaged `config.json` with
+random weights (`--random-encoder-from`): speed does not depend on them, and the results say so.
 
     .venv/bin/python -m bench.gpu [--out FILE] [--port P] [--random-encoder-from DIR]
     .venv/bin/python -m bench.gpu --cpu-smoke --out /tmp/gpu-smoke.json
