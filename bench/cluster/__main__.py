@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -113,9 +114,16 @@ def _same_node_as_head(head_id: str) -> None:
         raise RuntimeError(f"the driver joined node {here}, not the head {head_id}")
 
 
+def _stop_on_sigterm(signum: int, _frame: object) -> None:
+    """SIGTERM ends the run as Ctrl-C would: through the `finally`s that stop the nodes and the S3
+    server (Python's default for SIGTERM skips them and leaves the nodes' processes behind)."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     # Before ray is imported: it reads these when imported (token auth, loopback-only nodes).
     os.environ.update(CLUSTER_ENV)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=CHECKS, default=list(CHECKS), metavar="NAME",
                         help=f"checks to run, of {', '.join(CHECKS)}")
