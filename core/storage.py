@@ -253,3 +253,25 @@ def uri_of(fs: pafs.FileSystem, path: str) -> str:
         return path
     scheme = {"gcs": "gs"}.get(fs.type_name, fs.type_name)
     return f"{scheme}://{path}"
+
+
+@contextlib.contextmanager
+def s3_endpoint(endpoint: str, credentials: dict[str, str], bucket: str) -> Iterator[str]:
+    """Points this process's `AWS_*` variables at an S3-compatible `endpoint` (any other `AWS_*`
+    variable hidden, so nothing reaches a real account) and makes `bucket` there; yields
+    `s3://bucket`. Restores the variables afterwards. For the servers tests and benchmarks start:
+    processes started inside the block inherit the endpoint."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    try:
+        for name in saved:
+            del os.environ[name]
+        os.environ.update({**credentials, "AWS_ENDPOINT_URL": endpoint})
+        # from_uri honours AWS_ENDPOINT_URL (the S3FileSystem constructor does not).
+        fs, _ = pafs.FileSystem.from_uri(f"s3://{bucket}?allow_bucket_creation=true")
+        fs.create_dir(bucket)
+        yield f"s3://{bucket}"
+    finally:
+        for name in [k for k in os.environ if k.startswith("AWS_")]:
+            del os.environ[name]
+        os.environ.update(saved)
+

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
+
+from core.storage import s3_endpoint
 
 BUCKET = "cityserve-test"
 # Test credentials only: moto accepts any. The other AWS_* variables a developer may have set
@@ -21,27 +22,17 @@ TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "cityserve-test-key", "AWS_SECRET_ACCES
 def s3() -> Iterator[str]:
     """An S3 server on 127.0.0.1 for the session, with the AWS_* variables that point pyarrow (and
     Ray, and every process started from here) at it; yields `s3://BUCKET/<unique prefix>`."""
-    import pyarrow.fs as pafs
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request, once Ray sets up logging
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    saved = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     try:
         host, port = server.get_host_and_port()
-        for name in saved:
-            del os.environ[name]
-        os.environ.update({**TEST_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://{host}:{port}"})
-        # from_uri honours AWS_ENDPOINT_URL (the S3FileSystem constructor does not).
-        fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}?allow_bucket_creation=true")
-        fs.create_dir(BUCKET)
-        yield f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
+        with s3_endpoint(f"http://{host}:{port}", TEST_CREDENTIALS, BUCKET) as bucket:
+            yield f"{bucket}/{uuid.uuid4().hex[:12]}"
     finally:
         server.stop()
-        for name in [k for k in os.environ if k.startswith("AWS_")]:
-            del os.environ[name]
-        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 
 from bench.cluster import CHECKS, RESULT_FILE, RUNNER, ClusterEnv, document, save
-from bench.reliability import Check, command
+from bench.reliability import Check, timed_check
 from cluster.local import LOOPBACK_ENV
 
 # What the cluster's processes must have in their environment before the nodes start (they
@@ -40,23 +40,6 @@ def checks() -> dict[str, Callable[[ClusterEnv, bool], Check]]:
     return {"object_store": training.check_object_store, "ddp_across_nodes": training.check_ddp_across_nodes,
             "tune_across_nodes": training.check_tune_across_nodes, "serving_node_loss": serving.check_serving_node_loss,
             "training_node_loss": training.check_training_node_loss}
-
-
-def _timed(name: str, run: Callable[[], Check], *, save_it: bool) -> Check:
-    """Runs one check and saves it at once (`save_it`; short versions are not the file's figures): a
-    later check failing to run loses nothing. A check that raises is a failed check, its error the
-    problem."""
-    started = time.monotonic()
-    try:
-        check = run()
-    except Exception as exc:
-        check = Check(name, False, {}, command(name, RUNNER), [f"did not run to the end: {type(exc).__name__}: {exc}"])
-    check.figures["seconds"] = round(time.monotonic() - started, 1)
-    check.figures["load_average"] = round(os.getloadavg()[0], 2)
-    if save_it:
-        save([check])
-    print(json.dumps({"name": check.name, "passed": check.passed, "problems": check.problems}), flush=True)
-    return check
 
 
 def run(names: list[str], short: bool) -> list[Check]:
@@ -102,7 +85,8 @@ def _run_on_cluster(root: Path, names: list[str], short: bool, results: list[Che
         every = checks()
         for name in CHECKS:
             if name in names:
-                results.append(_timed(name, partial(every[name], env, short), save_it=not short))
+                results.append(timed_check(name, partial(every[name], env, short), runner=RUNNER,
+                                           save=None if short else save))
 
 
 def _same_node_as_head(head_id: str) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from cluster.local import free_port, free_ports
 from cluster.serve import auth_headers
 from core.errors import ConfigError
+from core.storage import s3_endpoint
 
 HEAD_RESOURCE = "cityserve_head"  # only the head has it: the gateway and the admission actor ask for it
 REPLICA_SLOT = "cityserve_replica_slot"  # one per worker node: a model replica takes one
@@ -42,27 +43,16 @@ def s3_server(root: Path) -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 in a process of its own, and this process's AWS_* variables
     pointing at it (Ray nodes started afterwards inherit them, as each pod on Kubernetes gets them
     from a Secret); yields `s3://BUCKET`, the bucket made."""
-    import pyarrow.fs as pafs
-
     port = free_port()
     with open(root / "s3.log", "wb") as log:
         server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    saved = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     try:
         _wait_http(f"http://127.0.0.1:{port}/", server, root / "s3.log")
-        for name in saved:
-            del os.environ[name]
-        os.environ.update({**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
-        # from_uri honours AWS_ENDPOINT_URL (the S3FileSystem constructor does not).
-        fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}?allow_bucket_creation=true")
-        fs.create_dir(BUCKET)
-        yield f"s3://{BUCKET}"
+        with s3_endpoint(f"http://127.0.0.1:{port}", S3_CREDENTIALS, BUCKET) as bucket:
+            yield bucket
     finally:
         _stop(server)
-        for name in [k for k in os.environ if k.startswith("AWS_")]:
-            del os.environ[name]
-        os.environ.update(saved)
 
 
 def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float = 60) -> None:

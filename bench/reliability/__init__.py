@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,22 @@ def save_checks(checks: list[Check], path: Path = RESULT_FILE, *, stamp: dict[st
     kept = [{**earlier, **r} for r in before.get("checks", []) if r["name"] not in fresh]
     write_json_atomic(path, {**stamp, "checks": sorted(kept + list(fresh.values()), key=lambda r: str(r["name"]))})
     return path
+
+
+def timed_check(name: str, run: Callable[[], Check], *, runner: str = "bench.reliability",
+                save: Callable[[list[Check]], object] | None = None) -> Check:
+    """Runs one check of the suite `runner`, timed, with the load average it ran under, and saves it
+    at once with `save` (None for short versions: they are not the file's figures), so a later
+    check failing to run loses nothing. A check that raises is a failed check, its error the problem.
+    Prints one JSON line as it ends."""
+    started = time.monotonic()
+    try:
+        check = run()
+    except Exception as exc:
+        check = Check(name, False, {}, command(name, runner), [f"did not run to the end: {type(exc).__name__}: {exc}"])
+    check.figures["seconds"] = round(time.monotonic() - started, 1)
+    check.figures["load_average"] = round(os.getloadavg()[0], 2)
+    if save is not None:
+        save([check])
+    print(json.dumps({"name": check.name, "passed": check.passed, "problems": check.problems}), flush=True)
+    return check

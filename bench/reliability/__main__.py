@@ -14,13 +14,12 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.reliability import RESULT_FILE, Check, Target, command, save_checks
+from bench.reliability import RESULT_FILE, Check, Target, save_checks, timed_check
 from cluster.local import LOOPBACK_ENV
 from core.settings import Settings, get_settings
 from domains import DOMAINS, get_domain
@@ -80,26 +79,10 @@ def run_platform_checks(names: list[str], short: bool, port: int) -> list[Check]
         platform = platform_up(settings, config, num_cpus=2)
         target = Target(platform.gateway_url, platform.dashboard_url, platform.gcs_address, settings, platform.pid)
         for name in names:
-            results.append(_timed(name, partial(checks[name], target, short), save=not short))
+            results.append(timed_check(name, partial(checks[name], target, short), save=None if short else save_checks))
     finally:
         platform_down(settings)
     return results
-
-
-def _timed(name: str, run: Callable[[], Check], *, save: bool) -> Check:
-    """Runs one check and saves it at once (`save`; short versions are not the file's figures): a
-    later check failing to run loses nothing. A check that raises is a failed check, its error the
-    problem."""
-    started = time.monotonic()
-    try:
-        check = run()
-    except Exception as exc:
-        check = Check(name, False, {}, command(name), [f"did not run to the end: {type(exc).__name__}: {exc}"])
-    check.figures["seconds"] = round(time.monotonic() - started, 1)
-    if save:
-        save_checks([check])
-    print(json.dumps({"name": check.name, "passed": check.passed, "problems": check.problems}), flush=True)
-    return check
 
 
 def main() -> None:
@@ -130,13 +113,14 @@ def main() -> None:
     results: list[Any] = []
     for name, check in training_checks().items():
         if name in args.only:
-            results.append(_timed(name, partial(check, settings, args.short), save=not args.short))
+            results.append(timed_check(name, partial(check, settings, args.short),
+                                       save=None if args.short else save_checks))
     _shutdown_ray()
     if wanted:
         results += run_platform_checks(wanted, args.short, args.port)
     if SHUTDOWN in args.only:
-        results.append(_timed(SHUTDOWN, lambda: check_shutdown_durability(settings, args.short),
-                              save=not args.short))
+        results.append(timed_check(SHUTDOWN, lambda: check_shutdown_durability(settings, args.short),
+                                   save=None if args.short else save_checks))
     print(f"{sum(c.passed for c in results)}/{len(results)} passed" + ("" if args.short else f"; {RESULT_FILE}"))
 
 
