@@ -12,6 +12,7 @@ import click
 from cityserve.cluster_cli import cluster
 from cityserve.console import DOMAIN, console, friendly_errors, print_table, workspace
 from cityserve.platform_cli import batch, serve, serve_up, tenants, usage
+from cluster.placement import PLACEMENT_STRATEGIES
 from core.settings import get_settings
 from domains import DOMAINS
 
@@ -68,21 +69,25 @@ def data_prepare(domain: str, source: Path | None, smoke_test: bool, full_sim: b
 @click.option("--profile", type=click.Choice(["quick", "full"]), default="quick", show_default=True)
 @click.option("--num-workers", type=int, default=1, show_default=True, help="Ray Train workers (DDP).")
 @click.option("--use-gpu", is_flag=True, help="One GPU per worker, bf16 autocast.")
-@click.option("--cpus-per-worker", type=float, help="Default: the cluster's CPUs shared evenly.")
+@click.option("--cpus-per-worker", type=float,
+              help="Default: the most that lets every worker run at once on the nodes there are.")
+@click.option("--placement", type=click.Choice(PLACEMENT_STRATEGIES), default="PACK", show_default=True,
+              help="PACK: workers on as few nodes as fit; SPREAD: on different nodes where they can.")
 @click.option("--epochs", type=int, help="Override the profile's epochs.")
 @click.option("--smoke-test", is_flag=True, help="Tiny data and model: finishes in seconds.")
 @click.option("--promote", is_flag=True, help="Make the new version production.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def train(domain: str, profile: str, num_workers: int, use_gpu: bool, cpus_per_worker: float | None,
-          epochs: int | None, smoke_test: bool, promote: bool, as_json: bool) -> None:
+          placement: str, epochs: int | None, smoke_test: bool, promote: bool, as_json: bool) -> None:
     """Fine-tune DOMAIN's model with Ray Train and register it as a candidate version."""
     from domains import get_domain
     from training.trainer import train as run_training
 
     ws, dom = workspace(), get_domain(domain)
     version = run_training(dom, ws, profile="smoke" if smoke_test else profile, num_workers=num_workers,
-                           use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, epochs=epochs)
+                           use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, epochs=epochs,
+                           placement_strategy=placement)
     if promote:
         version = _promote(dom, ws, version.version)
     metrics = {k: v for k, v in version.metrics.items() if k.startswith("val_") or k == "epoch"}

@@ -148,3 +148,15 @@ def helm_values(root: Path) -> str:
                         "where the default is null.*"])
 
 
+
+
+# ---- the deployment example (helm/ci/readme-values.yaml) -----------------------------------------
+
+def readme_values(root: Path) -> str:
+    """The values example of the Kubernetes page, from the file the chart's tests render, so the page
+    shows what was tested (its leading comment, which says why the file exists, is left out)."""
+    lines = (root / "helm" / "ci" / "readme-values.yaml").read_text().splitlines()
+    while lines and lines[0].startswith("#"):
+        lines.pop(0)
+    body = "\n".join(lines)
+    return f"```yaml\n# my-values.yaml\n{body}\n```"

@@ -51,7 +51,9 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "serve-gpu": results.serve_gpu,
     "autoscale": results.autoscale,
     "reliability": results.reliability,
+    "cluster": results.cluster,
     "helm-values": chart.helm_values,
+    "readme-values": chart.readme_values,
 }
 
 

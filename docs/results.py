@@ -455,3 +455,51 @@ def reliability(document: Json, rel: str) -> str:
     return "\n\n".join(out[:2]) + "\n\n" + "\n".join(out[2:-1]) + "\n\n" + out[-1]
 
 
+
+
+# ---- several nodes (bench/results/cluster.json) --------------------------------------------------
+
+def cluster_finding(check: Json) -> str:
+    """What one multi-node check showed, in a sentence a reader can hold against its target."""
+    f = check["figures"]
+    name = check["name"]
+    if name == "object_store":
+        return (f"{f['domain']} trained on {f['trained_on']}, registered {f['registered']} and a report in the "
+                f"bucket, loaded on {f['loaded_on']}; no local folder used")
+    if name == "ddp_across_nodes":
+        placed = ", ".join(f"rank {w['rank']} on {w['node']}" for w in f["ddp_workers"])
+        return (f"{f['domain']}: {placed}; loss curves within {f['max_rel_diff']['val_loss']:.1%} (val) and "
+                f"{f['max_rel_diff']['train_loss']:.1%} (train) of one worker at global batch "
+                f"{f['global_batch']} (tolerance {f['tolerance_rel']:.0%})")
+    if name == "serving_node_loss":
+        return (f"{f['killed']['node']} killed at {f['killed']['at_s']:g} s under {f['concurrency']} clients: "
+                f"{f['failed']} of {f['requests']:,} requests failed, slowest {f['slowest_s']:g} s (timeout "
+                f"{f['timeout_s']:g} s), throughput back in {f['recovered_s']} s, last 15 s at "
+                f"{f['rps_last_15s_vs_baseline']:.0%} of before on {f['capacity_share_left']:.0%} of the replicas")
+    if name == "training_node_loss":
+        return (f"{f['domain']}: {f['killed']['node']} killed after checkpoint {f['checkpoint_epoch_at_kill']}; "
+                f"the worker group restarted on the remaining nodes, resumed after epoch "
+                f"{f['resumed_after_epoch']} and finished epoch {f['final_epoch']} of {f['epochs']}")
+    if name == "tune_across_nodes":
+        return (f"{f['domain']}: {f['trials']} trials on {', '.join(f['nodes_used'])}, "
+                f"{'overlapping' if f['overlapping_on_two_nodes'] else 'not overlapping'}; trials table and "
+                f"figure in the bucket; best registered as {f['registered']} from there")
+    return ", ".join(f"{key} {text}" for key, value in f.items() if (text := figure(value)) is not None)
+
+
+@from_result("bench/results/cluster.json", "make cluster")
+def cluster(document: Json, rel: str) -> str:
+    checks = document["checks"]
+    passed = sum(1 for check in checks if check["passed"])
+    out = [result_table(checks, document, ["check", "passed", "seconds"], "llr",
+                        lambda check: [f"`{check['name']}`", "yes" if check["passed"] else "**no**",
+                                       num(check["figures"].get("seconds"), 1)]),
+           wrap(f"**{passed} of {len(checks)} checks pass** on {document['device']}.")]
+    for check in checks:
+        line = f"- `{check['name']}`: {cluster_finding(check)}."
+        for problem in check.get("problems") or []:
+            line += f" **Problem:** {problem}"
+        out.append(wrap(line, "  "))
+    out.append(source([rel], file_commit(checks, document, "per check (column)"),
+                      "every figure, curve and node id is in the file"))
+    return "\n\n".join(out[:2]) + "\n\n" + "\n".join(out[2:-1]) + "\n\n" + out[-1]

@@ -7,7 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from core.errors import ConfigError, DataError
+from cluster.placement import check_placement
+from core.errors import DataError
 from core.settings import Settings
 from core.storage import Location
 from domains.base import Domain
@@ -30,19 +31,6 @@ def ensure_data(domain: Domain, data_dir: Path, *, smoke: bool) -> dict[str, Any
         return domain.prepare(data_dir, smoke=smoke)
 
 
-# How Ray places a run's workers (its placement group's strategy): PACK fills one node first (the least
-# traffic between workers); SPREAD puts them on different nodes where it can (a node lost costs fewer of
-# them, and each gets a node's CPUs); STRICT_* refuse to start otherwise.
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-
-
-def check_placement(strategy: str) -> None:
-    """Refuses a placement strategy Ray does not know, before anything starts."""
-    if strategy not in PLACEMENT_STRATEGIES:
-        raise ConfigError(f"placement strategy {strategy!r}: choose one of {list(PLACEMENT_STRATEGIES)}",
-                          field="placement_strategy")
-
-
 def torch_trainer(domain: Domain, config: dict[str, Any], *, name: str, storage_path: str, num_workers: int,
                   cpus_per_worker: float, gpus_per_worker: float, max_failures: int, callbacks: list[Any] | None = None,
                   placement_strategy: str = "PACK") -> Any:
@@ -58,7 +46,7 @@ def torch_trainer(domain: Domain, config: dict[str, Any], *, name: str, storage_
         gpus_per_worker: GPUs each worker holds (a fraction shares one); 0 trains on CPU.
         max_failures: worker failures survived, each resuming from the last checkpoint.
         callbacks: Train callbacks (a sweep's trial reports to Tune through one).
-        placement_strategy: how the workers are placed on the cluster's nodes (`PLACEMENT_STRATEGIES`).
+        placement_strategy: how the workers are placed on the nodes (`cluster.placement`).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

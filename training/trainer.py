@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from cluster.local import connect
+from cluster.placement import check_placement, default_cpus_per_worker
 from core.errors import ConfigError
 from core.settings import Settings
 from domains.base import Domain
 from training.loop import build_config
 from training.registry import Version
-from training.runs import check_placement, ensure_data, register_checkpoint, smoke_data_dir, torch_trainer
+from training.runs import (
+    ensure_data,
+    register_checkpoint,
+    smoke_data_dir,
+    torch_trainer,
+)
 from training.workspace import Workspace
 
 PROFILES = ("smoke", "quick", "full")
@@ -48,12 +53,12 @@ def make_trainer(
         profile: smoke (seconds, tiny data), quick (what `make run` trains) or full.
         num_workers: Ray Train workers (DDP ranks).
         use_gpu: one GPU per worker; bf16 autocast.
-        cpus_per_worker: CPUs per worker (also torch's thread count); default: the cluster's
-            CPUs shared evenly.
+        cpus_per_worker: CPUs per worker (also torch's thread count); default: the most that lets
+            every worker run at once on the nodes alive now (`cluster.placement.default_cpus_per_worker`).
         epochs: overrides the profile's epochs.
         max_failures: worker failures survived, each resuming from the last checkpoint.
         overrides: other hyperparameters over the profile's.
-        placement_strategy: how the workers are placed on the nodes (`training.runs.PLACEMENT_STRATEGIES`):
+        placement_strategy: how the workers are placed on the nodes (`cluster.placement.PLACEMENT_STRATEGIES`):
             PACK (the default) fills one node first, SPREAD puts them on different nodes where it can.
     """
     import ray
@@ -70,7 +75,8 @@ def make_trainer(
 
     connect(settings)
     if cpus_per_worker is None:
-        cpus_per_worker = max(1.0, math.floor(ray.cluster_resources().get("CPU", 1) / num_workers))
+        nodes = [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)) for n in ray.nodes() if n["Alive"]]
+        cpus_per_worker = default_cpus_per_worker(nodes, num_workers, use_gpu)
     threads = max(1, int(cpus_per_worker))
     config = build_config(domain, profile, data_dir, threads=threads,
                           overrides={**(overrides or {}), **({"epochs": epochs} if epochs else {})})

@@ -22,9 +22,10 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 def test_smoke_run_with_two_workers_registers_and_evaluates(workspace: Workspace, domain: str,
                                                             tmp_path: Path) -> None:
     dom = get_domain(domain)
-    version = train(dom, workspace, profile="smoke", num_workers=2, cpus_per_worker=1)
+    version = train(dom, workspace, profile="smoke", num_workers=2)  # CPUs per worker: the default
     assert version.stage == "candidate"
     assert version.record["config"]["num_workers"] == 2
+    assert version.record["config"]["threads"] == 1  # two workers on the session's one 2-CPU node
     assert dom.metric in version.metrics and version.metrics["epoch"] >= 1
     assert len(version.record["data"]["manifest_sha256"]) == 64
     # The registry gets the model without its resume state; the run's checkpoint keeps it.

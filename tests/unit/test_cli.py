@@ -59,6 +59,11 @@ def test_unknown_domain_is_refused() -> None:
     assert out.exit_code == 2 and "weather" in out.output
 
 
+def test_an_unknown_placement_is_refused_naming_the_choices() -> None:
+    out = CliRunner().invoke(cli.main, ["train", "energy", "--placement", "SPRED"])
+    assert out.exit_code == 2 and "'SPRED' is not one of" in out.output and "SPREAD" in out.output
+
+
 def test_new_key_prints_a_fresh_well_formed_key_each_time() -> None:
     from services.tenants import split_key
 

@@ -25,6 +25,7 @@ import yaml
 
 from cityserve.cli import main as cli
 from cluster.kube import KubeError, find_helm, rayjob
+from cluster.placement import default_cpus_per_worker
 from core.settings import Settings
 from domains import DOMAINS
 from services.config import (
@@ -520,12 +521,14 @@ def job_gpu_problems(spec: Doc, params: dict[str, Any], what: str) -> list[str]:
     pods = worker_pods(spec)
     if params.get("use_gpu"):
         cpus = params.get("cpus_per_worker")
-        if cpus is None:  # `cityserve train`'s default: the CPUs of every pod at start, shared evenly
+        if cpus is None:  # `cityserve train`'s default, from the pods there are when the job starts
             head = spec["headGroupSpec"]
             (container,) = head["template"]["spec"]["containers"]
-            at_start = cpu_quantity(head["rayStartParams"].get("num-cpus", container["resources"]["limits"]["cpu"]))
-            at_start += sum(p.cpus * g["replicas"] for p, g in zip(pods, spec["workerGroupSpecs"], strict=True))
-            cpus = max(1.0, at_start // params["num_workers"])
+            at_start = [(cpu_quantity(head["rayStartParams"].get("num-cpus", container["resources"]["limits"]["cpu"])),
+                         0.0)]
+            at_start += [(p.cpus, p.gpus) for p, g in zip(pods, spec["workerGroupSpecs"], strict=True)
+                         for _ in range(g["replicas"])]
+            cpus = default_cpus_per_worker(at_start, params["num_workers"], use_gpu=True)
         return gpu_problems(pods, f"{what} --use-gpu", float(cpus), 1.0, params["num_workers"])
     if params.get("gpus_per_trial"):
         return gpu_problems(pods, f"{what} --gpus-per-trial", params["cpus_per_trial"], params["gpus_per_trial"], 1)
@@ -565,10 +568,9 @@ def test_cluster_train_and_tune_jobs_get_the_gpus_they_ask_for(rendered: dict[st
         assert (not problems) if has_gpus else problems, problems
 
 
-@pytest.mark.xfail(strict=True, reason="`cityserve train`'s default --cpus-per-worker shares every pod's CPUs "
-                   "(training/trainer.py): more than one GPU pod holds, so `cityserve cluster train --use-gpu` "
-                   "without --cpus-per-worker waits forever; the chart's jobs refuse useGpu without cpusPerWorker")
 def test_cluster_train_on_a_gpu_without_cpus_per_worker_fits(rendered: dict[str, list[Doc]]) -> None:
+    """`cityserve train --use-gpu`'s default CPUs per worker come from the GPU pods, not from a share
+    of every pod's CPUs (which no GPU pod holds: the job would wait forever)."""
     rs = one(rendered["default"], "RayService")
     job = rayjob(rs, "cityserve", ["train", "events", "--use-gpu"], ttl_s=60)
     params = parse_cli(shlex.split(job["spec"]["entrypoint"]))
