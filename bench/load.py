@@ -47,12 +47,13 @@ class Sent:
     late: float = 0.0
 
 
-async def hammer(url: str, body: bytes, headers: dict[str, str], *, concurrency: int,
+async def hammer(url: str, body: bytes, headers: dict[str, str] | Callable[[], dict[str, str]], *, concurrency: int,
                  until: float | Callable[[], bool], rate: float | None = None, timeout_s: float = 60.0,
                  honour_retry_after: float = 0.0) -> list[Sent]:
     """Posts `body` to `url` until `until` (a monotonic deadline, or a predicate that says stop).
 
     Args:
+        headers: the same for every request, or made anew for each (a flood of made-up keys).
         concurrency: clients (closed loop), or the most requests in flight (open loop).
         rate: requests per second for an open loop; None for a closed loop.
         timeout_s: a request unanswered after this counts as hung (status 0, error "timeout").
@@ -69,7 +70,8 @@ async def hammer(url: str, body: bytes, headers: dict[str, str], *, concurrency:
         start = time.monotonic()
         late = 0.0 if scheduled is None else max(0.0, start - scheduled)
         try:
-            async with session.post(url, data=body, headers={**headers, "X-Request-Id": rid}) as resp:
+            sending = headers() if callable(headers) else headers
+            async with session.post(url, data=body, headers={**sending, "X-Request-Id": rid}) as resp:
                 await resp.read()
                 retry = float(resp.headers.get("Retry-After", 0) or 0)
                 record = Sent(start, time.monotonic(), resp.status, rid, retry_after=retry, late=late)

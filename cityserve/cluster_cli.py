@@ -220,16 +220,18 @@ def _job_command(verb: str) -> click.Command:
     @click.option("--follow/--no-follow", default=True, show_default=True, help="Wait for the job and report it.")
     @click.option("--timeout", type=float, default=24 * 3600, show_default=True, help="Seconds to follow.")
     @click.option("--ttl", type=int, default=600, show_default=True, help="Seconds KubeRay keeps a finished job.")
+    @click.option("--deadline", type=click.IntRange(min=1), default=k8s.JOB_DEADLINE_S, show_default=True,
+                  help="Seconds after which KubeRay fails a job still running (activeDeadlineSeconds).")
     @click.option("--prepare-data", is_flag=True, help="Run `cityserve data prepare DOMAIN` first (shared volume).")
     @kube_options
     @click.pass_context
     def command(ctx: click.Context, kube: k8s.Kube, release: str, domain: str, args: tuple[str, ...], follow: bool,
-                timeout: float, ttl: int, prepare_data: bool) -> None:
+                timeout: float, ttl: int, deadline: int, prepare_data: bool) -> None:
         root = ctx.find_root()
         runner = root.command.get_command(root, verb) if isinstance(root.command, click.Group) else None
         if runner is not None:  # `cityserve train|tune` refuses unknown options and bad values before we submit
             runner.make_context(verb, [domain, *args], parent=root)
-        job = k8s.rayjob(kube.rayservice(release), release, [verb, domain, *args], ttl, prepare_data)
+        job = k8s.rayjob(kube.rayservice(release), release, [verb, domain, *args], ttl, prepare_data, deadline)
         kube.create(job)
         name = job["metadata"]["name"]
         console.print(f"submitted RayJob {name}: {job['spec']['entrypoint']}")

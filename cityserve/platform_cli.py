@@ -151,25 +151,52 @@ def tenants_create(name: str, grants: tuple[str, ...], rpm: int | None, ipm: int
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def tenants_list(as_json: bool) -> None:
-    """Tenants with grants, quotas and live keys (ids only: secrets are never stored)."""
+    """Tenants with grants, quotas, live keys (ids only: secrets are never stored) and what manages
+    them: the tenants file, or this CLI."""
     store = open_store()
     now = time.time()
+    from_file = store.file_managed()
     rows = []
     for t in store.tenants():
         live = [k.key_id for k in store.api_keys(t.name) if k.problem(now) is None]
         rows.append((t.name, ",".join(t.grants), t.requests_per_minute, t.items_per_minute, t.max_concurrent,
-                     ",".join(live), "revoked" if t.revoked_at else "active"))
-    print_table("tenants", ["tenant", "grants", "requests/min", "items/min", "concurrent", "live keys", "state"],
-                rows, as_json)
+                     ",".join(live), "revoked" if t.revoked_at else "active", "file" if t.name in from_file else "cli"))
+    print_table("tenants", ["tenant", "grants", "requests/min", "items/min", "concurrent", "live keys", "state",
+                            "managed by"], rows, as_json)
 
 
 @tenants.command("new-key")
-def tenants_new_key() -> None:
-    """Print a fresh key without storing it: for a tenants file (a Kubernetes Secret), which the
-    platform applies itself."""
-    from services.tenants import new_key
+@click.option("--json", "as_json", is_flag=True)
+def tenants_new_key(as_json: bool) -> None:
+    """Print a fresh key, without storing it, and its entry for a tenants file (a Kubernetes Secret),
+    which lists key ids and digests only: the key goes to the tenant, the entry into the file."""
+    from services.tenants import KeyEntry, new_key
 
-    click.echo(new_key()[0])
+    key = new_key()[0]
+    entry = KeyEntry.of(key)
+    if as_json:
+        click.echo(json.dumps({"key": key, **entry.model_dump(exclude_none=True)}, indent=2))
+        return
+    console.print("key for the tenant (shown once, stored nowhere):")
+    click.echo(key)
+    console.print("entry for its `keys` in the tenants file:")
+    click.echo(f"- {entry.line()}")
+
+
+@tenants.command("key-entry")
+@friendly_errors
+def tenants_key_entry() -> None:
+    """Print the tenants-file entry of each key read on stdin, one a line: to convert a tenants file
+    that lists whole keys. Keys come on stdin, not as arguments, which other users' `ps` would show."""
+    from services.tenants import KeyEntry
+
+    for number, line in enumerate(sys.stdin, 1):
+        if not line.strip():
+            continue
+        try:
+            click.echo(f"- {KeyEntry.of(line.strip()).line()}")
+        except ValueError as exc:  # never quote the line: it may be a key with a typo
+            raise InvalidInput(f"line {number}: {exc}", field="stdin") from None
 
 
 @tenants.command("rotate")

@@ -48,6 +48,12 @@ OPERATOR_HINT = ("the KubeRay operator is not installed: helm repo add kuberay h
                  " && helm install kuberay-operator kuberay/kuberay-operator")
 JOB_DONE = {"Complete", "Failed", "ValidationFailed"}  # KubeRay's terminal jobDeploymentStatus values
 RAY_JOB_DONE = {"SUCCEEDED", "FAILED", "STOPPED"}  # Ray's terminal jobStatus values
+JOB_DEADLINE_S = 86400  # the chart's jobs.activeDeadlineSeconds
+# What the chart gives serving pods only (helm/templates/_helpers.tpl): the tenants' keys, the SQLite
+# ledger volume and the PostgreSQL ledger URL with its password. A training job runs user code and
+# needs none of them, so the RayJob's copy of the serving cluster leaves them out.
+SERVING_ONLY_VOLUMES = frozenset({"tenants", "ledger"})
+SERVING_ONLY_ENV = frozenset({"CITYSERVE_LEDGER_URL"})
 T = TypeVar("T")
 
 
@@ -537,21 +543,30 @@ def upgraded(old_active: str) -> Callable[[dict[str, Any]], bool]:
 
 # ---- RayJobs -------------------------------------------------------------------------------------
 def rayjob(rs: dict[str, Any], release: str, command: Sequence[str], ttl_s: int,
-           prepare: bool = False) -> dict[str, Any]:
+           prepare: bool = False, deadline_s: int = JOB_DEADLINE_S) -> dict[str, Any]:
     """A RayJob running `cityserve COMMAND...` (after `cityserve data prepare DOMAIN` with `prepare`)
     on a cluster built from the RayService's own `rayClusterConfig` (same image, groups, env,
-    volumes: the chart stays the one cluster spec). COMMAND starts with the verb and the domain."""
+    volumes: the chart stays the one cluster spec), less what only serving needs: the tenants and
+    ledger volumes, the ledger URL and GCS fault tolerance (the serving cluster's Redis and its
+    password). KubeRay fails the job after `deadline_s`. COMMAND starts with the verb and the domain."""
     verb, domain = command[0], command[1]
     entrypoint = shlex.join(["cityserve", *command])
     if prepare:  # Ray runs the entrypoint in a shell
         entrypoint = f"{shlex.join(['cityserve', 'data', 'prepare', domain])} && {entrypoint}"
     suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
     cluster = copy.deepcopy(rs["spec"]["rayClusterConfig"])
-    # The job's pods are not serving ones: the chart's PodDisruptionBudget selects component=serving.
+    cluster.pop("gcsFaultToleranceOptions", None)
+    # The job's pods are not serving ones: the chart's PodDisruptionBudget and NetworkPolicies select
+    # component=serving, and its jobs' NetworkPolicy the verbs.
     for group in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]:
         labels = (group["template"].get("metadata") or {}).get("labels") or {}
         if "app.kubernetes.io/component" in labels:
             labels["app.kubernetes.io/component"] = verb
+        pod = group["template"].get("spec") or {}
+        _drop_named(pod, "volumes", SERVING_ONLY_VOLUMES)
+        for container in pod.get("containers", []):
+            _drop_named(container, "volumeMounts", SERVING_ONLY_VOLUMES)
+            _drop_named(container, "env", SERVING_ONLY_ENV)
     return {
         "apiVersion": RAY_API, "kind": "RayJob",
         "metadata": {"name": f"{release}-{verb}-{domain}-{suffix}",
@@ -560,8 +575,15 @@ def rayjob(rs: dict[str, Any], release: str, command: Sequence[str], ttl_s: int,
         "spec": {"entrypoint": entrypoint, "rayClusterSpec": cluster,
                  # The operator submits to the head itself: the chart's NetworkPolicy admits it, not a submitter pod.
                  "submissionMode": "HTTPMode",
-                 "shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": ttl_s},
+                 "shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": ttl_s,
+                 "activeDeadlineSeconds": deadline_s},
     }
+
+
+def _drop_named(obj: dict[str, Any], key: str, names: frozenset[str]) -> None:
+    """Removes the items of the list `obj[key]` whose `name` is in `names` (a missing list stays missing)."""
+    if key in obj:
+        obj[key] = [item for item in obj[key] if item.get("name") not in names]
 
 
 def job_phase(job: dict[str, Any]) -> str:

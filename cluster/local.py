@@ -107,17 +107,20 @@ def connect(settings: Settings, *, num_cpus: int | None = None, **kwargs: Any) -
 # Train gives a worker group 60 s to start, then fails the attempt; on a small busy machine starting
 # one (a process importing torch) can take longer than that during a sweep. A set value is kept.
 WORKER_START_TIMEOUT = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+# Train routes a worker's print() to its logger and also to the (wrapped) stdout Ray forwards, so
+# each progress line reached the terminal twice; without the patch it is printed once, as written.
+PRINT_PATCH = ("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 def _with_address(kwargs: dict[str, Any], address: str) -> dict[str, Any]:
-    """The caller's runtime_env (popped from kwargs) plus RAY_ADDRESS ("auto" already means "guess")
-    and Train's worker start timeout, for every worker of this job."""
+    """The caller's runtime_env (popped from kwargs) plus RAY_ADDRESS ("auto" already means "guess"),
+    Train's worker start timeout and its print patch off, for every worker of this job."""
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     env = {**runtime_env.get("env_vars", {})}
     if address != "auto":
         env["RAY_ADDRESS"] = address
-    name, default = WORKER_START_TIMEOUT
-    env.setdefault(name, os.environ.get(name, default))
+    for name, default in (WORKER_START_TIMEOUT, PRINT_PATCH):
+        env.setdefault(name, os.environ.get(name, default))
     runtime_env["env_vars"] = env
     return runtime_env
 

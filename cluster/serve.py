@@ -10,6 +10,7 @@ Token auth stays on (Ray 2.60's default for local clusters): the head runs with
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,9 @@ class Platform:
     gateway_url: str
     temp_dir: str
     environment: str
+    # A salted scrypt digest of the secrets `start_head` put into the head's environment (a ledger
+    # URL with a password): a later deploy can tell whether they still match; the record holds none.
+    secrets: str = ""
 
     @classmethod
     def load(cls, state_dir: Path) -> Platform | None:
@@ -85,6 +89,18 @@ class Platform:
             return False
         return True
 
+    def started_with(self, secrets: Mapping[str, str]) -> bool:
+        """Whether the head's environment got exactly `secrets` at start."""
+        if not self.secrets:
+            return not secrets
+        return _digest(secrets, bytes.fromhex(self.secrets.partition(":")[0])) == self.secrets
+
+
+def _digest(secrets: Mapping[str, str], salt: bytes) -> str:
+    # scrypt, not a plain hash: a weak password stays costly to guess from state/platform.json.
+    data = json.dumps(sorted(secrets.items())).encode()
+    return f"{salt.hex()}:{hashlib.scrypt(data, salt=salt, n=2**14, r=8, p=1).hex()}"
+
 
 HAPROXY_WRAPPER = Path(__file__).with_name("haproxy-local")
 
@@ -106,8 +122,11 @@ def serve_env(ports: Sequence[int] = ()) -> dict[str, str]:
     return {**SERVE_ENV, **haproxy}
 
 
-def start_head(state_dir: Path, *, num_cpus: int, http_port: int) -> Platform:
-    """Starts a Ray head of our own; returns once its dashboard answers (up to 120 s)."""
+def start_head(state_dir: Path, *, num_cpus: int, http_port: int, secrets: Mapping[str, str] | None = None
+               ) -> Platform:
+    """Starts a Ray head of our own; returns once its dashboard answers (up to 120 s). `secrets` go
+    into the environment of its processes (replicas included), never into a file or a config."""
+    secrets = dict(secrets or {})
     temp = (state_dir / "ray").resolve()
     temp.mkdir(parents=True, exist_ok=True)
     port, dash, *haproxy = free_ports(4)
@@ -120,10 +139,10 @@ def start_head(state_dir: Path, *, num_cpus: int, http_port: int) -> Platform:
            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--num-cpus={num_cpus}", f"--temp-dir={temp}", "--disable-usage-stats"]
     # A session of its own: Ctrl-C in our terminal reaches us, and we stop Ray in order.
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **serve_env(haproxy)},
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **serve_env(haproxy), **secrets}, start_new_session=True)
     platform = Platform(proc.pid, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{http_port}",
-                        str(temp), "")
+                        str(temp), "", _digest(secrets, os.urandom(16)) if secrets else "")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:

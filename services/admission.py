@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.redact import redact
 from services.tenants import (
     WINDOW_S,
     ApiKey,
@@ -25,6 +27,7 @@ from services.tenants import (
     Store,
     Tenant,
     Usage,
+    UsageSpill,
     read_tenants_file,
     same_digest,
 )
@@ -40,7 +43,12 @@ NAMESPACE = "cityserve"
 # admissions expire. The short queue absorbs retries that arrive in step: refused at once, every wave
 # would reach the models together and slow the other tenants whose requests share those replicas.
 BURST, QUEUE_S = 10, 1.0
-SYNC_EVERY_S = 86400.0
+# A key refused (unknown id or wrong secret) is refused again from memory for this long, without
+# reading the store; at most MAX_UNKNOWN such keys are remembered.
+UNKNOWN_TTL_S, MAX_UNKNOWN = 2.0, 10_000
+# While the store cannot be read, admission goes on from the tenants and keys read last (revocations
+# seen before the outage still apply) for this long; after it, requests get 503 until it is back.
+STALE_LIMIT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -67,44 +75,74 @@ class Gatekeeper:
         refresh_s: how stale the cached tenants may be.
     """
 
-    def __init__(self, store: Store, refresh_s: float = 2.0) -> None:
+    def __init__(self, store: Store, refresh_s: float = 2.0, inline: bool = True) -> None:
         self.store = store
         self.refresh_s = refresh_s
-        self.loaded_at = -float("inf")
+        self.inline = inline
+        self.loaded_at = -float("inf")  # when the cache was read; -inf asks for a re-read now
+        self.read_ok_at = -float("inf")  # when the store was last read: how stale admission may be
         self.keys: dict[str, ApiKey] = {}
         self.tenants: dict[str, Tenant] = {}
+        self.unknown: dict[tuple[str, str], float] = {}  # (key id, digest) refused -> until when, oldest first
         self.requests: dict[str, SlidingWindow] = {}
         self.items: dict[str, SlidingWindow] = {}
         self.pacers: dict[str, Pacer] = {}
         self.leases = Leases()
         self.pending: list[Usage] = []
 
+    def load(self, tenants: list[Tenant], keys: list[ApiKey], now: float) -> None:
+        """Replaces the cached tenants and keys with a fresh read of the store."""
+        self.tenants = {t.name: t for t in tenants}
+        self.keys = {k.key_id: k for k in keys}
+        self.loaded_at = self.read_ok_at = now
+
     def refresh(self, now: float) -> None:
-        """Re-reads tenants and keys when stale."""
-        if now - self.loaded_at < self.refresh_s:
-            return
-        self.tenants = {t.name: t for t in self.store.tenants()}
-        self.keys = {k.key_id: k for k in self.store.api_keys()}
-        self.loaded_at = now
+        """Re-reads tenants and keys when stale (the store is read here: `inline` use only)."""
+        if now - self.loaded_at >= self.refresh_s:
+            self.load(self.store.tenants(), self.store.api_keys(), now)
 
-    def _confirm(self, key_id: str) -> ApiKey | None:
-        """A key the cache does not match, read from the store: a tenant created since the last
-        re-read works from its first request, without waiting for the next re-read. Unknown ids and
-        wrong secrets take the same one-row lookup, so their 401s take equally long and do not tell
-        an id that exists from one that does not."""
-        found = self.store.api_key(key_id)
-        if found is None:
-            return None
-        key, tenant = found
-        self.keys[key.key_id], self.tenants[tenant.name] = key, tenant
-        return key
-
-    def authenticate(self, key_id: str, key_digest: str, domain: str, wall: float) -> Decision:
-        """Who is calling and may they call `domain` (401/403), without touching any quota."""
+    def wants_lookup(self, key_id: str, key_digest: str, now: float) -> bool:
+        """Whether a key must be read from the store: the cache does not match it (a tenant created
+        since the last re-read works from its first request) and it was not refused a moment ago.
+        Unknown ids and wrong secrets take the same path — one lookup, then the refusal cache — so
+        their 401s take equally long and do not tell an id that exists from one that does not."""
         key = self.keys.get(key_id)
-        if key is None or not same_digest(key.digest, key_digest):
-            key = self._confirm(key_id)
-        if key is None or not same_digest(key.digest, key_digest):
+        if key is not None and same_digest(key.digest, key_digest):
+            return False
+        return self.unknown.get((key_id, key_digest), -float("inf")) <= now
+
+    def learn(self, key_id: str, key_digest: str, found: tuple[ApiKey, Tenant] | None, now: float) -> bool:
+        """Takes in what a lookup found; returns whether it matches the digest. A key that does not
+        is refused from the cache for UNKNOWN_TTL_S (a bounded cache: a flood of distinct made-up
+        keys ages its oldest out)."""
+        if found is not None:
+            key, tenant = found
+            self.keys[key.key_id], self.tenants[tenant.name] = key, tenant
+            if same_digest(key.digest, key_digest):
+                return True
+        self.unknown.pop((key_id, key_digest), None)
+        while len(self.unknown) >= MAX_UNKNOWN:
+            del self.unknown[next(iter(self.unknown))]
+        self.unknown[key_id, key_digest] = now + UNKNOWN_TTL_S
+        return False
+
+    def _matching(self, key_id: str, key_digest: str, now: float) -> ApiKey | None:
+        """The key whose digest this is: from the cache (one constant-time comparison), else — used
+        inline, and not refused a moment ago — looked up in the store."""
+        key = self.keys.get(key_id)
+        if key is not None and same_digest(key.digest, key_digest):
+            return key
+        if self.inline and self.unknown.get((key_id, key_digest), -float("inf")) <= now:
+            found = self.store.api_key(key_id)
+            if self.learn(key_id, key_digest, found, now) and found is not None:
+                return found[0]
+        return None
+
+    def authenticate(self, key_id: str, key_digest: str, domain: str, wall: float,
+                     now: float | None = None) -> Decision:
+        """Who is calling and may they call `domain` (401/403), without touching any quota."""
+        key = self._matching(key_id, key_digest, time.monotonic() if now is None else now)
+        if key is None:
             return Decision(401, code="unauthorized", message="invalid API key", field="Authorization")
         problem = key.problem(wall)
         tenant = self.tenants.get(key.tenant)
@@ -121,28 +159,39 @@ class Gatekeeper:
               now: float, wall: float) -> Decision:
         """Authenticates, then admits `items` items under the tenant's quotas with a lease.
 
-        `items == 0` only authenticates (a request whose body is invalid takes no quota).
+        `items == 0` only authenticates (the gateway refuses the request's body itself). A request
+        refused after authentication — that body, a domain not granted (403), more items than the
+        quota (413) — costs the tenant one request of its quota, so refused requests are no way
+        around it; past the quota it gets 429 like any other.
         """
-        self.refresh(now)
-        who = self.authenticate(key_id, key_digest, domain, wall)
-        if who.status != 200 or items == 0:
+        if self.inline:
+            self.refresh(now)
+        elif now - self.read_ok_at > self.refresh_s + STALE_LIMIT_S:
+            return Decision(503, code="unavailable", retry_after=5.0, message="the tenant store has been "
+                            f"unreachable for over {STALE_LIMIT_S:.0f} s; retry shortly")
+        who = self.authenticate(key_id, key_digest, domain, wall, now)
+        if who.status not in (200, 403):
             return who
         tenant = self.tenants[who.tenant]
-        if items > tenant.items_per_minute:
-            return Decision(413, tenant=tenant.name, code="too_large", field="items",
-                            message=f"{items} items exceed the tenant's quota of {tenant.items_per_minute} "
-                                    "items per minute; send smaller batches")
         requests = self.requests.setdefault(tenant.name, SlidingWindow())
+        refusal = who if who.status == 403 or items == 0 else None
+        if refusal is None and items > tenant.items_per_minute:
+            refusal = Decision(413, tenant=tenant.name, code="too_large", field="items",
+                               message=f"{items} items exceed the tenant's quota of {tenant.items_per_minute} "
+                                       "items per minute; send smaller batches")
+        if refusal is not None:
+            wait = requests.wait(now, 1, tenant.requests_per_minute)
+            if wait > 0:
+                return over_quota(tenant, wait)
+            requests.add(now, 1)
+            return refusal
         item_window = self.items.setdefault(tenant.name, SlidingWindow())
         pacer = self.pacers.setdefault(tenant.name, Pacer())
         turn = pacer.wait(now, tenant.requests_per_minute, BURST)
         wait = max(requests.wait(now, 1, tenant.requests_per_minute),
                    item_window.wait(now, items, tenant.items_per_minute), turn - QUEUE_S)
         if wait > 0:
-            return Decision(429, tenant=tenant.name, code="quota_exceeded", retry_after=wait,
-                            message=f"over quota ({tenant.requests_per_minute} requests and "
-                                    f"{tenant.items_per_minute} items per {WINDOW_S:.0f} s, "
-                                    f"paced at {tenant.requests_per_minute / WINDOW_S:g} a second)")
+            return over_quota(tenant, wait)
         lease = self.leases.acquire(tenant.name, tenant.max_concurrent, now, lease_ttl + turn)
         if lease is None:
             return Decision(429, tenant=tenant.name, code="too_many_concurrent", retry_after=1.0,
@@ -157,43 +206,55 @@ class Gatekeeper:
         if usage is not None:
             self.pending.append(usage)
 
-    def flush(self) -> int:
-        """Writes pending usage rows; on failure they stay pending and the next flush retries."""
-        rows, self.pending = self.pending, []
-        try:
-            self.store.record(rows)
-        except Exception:
-            self.pending = rows + self.pending
-            raise
-        return len(rows)
+
+# A request whose key could not be looked up (the store is away): it may be valid, so not a 401.
+LOOKUP_FAILED = Decision(503, code="unavailable", retry_after=2.0,
+                         message="the tenant store is unreachable and this key was not seen before; retry shortly")
+
+
+def over_quota(tenant: Tenant, wait: float) -> Decision:
+    return Decision(429, tenant=tenant.name, code="quota_exceeded", retry_after=wait,
+                    message=f"over quota ({tenant.requests_per_minute} requests and "
+                            f"{tenant.items_per_minute} items per {WINDOW_S:.0f} s, "
+                            f"paced at {tenant.requests_per_minute / WINDOW_S:g} a second)")
 
 
 class Admission:
     """The actor: `Gatekeeper` behind async methods, and a task flushing the ledger.
 
+    The store is only ever read or written from threads, never on the actor's event loop: a slow
+    or unreachable database delays the requests that need it (a key not seen before, the flush),
+    not every tenant's admissions. Tenants and keys are re-read in the background every
+    `refresh_s`; while that fails, admission goes on from the last good read (`STALE_LIMIT_S`).
     Usage rows are written within `flush_s` of the response (and on shutdown); a row is acknowledged
-    to the gateway only once it is in the actor, so a gateway replica restarting loses none.
+    to the gateway only once it is in the actor, so a gateway replica restarting loses none; rows
+    the ledger cannot take are spilled to `spill_dir` (`UsageSpill`) and written when it is back.
     """
 
     def __init__(self, ledger_url: str, tenants_file: str | None = None, refresh_s: float = 2.0,
-                 flush_s: float = 0.2) -> None:
-        self.keeper = Gatekeeper(Store(ledger_url), refresh_s)
+                 flush_s: float = 0.2, spill_dir: str | None = None) -> None:
+        self.keeper = Gatekeeper(Store(ledger_url), refresh_s, inline=False)
         self.flush_s = flush_s
         self.flusher: asyncio.Task[None] | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.read_retry_at = 0.0
+        self.flushing = asyncio.Lock()
+        default_spill = Path(tempfile.gettempdir()) / f"cityserve-usage-{ledger_digest(ledger_url)}"
+        self.spill = UsageSpill(Path(spill_dir) if spill_dir else default_spill)
         self.tenants_file = Path(tenants_file) if tenants_file else None
-        self.synced = (0.0, -float("inf"))  # the file's mtime and when it was applied
+        self.synced: float | None = None  # the mtime of the file applied last
         self._sync_tenants()  # a bad file fails the actor, so the gateway reports it at deploy time
 
     def _sync_tenants(self) -> None:
-        """Applies the tenants file when it changed (Kubernetes swaps a mounted Secret in place) or
-        a day passed (listed keys stay valid for a year past each sync)."""
+        """Applies the tenants file when it changed (Kubernetes swaps a mounted Secret in place), and
+        only then: the same file applied again would change nothing (`Store.sync_tenants`)."""
         if self.tenants_file is None:
             return
-        mtime, now = self.tenants_file.stat().st_mtime, time.monotonic()
-        if mtime == self.synced[0] and now - self.synced[1] < SYNC_EVERY_S:
+        mtime = self.tenants_file.stat().st_mtime
+        if mtime == self.synced:
             return
         changed = self.keeper.store.sync_tenants(read_tenants_file(self.tenants_file))
-        self.synced = (mtime, now)
+        self.synced = mtime
         self.keeper.loaded_at = -float("inf")  # the next request sees the change
         logger.info("tenants file %s applied; changed: %s", self.tenants_file, changed or "nothing")
 
@@ -204,20 +265,79 @@ class Admission:
     async def _flush_forever(self) -> None:
         while True:
             await asyncio.sleep(self.flush_s)
+            await self._flush()
             try:
-                self.keeper.flush()
-            except Exception:  # the database is away: keep the rows, retry next tick
-                logger.exception("usage ledger write failed; %d rows kept for retry", len(self.keeper.pending))
-            try:
-                self._sync_tenants()
-            except Exception:  # a bad edit of the file: keep serving the tenants applied last
+                await asyncio.to_thread(self._sync_tenants)
+            except Exception:  # a bad edit of the file, or the database away: keep the tenants applied last
                 logger.exception("tenants file %s not applied", self.tenants_file)
 
+    async def _flush(self) -> int:
+        """Writes the spilled rows, then the pending ones; what the ledger does not take is spilled.
+        Returns the rows written."""
+        async with self.flushing:
+            rows, self.keeper.pending = self.keeper.pending, []
+            written = 0
+            try:
+                if self.spill.files():
+                    written += await asyncio.to_thread(self.spill.replay, self.keeper.store)
+                if rows:
+                    await asyncio.to_thread(self.keeper.store.record, rows)
+                    written += len(rows)
+            except Exception as exc:
+                if rows:
+                    try:
+                        await asyncio.to_thread(self.spill.write, rows)
+                    except Exception:  # the disk too: the rows stay in memory for the next flush
+                        self.keeper.pending = rows + self.keeper.pending
+                        logger.exception("usage rows not spilled; %d kept in memory", len(self.keeper.pending))
+                        return written
+                # redact: a driver's error can quote the ledger URL (libpq echoes a malformed one).
+                logger.warning("usage ledger write failed (%s); %d rows spilled to %s", redact(str(exc)), len(rows),
+                               self.spill.folder)
+            return written
+
+    async def _read_tenants(self) -> None:
+        """Re-reads tenants and keys in a thread; on failure the cache stays as it was."""
+        store = self.keeper.store
+        try:
+            tenants, keys = await asyncio.to_thread(lambda: (store.tenants(), store.api_keys()))
+        except Exception as exc:
+            self.read_retry_at = time.monotonic() + 1.0
+            logger.warning("tenants not re-read (%s); admitting from the read of %.0f s ago", redact(str(exc)),
+                           time.monotonic() - self.keeper.read_ok_at)
+            return
+        self.keeper.load(tenants, keys, time.monotonic())
+
+    async def _fresh_enough(self, now: float) -> None:
+        """Starts a background re-read when the cache is stale; waits for it only when there has
+        never been a good read (nothing to admit from)."""
+        if now - self.keeper.loaded_at < self.keeper.refresh_s or now < self.read_retry_at:
+            return
+        if self.reader is None or self.reader.done():
+            self.reader = asyncio.get_running_loop().create_task(self._read_tenants())
+        if self.keeper.read_ok_at == -float("inf"):
+            await asyncio.shield(self.reader)
+
     async def admit_many(self, requests: list[tuple[str, str, str, int, float]]) -> list[Decision]:
-        """Decisions for (key id, key digest, domain, items, lease ttl), in order."""
+        """Decisions for (key id, key digest, domain, items, lease ttl), in order. Keys the cache does
+        not match are looked up at once, each in a thread; a lookup that fails refuses only its own
+        requests (503), never the batch."""
         self._start()
+        now = time.monotonic()
+        await self._fresh_enough(now)
+        wanted = list({(r[0], r[1]) for r in requests if self.keeper.wants_lookup(r[0], r[1], now)})
+        found = await asyncio.gather(*(asyncio.to_thread(self.keeper.store.api_key, key_id) for key_id, _ in wanted),
+                                     return_exceptions=True)
+        failed = set()
+        for (key_id, key_digest), result in zip(wanted, found, strict=True):
+            if isinstance(result, BaseException):
+                failed.add((key_id, key_digest))
+                logger.warning("key lookup failed: %s", type(result).__name__)
+            else:
+                self.keeper.learn(key_id, key_digest, result, now)
         now, wall = time.monotonic(), time.time()
-        return [self.keeper.admit(*request, now=now, wall=wall) for request in requests]
+        return [LOOKUP_FAILED if (r[0], r[1]) in failed else self.keeper.admit(*r, now=now, wall=wall)
+                for r in requests]
 
     async def release_many(self, releases: list[tuple[str, Usage | None]]) -> list[None]:
         self._start()
@@ -226,28 +346,36 @@ class Admission:
         return [None] * len(releases)
 
     async def flush(self) -> int:
-        return self.keeper.flush()
+        return await self._flush()
 
     async def stats(self) -> dict[str, Any]:
         now = time.monotonic()
-        return {"pending_usage": len(self.keeper.pending),
+        return {"pending_usage": len(self.keeper.pending), "spilled_usage": len(self.spill.files()),
+                "tenants_read_s_ago": round(now - self.keeper.read_ok_at, 1),
                 "leases": {t: self.keeper.leases.active(t, now) for t in self.keeper.leases.held}}
 
 
-def admission_actor(ledger_url: str, tenants_file: str | None = None, resource: str | None = None) -> Any:
+def ledger_digest(ledger_url: str) -> str:
+    """A short name for a ledger that does not show its URL (which may hold a password)."""
+    return hashlib.sha256(ledger_url.encode()).hexdigest()[:12]
+
+
+def admission_actor(ledger_url: str, tenants_file: str | None = None, resource: str | None = None,
+                    spill_dir: str | None = None) -> Any:
     """The cluster's admission actor, created by the first gateway replica that asks.
 
     Args:
         ledger_url: the ledger (`env:NAME` for a URL in that environment variable).
         tenants_file: a YAML tenants file to apply (see `Store.sync_tenants`).
         resource: a Ray custom resource the actor needs: where the ledger's SQLite volume is mounted.
+        spill_dir: where usage rows wait while the ledger is away (default: in the node's temp dir).
     """
     import ray
 
     # One actor per ledger: a config that moves the ledger gets an owner that writes to the new one.
-    name = f"{ACTOR_NAME}-{hashlib.sha256(ledger_url.encode()).hexdigest()[:12]}"
+    name = f"{ACTOR_NAME}-{ledger_digest(ledger_url)}"
     actor_class = ray.remote(Admission)
     return actor_class.options(
         name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         num_cpus=0, max_restarts=-1, max_concurrency=1000, resources={resource: 0.001} if resource else None,
-    ).remote(ledger_url, tenants_file)
+    ).remote(ledger_url, tenants_file, spill_dir=spill_dir)

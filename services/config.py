@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core.errors import ConfigError
+from core.redact import has_password, redact
 from domains import DOMAINS
 
 SERVE_DIR = Path(__file__).resolve().parent.parent / "helm" / "serve"
@@ -47,17 +48,41 @@ class DomainArgs(BaseModel):
 class PlatformArgs(BaseModel):
     """The application builder's args (`services.gateway:build_app`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Errors name the field, never its input: Ray shows a refused app's error in its dashboard and
+    # logs, and the input may be a ledger URL with a password in it.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     registry_uri: str = Field(description="Model registry: a path or a pyarrow filesystem URI (s3://, gs://).")
-    ledger_url: str = Field(description="Usage ledger and tenants: sqlite:///FILE, postgresql://..., or env:NAME "
-                            "for a URL in that environment variable (a Secret's, on Kubernetes).")
+    ledger_url: str = Field(description="Usage ledger and tenants: sqlite:///FILE, postgresql://... without a "
+                            "password, or env:NAME for a URL in that environment variable (a Secret's, on "
+                            "Kubernetes): the only way a password may come.")
     ledger_resource: str | None = Field(None, description="A Ray custom resource the ledger's owner (the admission "
                                         "actor) needs: the node where an SQLite ledger's volume is mounted.")
     tenants_file: str | None = Field(None, description="A YAML tenants file (a mounted Secret) the platform applies "
                                      "at start and whenever it changes; see `Store.sync_tenants`.")
+    usage_spill_dir: str | None = Field(None, description="Where the admission actor keeps usage rows while the "
+                                        "ledger is unreachable (default: a folder in its node's temp dir).")
     domains: dict[str, DomainArgs] = Field(description="The domains served, by name, with their limits.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
+    unauthenticated_per_s: float = Field(20.0, gt=0, description="Requests with keys the platform refuses (401) "
+                                         "one client address may send a second, on average, before its requests "
+                                         "with keys not admitted lately get 429 without being looked up.")
+    forwarded_for_hops: int = Field(0, ge=0, le=8, description="Proxies in front of the gateway that append their "
+                                    "peer to X-Forwarded-For (an ingress controller: 1); the client address is the "
+                                    "entry the outermost wrote. 0: the connection's peer.")
+    api_docs: Literal["public", "off"] = Field(
+        "public", description="public: the gateway serves /docs, /redoc and /openapi.json to anyone; off: none "
+        "of them (they list every route and limit to whoever asks).")
+
+    @field_validator("ledger_url")
+    @classmethod
+    def _no_password(cls, value: str) -> str:
+        # The serve config is readable from Ray's dashboard API and state/serve-config.json.
+        if has_password(value):
+            raise ValueError(f"ledger_url {redact(value)!r} carries a password, which the serve config would show "
+                             "to anyone who can read it: put the URL in an environment variable of the Ray "
+                             "containers and set ledger_url to env:NAME")
+        return value
 
     @field_validator("domains")
     @classmethod
@@ -126,7 +151,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(f"{path}: {redact(str(exc))}") from exc  # a YAML error quotes the line at fault
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top")
     return data
@@ -143,7 +168,7 @@ def load_overlay(environment: str) -> ServeOverlay:
     try:
         return ServeOverlay.model_validate(_read_yaml(path))
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(f"{path}: {redact(str(exc))}") from exc
 
 
 def build_config(environment: str, *extra: ServeOverlay, domains: Sequence[str] | None = None) -> dict[str, Any]:
@@ -174,7 +199,7 @@ def validate_config(config: dict[str, Any]) -> PlatformArgs:
             if dep["name"] != GATEWAY:
                 ModelConfig.model_validate(dep.get("user_config") or {})
     except (ValidationError, ValueError, KeyError) as exc:
-        raise ConfigError(f"serve config refused: {exc}") from exc
+        raise ConfigError(f"serve config refused: {redact(str(exc))}") from exc  # Ray's schema quotes its input
     missing = sorted(set(args.domains) - names)
     if missing:
         raise ConfigError(f"domains {missing} have no deployment in the serve config", field="deployments")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -105,8 +106,8 @@ def status_of(exc: CityServeError) -> int:
     return 503  # registry and model errors: the service, not the request, is at fault
 
 
-def error_response(exc: CityServeError, request_id: str = "") -> JSONResponse:
-    headers = {"X-Request-Id": request_id} if request_id else {}
+def error_response(exc: CityServeError, headers: dict[str, str]) -> JSONResponse:
+    headers = dict(headers)
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
@@ -123,22 +124,25 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def register_exception_handlers(app: FastAPI) -> None:
+def register_exception_handlers(app: FastAPI, id_header: Callable[[Request], dict[str, str]]) -> None:
+    """Every error answer, `id_header(request)` among its headers: the request's X-Request-Id as the
+    app validated it (the gateway's `request_id_header`), never a client's raw header."""
+
     @app.exception_handler(CityServeError)
     async def _platform(request: Request, exc: CityServeError) -> JSONResponse:
-        return error_response(exc, request.headers.get("x-request-id", ""))
+        return error_response(exc, id_header(request))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        return error_response(Unprocessable(first["msg"], field=field_path(tuple(first["loc"]))))
+        return error_response(Unprocessable(first["msg"], field=field_path(tuple(first["loc"]))), id_header(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
         cls = BY_STATUS.get(exc.status_code, HttpError)
         err = cls(str(exc.detail), code=codes.get(exc.status_code, cls.code))
-        response = error_response(err)
+        response = error_response(err, id_header(request))
         response.status_code = exc.status_code
         return response
 
@@ -147,4 +151,4 @@ def register_exception_handlers(app: FastAPI) -> None:
         # Reached only by our own bugs: say so without leaking internals, keep the trace in the log.
         logger.exception("unexpected error")
         return JSONResponse({"code": "internal", "message": "internal error; the request id is in the "
-                             "X-Request-Id header"}, status_code=500)
+                             "X-Request-Id header"}, status_code=500, headers=id_header(request))

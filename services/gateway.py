@@ -38,6 +38,7 @@ from services.errors import (
     ErrorBody,
     GatewayTimeout,
     NotFound,
+    QuotaExceeded,
     TooLarge,
     Unauthorized,
     Unavailable,
@@ -47,6 +48,7 @@ from services.errors import (
     register_exception_handlers,
     status_of,
 )
+from services.shield import AddressLimiter, Expiring, Recent, client_address
 from services.tenants import Usage, split_key
 
 loopback_replica_grpc()  # imported by the replica before Serve starts its gRPC server
@@ -59,11 +61,16 @@ LEASE_MARGIN_S = 5.0
 MODEL_ATTEMPTS = 2
 # The usage flush a stopping gateway replica waits for (Serve gives the whole replica 20 s).
 FLUSH_AT_EXIT_S = 5.0
-# A tenant refused for quota or concurrency (429) is refused again by this replica without parsing
-# its body or asking the admission actor, for this long at most and never past its Retry-After: a
-# flood's clients retry in step, and each wave would otherwise cost the gateways and the actor as
-# much as admitted work.
+# A key refused as unknown, expired or revoked (401) is refused again by this replica, without asking
+# the admission actor, for this long.
+UNAUTHORIZED_CACHE_S = 1.0
+# A tenant refused for quota or concurrency (429), or for a domain (403), is refused again by this
+# replica without parsing its body or asking the admission actor, for this long at most and never
+# past its Retry-After: a flood's clients retry in step, and each wave would otherwise cost the
+# gateways and the actor as much as admitted work.
 REFUSAL_CACHE_S = 0.1
+# How long a replica keeps its public answers (/readyz, /v1/models) before asking the deployments again.
+PUBLIC_ANSWER_S = 1.0
 
 
 class Backend(Protocol):
@@ -106,7 +113,7 @@ class Metrics:
 def decision_error(decision: Decision) -> CityServeError:
     cls = BY_STATUS[decision.status]
     return cls(decision.message, field=decision.field, code=decision.code,
-               retry_after=decision.retry_after if decision.status == 429 else None)
+               retry_after=decision.retry_after if decision.status in (429, 503) else None)
 
 
 def bearer_key(request: Request) -> tuple[str, str]:
@@ -181,30 +188,60 @@ def parse_items(model: type[BaseModel], raw: bytes, max_items: int) -> tuple[lis
     return parsed, single
 
 
-def request_id(request: Request) -> str:
-    """Serve's request id (the proxy honours a client's X-Request-Id), else the header or a new one."""
+def _serve_request_id() -> str:
     try:
-        rid = serve.context._get_serve_request_context().request_id
+        return str(serve.context._get_serve_request_context().request_id)
     except Exception:  # outside a Serve replica (unit tests)
-        rid = ""
-    rid = rid or request.headers.get("x-request-id", "")
-    return rid if REQUEST_ID.match(rid) else uuid.uuid4().hex
+        return ""
+
+
+def request_id(request: Request) -> str:
+    """Serve's request id (its HTTP server takes a client's X-Request-Id, else makes one), else the
+    header, else a new one: one id per request, the same in the route and the error handlers."""
+    rid: str = getattr(request.state, "request_id", "")
+    if not rid:
+        rid = _serve_request_id() or request.headers.get("x-request-id", "")
+        rid = rid if REQUEST_ID.match(rid) else uuid.uuid4().hex
+        request.state.request_id = rid
+    return rid
+
+
+def request_id_header(request: Request) -> dict[str, str]:
+    """X-Request-Id for a response, unless it is Serve's id: Serve's HTTP server adds that one to
+    every response itself, and a second header would repeat it."""
+    rid = request_id(request)
+    return {} if rid == _serve_request_id() else {"X-Request-Id": rid}
 
 
 def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastAPI:
     """The gateway's HTTP routes over `backend`; `replica` names this replica in X-Gateway-Replica."""
-    api = FastAPI(title="CityServe", version="1", description=(
+    openapi_url = "/openapi.json" if args.api_docs == "public" else None  # None: no /docs or /redoc either
+    api = FastAPI(title="CityServe", version="1", openapi_url=openapi_url, description=(
         "The city's model endpoints. Authenticate with `Authorization: Bearer <key>` "
         "(`cityserve tenants create`). Each POST takes one item (an object) or a list of items; a list "
         "answers with a list in the same order. Errors are `{code, message, field}`; 429 and 503 carry "
         "`Retry-After`."))
-    register_exception_handlers(api)
+    register_exception_handlers(api, request_id_header)
     metrics = Metrics()
     request_models = {d: get_domain(d).request_model for d in args.domains}
     inflight = dict.fromkeys(args.domains, 0)  # items waiting on each domain from this replica
-    refused: dict[tuple[str, str], tuple[float, Decision]] = {}  # (key id, digest) -> (until, 429)
+    refused: Expiring[tuple[str, ...], Decision] = Expiring()  # (key id, digest[, domain]) -> its refusal
+    limiter = AddressLimiter(args.unauthenticated_per_s)
     errors: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody, "description": cls.__name__}
               for status, cls in BY_STATUS.items() if status not in (404,)}
+
+    def remember(decision: Decision, key: tuple[str, str], domain: str, address: str) -> None:
+        """What this replica keeps of an admission decision, to refuse the same again cheaply."""
+        now = time.monotonic()
+        if decision.status == 401:
+            limiter.refused(address, now)
+            refused.put(key, decision, now + UNAUTHORIZED_CACHE_S)
+        elif decision.status == 429:  # a tenant's quota: whichever domain it calls
+            refused.put(key, decision, now + min(decision.retry_after, REFUSAL_CACHE_S))
+        elif decision.status == 403:
+            refused.put((*key, domain), decision, now + REFUSAL_CACHE_S)
+        elif decision.status == 200:
+            limiter.admitted(key, now)
 
     async def handle(domain: str, request: Request) -> JSONResponse:
         started = time.monotonic()
@@ -213,12 +250,20 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
         tenant, status, items, version = "", 500, 0, ""
         decision: Decision | None = None
         try:
-            raw = await read_body(request, args.max_body_bytes)
-            key_id, key_digest = bearer_key(request)
-            until, refusal = refused.get((key_id, key_digest), (0.0, None))
-            if refusal is not None and time.monotonic() < until:  # the same valid key, refused just now
+            # The key before the body: a caller without a good key costs no read, parse or validation,
+            # and one refused a moment ago (or from an address sending bad keys) not even a lookup.
+            key = bearer_key(request)
+            now = time.monotonic()
+            address = client_address(request, args.forwarded_for_hops)
+            refusal = refused.get(key, now) or refused.get((*key, domain), now)
+            if refusal is not None:
                 tenant = refusal.tenant
                 raise decision_error(refusal)
+            wait = limiter.wait(address, key, now)
+            if wait > 0:
+                raise QuotaExceeded("too many requests with unknown API keys from this address; retry later",
+                                    code="too_many_unauthenticated", field="Authorization", retry_after=wait)
+            raw = await read_body(request, args.max_body_bytes)
             problem: CityServeError | None = None
             try:
                 check_media_type(request.headers.get("content-type", ""))
@@ -227,17 +272,14 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
             except CityServeError as exc:  # told only to a caller whose key is good
                 problem = exc
             try:
-                decision = await backend.admit(key_id, key_digest, domain, 0 if problem else items,
+                decision = await backend.admit(*key, domain, 0 if problem else items,
                                                limits.timeout_s + LEASE_MARGIN_S)
             except CityServeError:
                 raise
             except Exception as exc:  # the admission actor is restarting: nobody can be admitted
                 raise Unavailable("admission service unavailable; retry shortly", retry_after=2) from exc
             tenant = decision.tenant
-            if decision.status == 429:
-                if len(refused) > 10_000:  # keys refused once and gone
-                    refused.clear()
-                refused[key_id, key_digest] = (time.monotonic() + min(decision.retry_after, REFUSAL_CACHE_S), decision)
+            remember(decision, key, domain, address)
             if decision.status != 200:
                 raise decision_error(decision)
             if problem is not None:
@@ -255,7 +297,7 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
             version = answer["version"]
             status = 200
             body = answer["items"][0] if single else answer["items"]
-            return JSONResponse(body, headers={"X-Request-Id": rid, "X-Model-Version": version,
+            return JSONResponse(body, headers={**request_id_header(request), "X-Model-Version": version,
                                                "X-Gateway-Replica": replica})
         except CityServeError as exc:
             status = status_of(exc)
@@ -293,9 +335,16 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
             response_model=dom.response_model | list[dom.response_model],  # type: ignore[name-defined]
             responses=errors, openapi_extra=_request_body(dom.request_model, limit))
 
+    # The public answers fan out to every model deployment (and the actor): each replica computes
+    # them at most once a second, however many callers ask.
+    async def infos() -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(_info(backend, d) for d in args.domains)))
+
+    recent_infos = Recent(infos, PUBLIC_ANSWER_S)
+
     @api.get("/v1/models", summary="The model version each domain serves")
     async def models() -> dict[str, Any]:
-        return {"domains": await asyncio.gather(*(_info(backend, d) for d in args.domains))}
+        return {"domains": await recent_infos()}
 
     @api.get("/healthz", summary="Liveness: the gateway answers")
     async def healthz() -> dict[str, str]:
@@ -307,21 +356,27 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
         try:
             await asyncio.wait_for(backend.admission_ready(), timeout=5)
         except Exception as exc:  # starting or restarting: reported, never raised
-            return f"admission service not answering yet ({type(exc).__name__})"
+            # The class only in the log: a public answer names no internals.
+            logger.info("admission service not ready: %s", type(exc).__name__)
+            return "admission service not answering yet"
         return None
+
+    async def readiness() -> tuple[int, dict[str, Any]]:
+        # The models and the admission actor are asked at once: the slower bounds the answer.
+        domains, admission = await asyncio.gather(recent_infos(), admission_problem())
+        waiting = [i["domain"] for i in domains if not i["ready"]]
+        problems = ([f"no model loaded yet for {waiting}"] if waiting else []) + ([admission] if admission else [])
+        if problems:
+            return 503, {"code": "not_ready", "message": "; ".join(problems), "field": None}
+        return 200, {"status": "ready", "domains": domains}
+
+    recent_readiness = Recent(readiness, PUBLIC_ANSWER_S)
 
     @api.get("/readyz", summary="Readiness: every domain has a model loaded and the admission service answers",
              responses={503: {"model": ErrorBody}})
     async def readyz() -> JSONResponse:
-        # The models and the admission actor are asked at once: the slower bounds the answer.
-        infos, admission = await asyncio.gather(asyncio.gather(*(_info(backend, d) for d in args.domains)),
-                                                admission_problem())
-        waiting = [i["domain"] for i in infos if not i["ready"]]
-        problems = ([f"no model loaded yet for {waiting}"] if waiting else []) + ([admission] if admission else [])
-        if problems:
-            return JSONResponse({"code": "not_ready", "message": "; ".join(problems), "field": None},
-                                status_code=503, headers={"Retry-After": "5"})
-        return JSONResponse({"status": "ready", "domains": infos})
+        status, body = await recent_readiness()
+        return JSONResponse(body, status_code=status, headers={"Retry-After": "5"} if status == 503 else None)
 
     @api.api_route("/v1/{domain}/{verb}", methods=["POST"], include_in_schema=False)
     async def unknown(domain: str, verb: str) -> None:
@@ -349,7 +404,8 @@ async def _info(backend: Backend, domain: str) -> dict[str, Any]:
         info = await asyncio.wait_for(backend.info(domain), timeout=5)
         return {**info, "ready": info.get("version") is not None}
     except Exception as exc:  # not started, restarting or failing: reported, never raised
-        return {"domain": domain, "version": None, "ready": False, "error": type(exc).__name__}
+        logger.info("%s not ready: %s", domain, type(exc).__name__)  # the class only here: answers are public
+        return {"domain": domain, "version": None, "ready": False, "error": "not answering"}
 
 
 def _request_body(model: type[BaseModel], limit: int) -> dict[str, Any]:
@@ -386,7 +442,7 @@ class ServeBackend:
         from services.admission import admission_actor
 
         self.handles = handles
-        admission = admission_actor(args.ledger_url, args.tenants_file, args.ledger_resource)
+        admission = admission_actor(args.ledger_url, args.tenants_file, args.ledger_resource, args.usage_spill_dir)
         self.admission = admission
         self.admits: Coalescer[tuple[Any, ...], Decision] = Coalescer(admission.admit_many.remote)
         self.releases: Coalescer[tuple[str, Usage | None], None] = Coalescer(admission.release_many.remote)

@@ -15,6 +15,7 @@ from typing import Any
 from cluster.serve import Platform, deploy, start_head, stop_head, stop_serve, wait_deployed, wait_ready
 from core.errors import ConfigError, InvalidInput
 from core.io import write_json_atomic
+from core.redact import has_password, redact
 from core.settings import Settings
 from domains import DOMAINS, get_domain
 from domains.base import request_example
@@ -23,6 +24,7 @@ from services.tenants import Store, Tenant
 from training.workspace import Workspace
 
 CONFIG_FILE = "serve-config.json"  # the config last deployed, beside platform.json
+LEDGER_ENV = "CITYSERVE_LEDGER_URL"  # the variable `core.settings` and the chart use too
 DEMO_TENANT = "demo"
 Progress = Callable[[str], None]
 
@@ -37,10 +39,19 @@ def serve_config(workspace: Workspace, environment: str, domains: Sequence[str],
     generation) and `extra` overlays."""
     settings, registry = workspace.settings, workspace.registry
     served = list(domains) or sorted(DOMAINS)
+    ledger = f"env:{LEDGER_ENV}" if ledger_secrets(settings) else settings.ledger_location()
     run = ServeOverlay(http_options={"port": port},
-                       args={"registry_uri": settings.registry_location(), "ledger_url": settings.ledger_location()},
+                       args={"registry_uri": settings.registry_location(), "ledger_url": ledger,
+                             "usage_spill_dir": str(settings.state_dir / "usage-spill")},
                        deployments={d: {"user_config": {"generation": registry.generation(d)}} for d in served})
     return build_config(environment, run, *extra, domains=served)
+
+
+def ledger_secrets(settings: Settings) -> dict[str, str]:
+    """What the Ray head's environment must hold for the ledger: a URL with a password goes there
+    (the serve config, which Ray's dashboard shows to anyone who reaches it, names the variable)."""
+    url = settings.ledger_location()
+    return {LEDGER_ENV: url} if has_password(url) else {}
 
 
 def platform_up(settings: Settings, config: dict[str, Any], *, num_cpus: int, timeout_s: float = 900,
@@ -48,14 +59,19 @@ def platform_up(settings: Settings, config: dict[str, Any], *, num_cpus: int, ti
     """Starts Ray (unless running), deploys `config`, waits until every domain answers."""
     state = settings.state_dir
     port = int(config["http_options"]["port"])
+    secrets = ledger_secrets(settings)
     platform = Platform.load(state)
     if platform is None:
         progress(f"starting Ray (2-core machines: 10-30 s); log {state / 'ray-head.log'}")
-        platform = start_head(state, num_cpus=num_cpus, http_port=port)
+        platform = start_head(state, num_cpus=num_cpus, http_port=port, secrets=secrets)
         platform.save(state)  # saved before deploying: `serve down` can stop a half-started platform
     elif not platform.gateway_url.endswith(f":{port}"):
         raise ConfigError(f"the platform already runs with its gateway at {platform.gateway_url}; "
                           "`cityserve serve down` first to change the port", field="port")
+    elif secrets and not platform.started_with(secrets):  # a running head's environment is fixed
+        raise ConfigError(f"the ledger URL {redact(secrets[LEDGER_ENV])} carries a password, which reaches the "
+                          "replicas only through the environment Ray starts with: `cityserve serve down` first "
+                          "to change the ledger", field="ledger_url")
     since = time.time()  # Serve stamps the deploy with this machine's clock: it runs here
     deploy(platform.dashboard_url, config)
     write_json_atomic(state / CONFIG_FILE, config)

@@ -33,23 +33,27 @@ OVERLAY = ServeOverlay(deployments={
 
 
 def training_checks() -> dict[str, Callable[[Settings, bool], Check]]:
+    """The checks that need settings but no platform: training and the registry, and the chart's policy."""
+    from bench.reliability import chart_policy as c
     from bench.reliability import training_faults as t
 
     return {"registry_corruption": t.check_registry_corruption, "train_worker_kill": t.check_train_worker_kill,
-            "tune_driver_kill": t.check_tune_driver_kill}
+            "tune_driver_kill": t.check_tune_driver_kill, c.NAME: c.check_chart_policy}
 
 
 # In the order they run: the kills last, so a replica restarting does not disturb another check.
-PLATFORM_CHECKS = ("exposure", "fuzz", "auth_matrix", "nasty_inputs", "quota_exactness", "soak", "lease_return",
-                   "kill_domain_replica", "kill_gateway_replica")
+PLATFORM_CHECKS = ("exposure", "fuzz", "auth_matrix", "nasty_inputs", "refusals_metered", "unauthenticated_flood",
+                   "quota_exactness", "soak", "lease_return", "kill_domain_replica", "kill_gateway_replica")
 
 
 def platform_checks() -> dict[str, Callable[[Target, bool], Check]]:
     from bench.reliability import auth as a
     from bench.reliability import hostile as h
     from bench.reliability import serving as s
+    from bench.reliability import trust as t
 
-    checks = {"exposure": s.check_exposure, "fuzz": h.check_fuzz, "auth_matrix": a.check_auth_matrix,
+    checks = {"refusals_metered": t.check_refusals_metered, "unauthenticated_flood": t.check_unauthenticated_flood,
+              "exposure": s.check_exposure, "fuzz": h.check_fuzz, "auth_matrix": a.check_auth_matrix,
               "nasty_inputs": h.check_nasty_inputs, "kill_domain_replica": s.check_kill_domain_replica,
               "kill_gateway_replica": s.check_kill_gateway_replica, "lease_return": s.check_lease_return,
               "quota_exactness": s.check_quota_exactness, "soak": s.check_soak}
@@ -92,9 +96,10 @@ def main() -> None:
     # and it reaches the platform at 127.0.0.1, which Ray would swap for the machine's address
     os.environ.update(LOOPBACK_ENV)
     from bench.reliability.durability import NAME as SHUTDOWN
-    from bench.reliability.durability import check_shutdown_durability
+    from bench.reliability.durability import OUTAGE, check_ledger_outage, check_shutdown_durability
 
-    every = [*training_checks(), *PLATFORM_CHECKS, SHUTDOWN]
+    own_platform_checks = {SHUTDOWN: check_shutdown_durability, OUTAGE: check_ledger_outage}
+    every = [*training_checks(), *PLATFORM_CHECKS, *own_platform_checks]
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="+", choices=every, default=every, metavar="NAME",
                         help=f"checks to run, of {', '.join(every)}")
@@ -108,7 +113,7 @@ def main() -> None:
         return
     settings = get_settings()
     wanted = [n for n in PLATFORM_CHECKS if n in args.only]
-    if wanted or SHUTDOWN in args.only:
+    if wanted or set(own_platform_checks) & set(args.only):
         ensure_production(settings, sorted(DOMAINS))
     results: list[Any] = []
     for name, check in training_checks().items():
@@ -118,9 +123,10 @@ def main() -> None:
     _shutdown_ray()
     if wanted:
         results += run_platform_checks(wanted, args.short, args.port)
-    if SHUTDOWN in args.only:
-        results.append(timed_check(SHUTDOWN, lambda: check_shutdown_durability(settings, args.short),
-                                   save=None if args.short else save_checks))
+    for name, check in own_platform_checks.items():
+        if name in args.only:
+            results.append(timed_check(name, partial(check, settings, args.short),
+                                       save=None if args.short else save_checks))
     print(f"{sum(c.passed for c in results)}/{len(results)} passed" + ("" if args.short else f"; {RESULT_FILE}"))
 
 

@@ -339,7 +339,7 @@ def tenant_names_refused(target: Target) -> dict[str, str | None]:
     import yaml
 
     from core.errors import ConfigError, InvalidInput
-    from services.tenants import Tenant, new_key, read_tenants_file
+    from services.tenants import KeyEntry, Tenant, new_key, read_tenants_file
 
     store = target.store()
     before = store.query("SELECT COUNT(*) FROM tenants")
@@ -355,7 +355,7 @@ def tenant_names_refused(target: Target) -> dict[str, str | None]:
                 if exc.field != "name":
                     problem = f"refused by Store.create_tenant naming {exc.field!r}"
             entry = {"name": name, "grants": ["events"], "requests_per_minute": 10, "items_per_minute": 10,
-                     "max_concurrent": 1, "keys": [new_key()[0]]}
+                     "max_concurrent": 1, "keys": [KeyEntry.of(new_key()[0]).model_dump(exclude_none=True)]}
             listing.write_text(yaml.safe_dump({"tenants": [entry]}))
             try:
                 read_tenants_file(listing)

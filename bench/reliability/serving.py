@@ -50,10 +50,14 @@ def headers(key: str) -> dict[str, str]:
     return {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
 
 
-def load(target: Target, domain: str, key: str, **kwargs: Any) -> list[Sent]:
-    """`hammer` on `domain` with `key` (blocking; run it in a thread to act meanwhile)."""
+def load(target: Target, domain: str, key: str | None, **kwargs: Any) -> list[Sent]:
+    """`hammer` on `domain` with `key`, or with a made-up key per request when None (blocking; run
+    it in a thread to act meanwhile)."""
+    from services.tenants import new_key
+
     kwargs.setdefault("timeout_s", CLIENT_TIMEOUT_S)
-    return asyncio.run(hammer(url(target, domain), body(domain, kwargs.pop("items", 1)), headers(key), **kwargs))
+    sending = headers(key) if key is not None else (lambda: headers(new_key()[0]))
+    return asyncio.run(hammer(url(target, domain), body(domain, kwargs.pop("items", 1)), sending, **kwargs))
 
 
 def in_background(run: Callable[[], T]) -> tuple[threading.Thread, list[T]]:
@@ -207,11 +211,11 @@ def check_quota_exactness(target: Target, short: bool = False) -> Check:
     alone = load(target, domain, other_key, until=time.monotonic() + 10, **probe)
     end = time.monotonic() + seconds
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        flood = pool.submit(_flood, target, domain, key, concurrency=clients, until=end, honour_retry_after=1.0)
+        flooding = pool.submit(flood, target, domain, key, concurrency=clients, until=end, honour_retry_after=1.0)
         beside = load(target, domain, other_key, until=end, **probe)
-        sent, flood_cpu_s = flood.result(timeout=seconds + 60)
+        sent, flood_cpu_s = flooding.result(timeout=seconds + 60)
     answered = sum(s.status == 200 for s in sent)
-    rows = _usage(target, name)
+    rows = usage(target, name)
     # The ledger stamps each row with its admission time (the admission actor's clock): the
     # windows the quota promises. Clients' clocks would blur them by each request's latency.
     worst = _max_in_window(sorted(u.at for u in rows), 60.0)
@@ -222,12 +226,12 @@ def check_quota_exactness(target: Target, short: bool = False) -> Check:
                "refused_429": sum(s.status == 429 for s in sent),
                "flood_offered_per_s": round(len(sent) / seconds, 1), "flood_client_cpu_s": round(flood_cpu_s, 1),
                "other_statuses": sorted({s.status for s in sent} - {200, 429}),
-               "neighbour_alone_p50_ms": _ms(alone, 50), "neighbour_during_p50_ms": _ms(beside, 50),
-               "neighbour_alone_p99_ms": _ms(alone, 99), "neighbour_during_p99_ms": _ms(beside, 99),
+               "neighbour_alone_p50_ms": ms(alone, 50), "neighbour_during_p50_ms": ms(beside, 50),
+               "neighbour_alone_p99_ms": ms(alone, 99), "neighbour_during_p99_ms": ms(beside, 99),
                "neighbour_not_200": sum(s.status != 200 for s in alone + beside),
                # how the flood's admissions (ledger clock) and the neighbour's latency move together
                "admitted_per_10s": [len(b) for b in _bins_10s([u.at for u in rows])],
-               "neighbour_p50_ms_per_10s": [_ms([beside[i] for i in b], 50)
+               "neighbour_p50_ms_per_10s": [ms([beside[i] for i in b], 50)
                                             for b in _bins_10s([s.start for s in beside])]}
     problems = []
     if worst > 1.01 * quota:
@@ -238,13 +242,14 @@ def check_quota_exactness(target: Target, short: bool = False) -> Check:
         problems.append(f"statuses other than 200/429: {figures['other_statuses']}")
     if figures["neighbour_not_200"]:
         problems.append(f"the other tenant got {figures['neighbour_not_200']} refusals")
-    slower = ["the other tenant's median latency rose more than 1.5x"] if _ms(beside, 50) > 1.5 * _ms(alone, 50) else []
+    slower = ["the other tenant's median latency rose more than 1.5x"] if ms(beside, 50) > 1.5 * ms(alone, 50) else []
     return verdict("quota_exactness", figures, problems, slower, short)
 
 
-def _flood(target: Target, domain: str, key: str, **kwargs: Any) -> tuple[list[Sent], float]:
-    """`load` for the flooding tenant, in a process of its own at the lowest CPU priority, and the CPU
-    seconds it took. Its clients stand for the tenant's own machines: in this process they would
+def flood(target: Target, domain: str, key: str | None, **kwargs: Any) -> tuple[list[Sent], float]:
+    """`load` for a flooding client (a tenant's, or made-up keys with `key` None), in a process of
+    its own at the lowest CPU priority, and the CPU seconds it took. Its clients stand for the
+    flooder's own machines: in this process they would
     hold the GIL and the neighbour's event loop, and at equal priority its ~60 requests a second
     take CPU from the two cores the platform runs on — the neighbour's latency would measure the
     load generator rather than the platform."""
@@ -274,11 +279,11 @@ def _max_in_window(times: list[float], span: float) -> int:
     return worst
 
 
-def _ms(sent: list[Sent], percentile: float) -> float:
+def ms(sent: list[Sent], percentile: float) -> float:
     return round(float(np.percentile([(s.end - s.start) * 1000 for s in sent], percentile)), 1) if sent else 0.0
 
 
-def _usage(target: Target, tenant: str, wait_s: float = 2.0) -> list[Any]:
+def usage(target: Target, tenant: str, wait_s: float = 2.0) -> list[Any]:
     time.sleep(wait_s)  # the admission actor writes rows within 0.2 s of the answer
     store = target.store()
     try:
@@ -387,7 +392,7 @@ def check_soak(target: Target, short: bool = False) -> Check:
     for s in sent:
         if window_of(s.start) < windows:  # one sent just as the run ended belongs to no window
             by_window[window_of(s.start)].append(s)
-    p99 = [_ms(part, 99) for part in by_window]
+    p99 = [ms(part, 99) for part in by_window]
     first_mem = np.mean([m for t, m in memory if t < origin + window])
     last_mem = np.mean([m for t, m in memory if t >= origin + (windows - 1) * window])
     errors = sum(s.status != 200 for s in sent)

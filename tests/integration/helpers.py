@@ -18,7 +18,7 @@ from cluster.serve import Platform, stop_serve
 from domains import get_domain
 from services.config import ServeOverlay
 from services.platform import platform_up, serve_config
-from services.tenants import new_key
+from services.tenants import KeyEntry, new_key
 from training.trainer import train
 from training.workspace import Workspace
 
@@ -29,9 +29,9 @@ TEST_OVERLAY = ServeOverlay(deployments={
     "Gateway": {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}, "ray_actor_options": {"num_cpus": 0.2}},
     **{d: {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 0.2},
            "user_config": {"poll_s": 1}} for d in SERVED}})
-GRID_KEY = new_key()[0]  # the tenants file's tenant, as a Kubernetes Secret would list it
+GRID_KEY = new_key()[0]  # the key of the tenants file's tenant, which the file lists by id and digest
 GRID = {"name": "grid", "grants": ["energy"], "requests_per_minute": 1000, "items_per_minute": 10_000,
-        "max_concurrent": 8, "keys": [GRID_KEY]}
+        "max_concurrent": 8, "keys": [KeyEntry.of(GRID_KEY).model_dump(exclude_none=True)]}
 
 
 def write_tenants(path: Path, *tenants: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from bench.reliability import Target
 from bench.reliability.__main__ import OVERLAY, PLATFORM_CHECKS, platform_checks
-from bench.reliability.durability import check_shutdown_durability
+from bench.reliability.durability import check_ledger_outage, check_shutdown_durability
 from core.settings import Settings
 from tests.integration.helpers import SERVED, TEST_OVERLAY, ensure_versions, session_app
 from training.workspace import Workspace
@@ -49,3 +49,11 @@ def test_every_admitted_request_has_one_usage_row_after_sigterm_and_restart(sett
     print(json.dumps(asdict(check)))
     assert check.passed, (check.problems, check.figures)
     assert check.figures["answered_200"] and check.figures["ledger_rows"]
+
+
+@pytest.mark.usefixtures("production")
+def test_a_ledger_outage_loses_no_usage_row_and_refuses_no_known_tenant(settings: Settings) -> None:
+    check = check_ledger_outage(settings, short=True)
+    print(json.dumps(asdict(check)))
+    assert check.passed, (check.problems, check.figures)
+    assert check.figures["answered_200_while_down"] and check.figures["ledger_rows"]

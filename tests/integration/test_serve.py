@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ from domains.base import request_example
 from services.batch import score_file
 from services.config import VERBS
 from services.platform import CONFIG_FILE, platform_up, reload_domain, serve_config
-from services.tenants import Store, Tenant, new_key
+from services.tenants import KeyEntry, Store, Tenant, new_key
 from tests.integration.helpers import (
     GRID,
     GRID_KEY,
@@ -116,6 +118,25 @@ def test_auth_matrix_and_errors_over_http(platform: Platform, keys: dict[str, st
     for name, (_, _, body) in cases.items():
         assert set(body) <= {"code", "message", "field"} and body["message"], name
     assert cases["unknown sensor"][2]["field"] == "sensors[1]"
+
+
+def test_a_response_carries_its_request_id_once(platform: Platform, keys: dict[str, str]) -> None:
+    """Serve's HTTP server adds its request id to every response; the gateway adds none beside it."""
+    energy = json.dumps(request_example(get_domain("energy").request_model)).encode()
+
+    def ids(key: str, sent: dict[str, str]) -> tuple[int, list[str]]:
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}", **sent}
+        request = urllib.request.Request(f"{platform.gateway_url}/v1/energy/forecast", data=energy, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as resp:
+                return resp.status, resp.headers.get_all("x-request-id") or []
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers.get_all("x-request-id") or []
+
+    assert ids(keys["hotline"], {"X-Request-Id": "trace-42"}) == (200, ["trace-42"])
+    assert ids("csk_000000000000_" + "A" * 43, {"X-Request-Id": "trace-43"}) == (401, ["trace-43"])
+    status, made = ids(keys["hotline"], {})
+    assert status == 200 and len(made) == 1 and made[0]
 
 
 def test_haproxy_fronts_the_gateway_on_loopback_only(platform: Platform) -> None:
@@ -240,7 +261,7 @@ def test_the_tenants_file_is_applied_at_start_and_on_change(platform: Platform, 
     assert http("POST", url, example, GRID_KEY)[0] == 200
     path = workspace.settings.state_dir / "tenants.yaml"
     rotated = new_key()[0]
-    write_tenants(path, {**GRID, "keys": [rotated], "grants": ["events"]})
+    write_tenants(path, {**GRID, "keys": [KeyEntry.of(rotated).model_dump(exclude_none=True)], "grants": ["events"]})
     deadline = time.monotonic() + 15
     while http("POST", url, example, GRID_KEY)[0] != 401:  # the old key goes
         assert time.monotonic() < deadline, "the changed tenants file was not applied"

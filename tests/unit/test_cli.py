@@ -64,8 +64,34 @@ def test_an_unknown_placement_is_refused_naming_the_choices() -> None:
     assert out.exit_code == 2 and "'SPRED' is not one of" in out.output and "SPREAD" in out.output
 
 
-def test_new_key_prints_a_fresh_well_formed_key_each_time() -> None:
+def test_new_key_prints_a_fresh_key_and_its_tenants_file_entry_which_key_entry_repeats() -> None:
+    import yaml
+
     from services.tenants import split_key
 
-    keys = [CliRunner().invoke(cli.main, ["tenants", "new-key"]).output.strip() for _ in range(2)]
-    assert all(split_key(k) is not None for k in keys) and keys[0] != keys[1]
+    outputs = [CliRunner().invoke(cli.main, ["tenants", "new-key"]).output.splitlines() for _ in range(2)]
+    keys, entries = [o[1] for o in outputs], [yaml.safe_load(o[3])[0] for o in outputs]
+    assert keys[0] != keys[1] and [split_key(k) for k in keys] == [(e["id"], e["sha256"]) for e in entries]
+    assert json.loads(CliRunner().invoke(cli.main, ["tenants", "new-key", "--json"]).output).keys() == {
+        "key", "id", "sha256"}
+    converted = CliRunner().invoke(cli.main, ["tenants", "key-entry"], input=f"{keys[0]}\n\n{keys[1]}\n")
+    assert converted.exit_code == 0 and yaml.safe_load(converted.output) == entries
+    secret = keys[0].split("_", 2)[2]
+    typo = CliRunner().invoke(cli.main, ["tenants", "key-entry"], input=f"{keys[1]}\ncsk{secret}\n")
+    assert typo.exit_code == 2 and "line 2" in typo.output and secret not in typo.output
+
+
+def test_the_cli_refuses_to_change_a_tenant_the_tenants_file_manages(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.tenants import KeyEntry, Store, TenantEntry, new_key
+
+    monkeypatch.setenv("CITYSERVE_LEDGER_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
+    get_settings.cache_clear()
+    store = Store(get_settings().ledger_location())
+    store.sync_tenants([TenantEntry(name="grid", grants=["energy"], requests_per_minute=5, items_per_minute=5,
+                                    max_concurrent=1, keys=[KeyEntry.of(new_key()[0])])])
+    out = CliRunner().invoke(cli.main, ["tenants", "revoke", "grid", "--yes"])
+    assert out.exit_code == 2 and "managed by the tenants file" in out.output and "remove the tenant" in out.output
+    listed = json.loads(CliRunner().invoke(cli.main, ["tenants", "list", "--json"]).output)
+    assert [(t["tenant"], t["state"], t["managed by"]) for t in listed] == [("grid", "active", "file")]
+    get_settings.cache_clear()

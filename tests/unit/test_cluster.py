@@ -8,16 +8,18 @@ import time
 import pytest
 
 from cluster import serve
-from cluster.local import OWN_PORTS, WORKER_START_TIMEOUT, _with_address, free_ports
+from cluster.local import OWN_PORTS, PRINT_PATCH, WORKER_START_TIMEOUT, _with_address, free_ports
 from core.errors import ConfigError
 
 
 def test_workers_learn_the_address_and_keep_the_callers_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(WORKER_START_TIMEOUT[0], raising=False)
+    monkeypatch.delenv(PRINT_PATCH[0], raising=False)
     kwargs = {"runtime_env": {"env_vars": {"A": "1"}, "pip": []}, "num_gpus": 0}
     env = _with_address(kwargs, "127.0.0.1:6380")
     assert env == {"pip": [], "env_vars": {"A": "1", "RAY_ADDRESS": "127.0.0.1:6380",
-                                           WORKER_START_TIMEOUT[0]: WORKER_START_TIMEOUT[1]}}
+                                           WORKER_START_TIMEOUT[0]: WORKER_START_TIMEOUT[1],
+                                           PRINT_PATCH[0]: PRINT_PATCH[1]}}
     assert kwargs == {"num_gpus": 0}  # runtime_env is passed once, not twice
 
 

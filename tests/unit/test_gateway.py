@@ -107,8 +107,8 @@ def test_auth_matrix(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> 
 
 
 def test_items_one_or_a_batch_with_fields_named(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
-    client, _, keys = setup
-    key = keys["hotline"]
+    client, backend, _ = setup
+    key = backend.keeper.store.create_tenant(Tenant("desk", ["events"], 100, 1000, 4), 1)  # room for refusals
     batch = post(client, "/v1/events/classify", [{"text": "a"}, {"text": "b"}, {"text": "c"}], key)
     assert batch.status_code == 200 and batch.json() == [{"n": 0}, {"n": 1}, {"n": 2}]
     bad = post(client, "/v1/events/classify", [{"text": "a"}, {"text": ""}], key)
@@ -201,7 +201,9 @@ def test_health_readiness_and_models(setup: tuple[TestClient, LocalBackend, dict
     assert ready.status_code == 503 and "traffic" in ready.json()["message"] and ready.headers["Retry-After"]
     assert "admission" not in ready.json()["message"]
     backend.admission_down = True
-    assert "admission service not answering yet (ConnectionError)" in client.get("/readyz").json()["message"]
+    assert client.get("/readyz").json() == ready.json()  # each replica asks at most once a second
+    time.sleep(gateway.PUBLIC_ANSWER_S)
+    assert "admission service not answering yet" in client.get("/readyz").json()["message"]
     models = {m["domain"]: m for m in client.get("/v1/models").json()["domains"]}
     assert models["events"]["version"] == "v7" and not models["traffic"]["ready"]
 
@@ -261,8 +263,9 @@ def test_a_request_that_trips_a_model_bug_fails_alone_in_its_batch() -> None:
 
 def test_hostile_bodies_get_a_documented_4xx(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
     """What the reliability check `nasty_inputs` found (`bench/reliability/hostile.py`)."""
-    client, _, keys = setup
-    auth = {"Authorization": f"Bearer {keys['hotline']}"}
+    client, backend, _ = setup
+    key = backend.keeper.store.create_tenant(Tenant("desk", ["events"], 100, 1000, 4), 1)  # room for refusals
+    auth = {"Authorization": f"Bearer {key}"}
     event = json.dumps(request_example(get_domain("events").request_model)).encode()
 
     def send(content: bytes, **headers: str) -> Any:
@@ -283,5 +286,136 @@ def test_hostile_bodies_get_a_documented_4xx(setup: tuple[TestClient, LocalBacke
         refused = send(b'{"text": "' + text + b'"}')
         assert refused.status_code == 422 and refused.json()["field"] == "text", text
     assert send('{"text": "\u202ebidi \u200f marks are text"}'.encode()).status_code == 200
-    forged = send(event, Authorization=f"Bearer {keys['hotline'][:-4]}AAAA")
+    forged = send(event, Authorization=f"Bearer {key[:-4]}AAAA")
     assert forged.status_code == 401 and forged.json()["field"] == "Authorization"
+
+
+def test_readiness_names_no_exception_class(setup: tuple[TestClient, LocalBackend, dict[str, str]],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """/readyz and /v1/models answer anyone: they say what is not ready, not which exception said so."""
+    client, backend, _ = setup
+    backend.admission_down = True
+
+    async def lost(domain: str) -> dict[str, Any]:
+        raise ConnectionResetError(f"{domain} replica at 10.0.0.7 gone")
+
+    monkeypatch.setattr(backend, "info", lost)
+    answers = [client.get("/readyz").text, client.get("/v1/models").text]
+    for text in answers:
+        assert "Error" not in text and "10.0.0.7" not in text, text
+    assert "admission service not answering yet" in answers[0]
+    assert {m["error"] for m in json.loads(answers[1])["domains"]} == {"not answering"}
+
+
+def test_api_docs_can_be_switched_off(tmp_path: Path) -> None:
+    args = PlatformArgs(registry_uri="unused", ledger_url="unused", api_docs="off", domains={"events": {}})
+    client = TestClient(create_api(args, LocalBackend(Store(f"sqlite:///{tmp_path / 'ledger.db'}"), echo)))
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        answer = client.get(path)
+        assert answer.status_code == 404 and answer.json()["code"] == "not_found", path
+    assert client.get("/healthz").status_code == 200
+
+
+def test_an_error_carries_the_request_id_the_ledger_has(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
+    """A client's X-Request-Id that is not 1-64 of [A-Za-z0-9._-] is replaced, in errors too."""
+    client, backend, _ = setup
+    key = backend.keeper.store.create_tenant(Tenant("meters", ["traffic"], 100, 1000, 4), 1)
+    traffic = request_example(get_domain("traffic").request_model)
+    unknown_sensor = {**traffic, "sensors": ["nowhere", *traffic["sensors"][1:]]}  # the model's refusal: metered
+    for sent in ("abc-123", "not an id; <script>"):
+        refused = post(client, "/v1/traffic/forecast", unknown_sensor, key, **{"X-Request-Id": sent})
+        assert refused.status_code == 422
+        usage = backend.released[-1]
+        assert usage is not None and refused.headers.get_list("X-Request-Id") == [usage.request_id]
+        assert (usage.request_id == sent) == (sent == "abc-123")
+    assert post(client, "/v1/events/classify", {"text": "a"}).headers["X-Request-Id"]  # before the key is read
+
+
+def test_serves_own_request_id_is_not_repeated(setup: tuple[TestClient, LocalBackend, dict[str, str]],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Serve, its HTTP server adds its request id to every response: the gateway adds it no
+    second time, and adds its own only where it replaced Serve's (tests/integration/test_serve.py
+    checks the whole response)."""
+    client, backend, _ = setup
+    key = backend.keeper.store.create_tenant(Tenant("meters", ["events"], 100, 1000, 4), 1)
+    monkeypatch.setattr(gateway, "_serve_request_id", lambda: "abc-123")
+    for body in ({"text": "a"}, {"text": ""}):
+        answer = post(client, "/v1/events/classify", body, key, **{"X-Request-Id": "abc-123"})
+        assert "X-Request-Id" not in answer.headers, answer.status_code
+    assert backend.released[-1] is not None and backend.released[-1].request_id == "abc-123"
+
+
+# ---- callers without a good key cost little (issue: unauthenticated work) -------------------------
+def test_the_key_is_checked_before_the_body_is_read(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
+    client, backend, _ = setup
+    huge = {"text": "x" * 5000}  # over this gateway's 4096-byte limit: reading it would be a 413
+    assert post(client, "/v1/events/classify", huge).status_code == 401
+    made_up = "csk_0123456789ab_" + "x" * 43
+    assert post(client, "/v1/events/classify", {"text": "a"}, made_up).status_code == 401  # looked up once
+    assert post(client, "/v1/events/classify", huge, made_up).status_code == 401  # then refused unread
+    assert backend.asked == 1
+
+
+def test_a_refused_key_is_refused_again_without_asking(setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
+    client, backend, keys = setup
+    made_up, wrong_secret = "csk_0123456789ab_" + "x" * 43, keys["press"][:-4] + "AAAA"
+    for key in (made_up, wrong_secret):  # the same path for an unknown id and a wrong secret
+        answers = [post(client, "/v1/events/classify", {"text": "a"}, key) for _ in range(3)]
+        assert {a.status_code for a in answers} == {401} and len({a.text for a in answers}) == 1
+    assert backend.asked == 2
+
+
+def test_an_address_sending_bad_keys_is_turned_away_but_its_tenants_are_not(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'ledger.db'}")
+    good = store.create_tenant(Tenant("hotline", ["events"], 600, 6000, 4), 1)
+    backend = LocalBackend(store, echo)
+    args = PlatformArgs(registry_uri="unused", ledger_url="unused", unauthenticated_per_s=2.0, domains={"events": {}})
+    client = TestClient(create_api(args, backend))
+    assert post(client, "/v1/events/classify", {"text": "a"}, good).status_code == 200
+    made_up = [f"csk_{i:012x}_" + "x" * 43 for i in range(10)]
+    statuses = [post(client, "/v1/events/classify", {"text": "a"}, key).status_code for key in made_up]
+    assert statuses[:4] == [401] * 4 and set(statuses[5:]) == {429}  # a burst of 2 × 2 a second, then refused
+    refused = post(client, "/v1/events/classify", {"text": "a"}, "csk_00000000ffff_" + "x" * 43)
+    assert refused.json()["code"] == "too_many_unauthenticated" and int(refused.headers["Retry-After"]) >= 1
+    assert backend.asked <= 6  # the refused ones never reached the admission actor
+    assert post(client, "/v1/events/classify", {"text": "a"}, good).status_code == 200  # admitted lately: let in
+
+
+def test_forwarded_for_is_read_only_as_far_as_the_trusted_proxies(tmp_path: Path) -> None:
+    from starlette.requests import Request
+
+    from services.shield import client_address
+
+    def address(forwarded: str, hops: int) -> str:
+        scope = {"type": "http", "client": ("10.0.0.9", 5000), "headers": [(b"x-forwarded-for", forwarded.encode())]}
+        return client_address(Request(scope), hops)
+
+    assert address("1.2.3.4", 0) == "10.0.0.9"  # no proxy trusted: the peer
+    assert address("6.6.6.6, 1.2.3.4", 1) == "1.2.3.4"  # what the ingress appended, not what the client forged
+    assert address("", 1) == "10.0.0.9"
+
+
+def test_public_answers_are_computed_at_most_once_a_second(
+        setup: tuple[TestClient, LocalBackend, dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    client, backend, _ = setup
+    calls: list[str] = []
+    real = backend.info
+
+    async def info(domain: str) -> dict[str, Any]:
+        calls.append(domain)
+        return await real(domain)
+
+    monkeypatch.setattr(backend, "info", info)
+    for _ in range(5):
+        assert client.get("/v1/models").status_code == 200 and client.get("/readyz").status_code == 503
+    assert len(calls) == len(DOMAINS)  # one round for all ten answers
+
+
+def test_a_tenant_sending_invalid_bodies_is_throttled_by_its_quota(
+        setup: tuple[TestClient, LocalBackend, dict[str, str]]) -> None:
+    client, backend, _ = setup
+    key = backend.keeper.store.create_tenant(Tenant("sloppy", ["events", "energy"], 3, 1000, 4), 1)
+    statuses = [post(client, "/v1/events/classify", {"text": ""}, key).status_code for _ in range(3)]
+    assert statuses == [422] * 3
+    over = post(client, "/v1/events/classify", {"text": "a"}, key)  # the quota is spent on refusals
+    assert over.status_code == 429 and over.json()["code"] == "quota_exceeded"

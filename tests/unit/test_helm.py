@@ -205,6 +205,7 @@ def test_serve_config_v2_is_base_plus_cluster_overlay_plus_values(rendered: dict
     assert config == expected
     args = validate_config(config)  # Ray's ServeDeploySchema, PlatformArgs, each ModelConfig
     assert set(args.domains) == set(DOMAINS)
+    assert args.api_docs == "off"  # serve/cluster.yaml's, read by Helm's YAML parser as text, not false
     # What serves is the registry's stage: the chart never names a model version.
     assert {c.stage for c in model_configs(config).values()} == {"production"}
 
@@ -236,7 +237,9 @@ def test_every_ray_container_gets_serve_env_settings_and_ledger_url(rendered: di
             env = env_of(container)
             assert {k: env.get(k) for k in RAY_ENV} == RAY_ENV, (owner, group)
             assert container["envFrom"] == [{"configMapRef": {"name": settings["metadata"]["name"]}}]
-            if values["ledger"]["backend"] == "postgres":
+            if owner != "RayService":  # a training job gets no ledger credentials
+                assert "CITYSERVE_LEDGER_URL" not in env, (owner, group)
+            elif values["ledger"]["backend"] == "postgres":
                 ref = env["CITYSERVE_LEDGER_URL"]["secretKeyRef"]
                 pg = values["ledger"]["postgres"]
                 if pg["existingSecret"]:
@@ -273,7 +276,7 @@ def test_tenants_and_ledger_are_mounted_where_the_args_say(rendered: dict[str, l
                     tenants_file = tmp_path / "tenants.yaml"
                     tenants_file.write_text(created["stringData"]["tenants.yaml"])
                     entries = read_tenants_file(tenants_file)  # what the platform reads at start
-                    assert [e.model_dump() for e in entries] == values["tenants"]["list"]
+                    assert [e.model_dump(mode="json", exclude_none=True) for e in entries] == values["tenants"]["list"]
             # The SQLite ledger: in the serving head only, beside the resource its writer needs.
             sqlite_here = serving and group == "head" and values["ledger"]["backend"] == "sqlite"
             assert (LEDGER_DIR in mounts) == sqlite_here, (owner, group)
@@ -311,6 +314,79 @@ def test_gpu_groups_ask_for_gpus_on_gpu_nodes(rendered: dict[str, list[Doc]], na
                                        if values["auth"]["enabled"] else None)
 
 
+# ---- Pod Security Standards "restricted" (checkov's view: tests/unit/test_chart_policy.py) ----------
+TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_every_pod_meets_the_restricted_standard(rendered: dict[str, list[Doc]], name: str) -> None:
+    """Non-root, RuntimeDefault seccomp, no privilege escalation, no capabilities, a read-only root with
+    size-limited emptyDirs where Ray writes, and no API token in any Ray container."""
+    for owner, spec in cluster_specs(rendered[name]):
+        for group, pod in pods(spec):
+            where = (owner, group)
+            pod_sc = pod["spec"]["securityContext"]
+            assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] > 0, where
+            assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+            assert pod["spec"]["automountServiceAccountToken"] is False, where
+            (container,) = pod["spec"]["containers"]
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, where
+            assert sc["capabilities"] == {"drop": ["ALL"]}, where
+            volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+            scratch = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]
+                       if "emptyDir" in volumes[m["name"]]}
+            assert set(scratch) == {"/tmp/ray", "/tmp", "/home/ray/.cache"}, where
+            assert all(v["emptyDir"]["sizeLimit"] for v in scratch.values()), where
+            assert TOKEN_DIR not in mounts_of(pod), where
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_only_the_autoscaler_gets_the_api_token(rendered: dict[str, list[Doc]], name: str) -> None:
+    """KubeRay binds the autoscaler's Role to the head's service account: its token is mounted in the
+    autoscaler container of an autoscaling head and nowhere else; that container is restricted too."""
+    values = values_of(name)
+    for owner, spec in cluster_specs(rendered[name]):
+        token_volumes = {g: [v for v in pod["spec"]["volumes"] if v["name"] == "autoscaler-token"]
+                         for g, pod in pods(spec)}
+        if not spec["enableInTreeAutoscaling"]:
+            assert "autoscalerOptions" not in spec and not any(token_volumes.values()), owner
+            continue
+        assert [g for g, v in token_volumes.items() if v] == ["head"], owner
+        sources = token_volumes["head"][0]["projected"]["sources"]
+        assert sources[0]["serviceAccountToken"]["path"] == "token"
+        options = spec["autoscalerOptions"]
+        assert {"name": "autoscaler-token", "mountPath": TOKEN_DIR, "readOnly": True} in options["volumeMounts"]
+        assert options["securityContext"] == values["securityContext"]
+        assert options["upscalingMode"] == values["autoscaler"]["options"]["upscalingMode"]  # the values' options stay
+
+
+def test_k8s_job_mode_submitters_are_restricted_and_reach_only_their_jobs(helm: str) -> None:
+    """In K8sJobMode each RayJob gets the chart's submitter pod: restricted like the Ray pods, no API
+    token, labelled as its job so the jobs' NetworkPolicy (not the serving one) covers it."""
+    docs = template(helm, *values_args("all-on-values"), "--set", "jobs.submissionMode=K8sJobMode")
+    jobs = kinds(docs, "RayJob")
+    assert jobs
+    policies = {p["metadata"]["name"].rsplit("-", 1)[1]: p["spec"] for p in kinds(docs, "NetworkPolicy")}
+    for job in jobs:
+        if KUBERAY.is_dir():
+            errors = list(crd_validator("RayJob").iter_errors(job))
+            assert not errors, [e.message for e in errors[:5]]
+        pod = job["spec"]["submitterPodTemplate"]
+        assert pod["spec"]["restartPolicy"] == "Never" and pod["spec"]["automountServiceAccountToken"] is False
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        (container,) = pod["spec"]["containers"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert "command" not in container  # KubeRay fills in `ray job submit`
+        labels = pod["metadata"]["labels"]
+        assert labels["app.kubernetes.io/component"] == job["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert selects(policies["jobs"]["podSelector"], labels)
+        assert not selects(policies["serving"]["podSelector"], labels)
+    # HTTPMode (the default) has no submitter pod at all.
+    assert all("submitterPodTemplate" not in j["spec"] for j in kinds(template(helm, *values_args("all-on-values")),
+                                                                       "RayJob"))
+
+
 # ---- what is exposed -------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", VALUES)
 def test_only_the_serve_port_is_exposed(rendered: dict[str, list[Doc]], name: str) -> None:
@@ -327,21 +403,61 @@ def test_only_the_serve_port_is_exposed(rendered: dict[str, list[Doc]], name: st
     if not values["networkPolicy"]["enabled"]:
         assert not kinds(docs, "NetworkPolicy")
         return
-    policy = one(docs, "NetworkPolicy")
-    selector = policy["spec"]["podSelector"]["matchLabels"]
-    for _, spec in cluster_specs(docs):
-        for _, pod in pods(spec):
-            assert selector.items() <= pod["metadata"]["labels"].items()  # every Ray pod is covered
-    from_outside = set()
-    for rule in policy["spec"]["ingress"]:
-        if rule["from"] == [{"podSelector": {"matchLabels": selector}}]:
-            assert "ports" not in rule  # the release's own pods talk freely
-            continue
-        from_outside |= {p["port"] for p in rule["ports"]}
+    policies = {p["metadata"]["name"].rsplit("-", 1)[1]: p["spec"] for p in kinds(docs, "NetworkPolicy")}
+    assert set(policies) == {"serving", "jobs", "heads"}
     scraped = {"metrics"} if values["monitoring"]["podMonitor"]["enabled"] else set()
-    assert from_outside == {port, 8265, *scraped}  # serve, the operator's dashboard port, Prometheus
-    operator = next(r for r in policy["spec"]["ingress"] if "kuberay-operator" in json.dumps(r["from"]))
+    for owner, spec in cluster_specs(docs):
+        kind = "serving" if owner == "RayService" else "jobs"
+        policy = policies[kind]
+        for _, pod in pods(spec):
+            labels = pod["metadata"]["labels"]
+            # Each Ray pod is in exactly one of the two policies: serving and jobs are selected apart.
+            assert [k for k in ("serving", "jobs") if selects(policies[k]["podSelector"], labels)] == [kind]
+        from_outside = set()
+        for rule in policy["ingress"]:
+            if rule["from"] == [{"podSelector": policy["podSelector"]}]:
+                assert "ports" not in rule  # pods of the same kind talk freely
+                continue
+            from_outside |= {p["port"] for p in rule["ports"]}
+        # serve (serving pods only), the operator's dashboard port, Prometheus
+        assert from_outside == ({port} if kind == "serving" else set()) | {8265, *scraped}, owner
+    operator = next(r for r in policies["serving"]["ingress"] if "kuberay-operator" in json.dumps(r["from"]))
     assert {p["port"] for p in operator["ports"]} == {port, 8265}  # it probes the head's proxy too
+
+
+def selects(selector: Doc, labels: dict[str, str]) -> bool:
+    """A LabelSelector's verdict on a pod's labels (matchLabels, and matchExpressions' In)."""
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In"
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return bool(selector.get("matchLabels", {}).items() <= labels.items())
+
+
+def egress_ports(policy: Doc) -> set[int]:
+    """The ports a policy lets its pods reach outside their own kind."""
+    return {p["port"] for rule in policy.get("egress", []) if "podSelector" not in json.dumps(rule.get("to", []))
+            for p in rule["ports"]}
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_egress_is_limited_to_what_each_pod_needs(rendered: dict[str, list[Doc]], name: str) -> None:
+    """DNS and the object store for all; PostgreSQL and Redis for serving pods, where the values use them;
+    the API server for heads (the autoscaler). A job never reaches the ledger's database."""
+    values = values_of(name)
+    policies = {p["metadata"]["name"].rsplit("-", 1)[1]: p["spec"] for p in kinds(rendered[name], "NetworkPolicy")}
+    if not values["networkPolicy"]["enabled"]:
+        return
+    assert all("Egress" in p["policyTypes"] for p in policies.values())
+    postgres = {5432} if values["ledger"]["backend"] == "postgres" else set()
+    redis = {6379} if values["gcsFaultTolerance"]["enabled"] else set()
+    assert egress_ports(policies["serving"]) == {53, 443, *postgres, *redis}
+    assert egress_ports(policies["jobs"]) == {53, 443}
+    assert policies["heads"]["podSelector"]["matchLabels"]["ray.io/node-type"] == "head"
+    assert egress_ports(policies["heads"]) == {443, 6443}
+    # Pods of the same kind reach each other on any port; serving never admits job pods.
+    (own,) = [r for r in policies["serving"]["egress"] if "to" in r and "podSelector" in r["to"][0]]
+    assert own["to"] == [{"podSelector": policies["serving"]["podSelector"]}] and "ports" not in own
 
 
 def test_pod_monitor_only_where_the_cluster_has_the_crd(helm: str, rendered: dict[str, list[Doc]]) -> None:
@@ -350,8 +466,8 @@ def test_pod_monitor_only_where_the_cluster_has_the_crd(helm: str, rendered: dic
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     without = template(helm, *values_args("all-on-values"))
     assert not kinds(without, "PodMonitor")
-    assert {str(p["port"]) for r in one(without, "NetworkPolicy")["spec"]["ingress"] for p in r.get("ports", [])} \
-        == {"8080", "8265"}  # and Prometheus is not let in
+    assert {str(p["port"]) for np in kinds(without, "NetworkPolicy") for r in np["spec"].get("ingress", [])
+            for p in r.get("ports", [])} == {"8080", "8265"}  # and Prometheus is not let in
     assert not kinds(rendered["default"], "PodMonitor")  # the CRD alone is not enough: the value is off
 
 
@@ -400,10 +516,22 @@ def test_rayjobs_run_the_cli_in_a_cluster_of_their_own(rendered: dict[str, list[
         assert cluster["authOptions"] == service["authOptions"]
         assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == \
             service["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+        assert spec["activeDeadlineSeconds"] == values["jobs"]["activeDeadlineSeconds"]
     train_groups = {g["groupName"]: g for g in jobs["city-train-traffic"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
     assert set(train_groups) == {"cpu", "gpu"}  # `spot` switched off for this job only
     assert (train_groups["gpu"]["minReplicas"], train_groups["gpu"]["maxReplicas"]) == (2, 2)
     assert "--use-gpu" in jobs["city-train-traffic"]["spec"]["entrypoint"]
+
+
+def test_job_entrypoints_quote_every_value(helm: str) -> None:
+    """Ray runs the entrypoint in a shell: a value with quotes, `$(...)` or `;` stays one argument."""
+    nasty = ["--json", "it's; touch /tmp/x", "$(id)", "`id`", "a b"]
+    docs = template(helm, "--set", "sharedVolume.existingClaim=shared", "--set", "jobs.tune.enabled=true",
+                    "--set-json", f"jobs.tune.extraArgs={json.dumps(nasty)}", "--set", "jobs.tune.numSamples=4")
+    (job,) = kinds(docs, "RayJob")
+    prepare, run = job["spec"]["entrypoint"].split(" && ")
+    assert shlex.split(prepare) == ["cityserve", "data", "prepare", "traffic"]
+    assert shlex.split(run) == ["cityserve", "tune", "traffic", "--profile", "quick", "--num-samples", "4", *nasty]
 
 
 # ---- devices: every GPU asked for exists where it can be scheduled -----------------------------------
@@ -613,7 +741,7 @@ def test_schema_knows_the_domains() -> None:
 def tenants(**change: Any) -> str:
     """`tenants.list=[...]` with one well-formed tenant, changed as asked."""
     tenant = {"name": "a", "grants": ["traffic"], "requests_per_minute": 60, "items_per_minute": 600,
-              "max_concurrent": 2, "keys": ["csk_0123456789ab_secret"], **change}
+              "max_concurrent": 2, "keys": [{"id": "0123456789ab", "sha256": "0" * 64}], **change}
     return f"tenants.list=[{json.dumps(tenant)}]"
 
 
@@ -630,11 +758,17 @@ GPU_TRAIN = ("--set", "sharedVolume.existingClaim=shared", "--set", "jobs.train.
     (["--set", "serve.deployment.Gateway.num_replicas=2"], "deployment"),  # a typo of `deployments`
     (["--set", "serve.args.ledger_url=sqlite:///x.db"], "invalid propertyName 'ledger_url'"),  # the chart's
     (["--set", "ledger.backend=mysql"], "backend"),
+    (["--set", "scratch.tmp=lots"], "tmp"),  # an emptyDir size limit that is no quantity
+    (["--set-json", 'networkPolicy.egress.dns={"to": [], "ports": [0]}'], "ports"),
+    (["--set", "securityContext.capabilities.add[0]=NET_ADMIN", "--set", "securityContext.typo=true"], "typo"),
     (["--set", "registry.uri=registry"], "uri"),  # neither a URI nor an absolute path
     (["--set", "upgradeStrategy.type=NewClusterWithIncrementalUpgrade"], "clusterUpgradeOptions"),
     (["--set", "tenants.create=false"], "existingSecret"),
     (["--set-json", tenants(grants=["water"])], "grants"),
     (["--set-json", tenants(keys=["sk-123"])], "keys"),
+    (["--set-json", tenants(keys=["csk_0123456789ab_secret"])], "keys"),  # a whole key, not its digest
+    (["--set-json", tenants(keys=[{"id": "0123456789ab", "sha256": "0" * 64, "expires": "2027-06-30"}])],
+     "expires"),
     (["--set-json", tenants(max_concurrent=0)], "max_concurrent"),
     # the templates (what JSON Schema cannot compare)
     (["--set", "workerGroups.cpu.minReplicas=5", "--set", "workerGroups.cpu.maxReplicas=2"],

@@ -528,11 +528,48 @@ def test_train_and_tune_run_a_rayjob_on_the_services_cluster_spec(
     assert job["spec"]["rayClusterSpec"] == expected
     assert job["spec"]["entrypoint"] == entrypoint
     assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["ttlSecondsAfterFinished"] == 600
+    assert job["spec"]["activeDeadlineSeconds"] == k8s.JOB_DEADLINE_S  # a hung job does not hold its nodes forever
     assert "Running / RUNNING" in said(out)
     if exit_code:
         assert "ended Failed / FAILED: trial 3 diverged" in said(out)
     else:
         assert "succeeded" in said(out)
+
+
+def test_train_jobs_get_no_tenants_ledger_or_serving_redis(cluster: Cluster) -> None:
+    """A training job runs user code on a copy of the serving cluster: the tenants' keys, the ledger's
+    volume and URL (a password) and the serving GCS's Redis stay with serving; `--deadline` bounds it."""
+    rs = rayservice()
+    config = rs["spec"]["rayClusterConfig"]
+    config["gcsFaultToleranceOptions"] = {"redisAddress": "redis:6379",
+                                          "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "r", "key": "p"}}}}
+    ledger_env = {"name": "CITYSERVE_LEDGER_URL", "valueFrom": {"secretKeyRef": {"name": "ledger", "key": "url"}}}
+    for group in [config["headGroupSpec"], *config["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        pod["volumes"] = [{"name": "tenants", "secret": {"secretName": "t"}},
+                          {"name": "ledger", "persistentVolumeClaim": {"claimName": "l"}},
+                          {"name": "shared", "persistentVolumeClaim": {"claimName": "s"}}]
+        ray = pod["containers"][0]
+        ray["env"] = [*ray.get("env", []), ledger_env]
+        ray["volumeMounts"] = [{"name": n, "mountPath": f"/{n}"} for n in ("tenants", "ledger", "shared")]
+    cluster.seed(RS, rs)
+    out = cluster.cli("train", "events", "--deadline", "3600", "--no-follow")
+    assert out.exit_code == 0, out.output
+    [job] = [obj.raw for (res, _, _), obj in cluster.server.objects.items() if res == JOBS]
+    spec = job["spec"]["rayClusterSpec"]
+    assert job["spec"]["activeDeadlineSeconds"] == 3600
+    assert "gcsFaultToleranceOptions" not in spec
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        assert [v["name"] for v in pod["volumes"]] == ["shared"]  # the shared volume stays: the data is there
+        ray = pod["containers"][0]
+        assert [m["name"] for m in ray["volumeMounts"]] == ["shared"]
+        assert "CITYSERVE_LEDGER_URL" not in {e["name"] for e in ray["env"]}
+        assert {e["name"] for e in ray["env"]} >= {"CITYSERVE_REGISTRY_URI"} or group is spec["headGroupSpec"]
+    # The RayService itself is untouched.
+    assert cluster.get(RS, "cityserve")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    refused = cluster.cli("train", "events", "--deadline", "0", "--no-follow")
+    assert refused.exit_code == 2 and "--deadline" in said(refused)
 
 
 def test_train_refuses_options_that_cityserve_train_does_not_take(cluster: Cluster) -> None:

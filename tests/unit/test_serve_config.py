@@ -36,6 +36,12 @@ def test_overlays_change_only_what_they_name() -> None:
     assert cluster["applications"][0]["args"]["registry_uri"].startswith("s3://")
 
 
+def test_the_cluster_serves_no_api_docs() -> None:
+    """/docs and /openapi.json list every route and limit to whoever asks: public on this machine only."""
+    assert validate_config(build_config("local")).api_docs == "public"
+    assert validate_config(build_config("cluster")).api_docs == "off"
+
+
 def test_run_values_and_domain_subsets() -> None:
     run = ServeOverlay(http_options={"port": 8123}, deployments={"energy": {"user_config": {"generation": 4}}})
     config = build_config("local", run, domains=["energy"])

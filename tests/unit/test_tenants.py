@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from core.errors import ConfigError, InvalidInput
 from services.admission import Decision, Gatekeeper
 from services.tenants import (
+    KeyEntry,
     Leases,
     SlidingWindow,
     Store,
@@ -131,15 +134,15 @@ def _keeper(store: Store, **limits: int) -> tuple[Gatekeeper, tuple[str, str]]:
 
 
 def test_admission_decisions_cover_auth_grants_quotas_and_leases(store: Store) -> None:
-    keeper, (key_id, key_digest) = _keeper(store)
+    keeper, (key_id, key_digest) = _keeper(store, rpm=5)
 
     def admit(domain: str = "sentiment", items: int = 1, now: float = 0.0, digest_: str = key_digest) -> Decision:
         return keeper.admit(key_id, digest_, domain, items, lease_ttl=30, now=now, wall=time.time())
 
     assert admit(digest_="0" * 64).status == 401
     assert keeper.admit("nokey", key_digest, "sentiment", 1, 30, 0.0, time.time()).status == 401
-    assert admit("energy").status == 403
-    assert admit(items=11).status == 413
+    assert admit("energy").status == 403  # refused after authentication: one request of the quota
+    assert admit(items=11).status == 413  # and another
     first = admit(items=4)
     assert first.status == 200 and first.lease
     second = admit(items=4, now=1.0)
@@ -149,15 +152,14 @@ def test_admission_decisions_cover_auth_grants_quotas_and_leases(store: Store) -
     keeper.release(first.lease, Usage("r1", 1.0, "press", "sentiment", 4, 200, 3.0, "v1"))
     over_items = admit(items=3, now=3.0)  # 8 + 3 > 10 items in the window
     assert over_items.status == 429 and over_items.retry_after == pytest.approx(57.0)
-    assert admit(items=0, now=3.0).status == 200  # authentication only: takes no quota
-    third = admit(items=1, now=4.0)
-    assert third.status == 200
+    assert admit(items=0, now=3.0).status == 200  # a body the gateway refuses: the fifth request
+    over_requests = admit(items=1, now=4.0)
+    assert over_requests.status == 429 and over_requests.retry_after == pytest.approx(56.0)
+    # refused requests are throttled like any other once the quota is spent
+    assert admit(items=0, now=4.0).status == 429 and admit("energy", now=4.0).status == 429
     keeper.release(second.lease, None)
-    keeper.release(third.lease, None)
-    over_requests = admit(items=1, now=5.0)  # 3 requests in the window already
-    assert over_requests.status == 429 and over_requests.retry_after == pytest.approx(55.0)
     assert admit(items=1, now=61.0).status == 200
-    assert keeper.flush() == 1 and store.usage()[0].request_id == "r1"
+    assert [u.request_id for u in keeper.pending] == ["r1"]
 
 
 def test_a_tenants_minute_is_spread_over_it(store: Store) -> None:
@@ -215,12 +217,21 @@ def _write(path: Path, *tenants: dict[str, object]) -> Path:
     return path
 
 
+def _listed(*keys: str) -> list[dict[str, object]]:
+    """Keys as a tenants file lists them: ids and digests."""
+    return [KeyEntry.of(k).model_dump(exclude_none=True) for k in keys]
+
+
+def _key_id(key: str) -> str:
+    return KeyEntry.of(key).id
+
+
 def test_a_tenants_file_is_the_truth_for_the_tenants_it_lists(store: Store, tmp_path: Path) -> None:
     keeper = Gatekeeper(store, refresh_s=0)
     cli_key = store.create_tenant(Tenant("press", ["sentiment"], 10, 100, 2), 1)
     first, second = new_key()[0], new_key()[0]
     grid = {"name": "grid", "grants": ["energy"], "requests_per_minute": 5, "items_per_minute": 50,
-            "max_concurrent": 2, "keys": [first]}
+            "max_concurrent": 2, "keys": _listed(first)}
     path = _write(tmp_path / "tenants.yaml", grid)
 
     def status(key: str, domain: str = "energy") -> int:
@@ -233,31 +244,114 @@ def test_a_tenants_file_is_the_truth_for_the_tenants_it_lists(store: Store, tmp_
     assert status(first) == 200 and status(first, "events") == 403
     assert store.sync_tenants(read_tenants_file(path)) == []  # nothing changed: nothing audited
     # rotation in the file: both keys work, then the old one goes
-    assert store.sync_tenants(read_tenants_file(_write(path, {**grid, "keys": [first, second]}))) == ["grid"]
+    assert store.sync_tenants(read_tenants_file(_write(path, {**grid, "keys": _listed(first, second)}))) == ["grid"]
     assert status(first) == 200 and status(second) == 200
-    store.sync_tenants(read_tenants_file(_write(path, {**grid, "keys": [second], "grants": ["energy", "events"]})))
+    store.sync_tenants(read_tenants_file(_write(path, {**grid, "keys": _listed(second),
+                                                       "grants": ["energy", "events"]})))
     assert status(first) == 401 and status(second, "events") == 200
-    assert {k.key_id: k.expires_at > time.time() + 300 * 86400 for k in store.api_keys("grid")
-            if k.revoked_at is None} == {split_key(second)[0]: True}  # type: ignore[index]
     # dropped from the file: revoked; tenants made with the CLI are never touched
     assert store.sync_tenants(read_tenants_file(_write(path))) == ["grid"]
     assert status(second) == 401 and status(cli_key, "sentiment") == 200
     actions = [row[2] for row in store.audit_log("grid")]
     assert actions.count("sync") == 3 and actions[-1] == "sync-revoke"
-    assert first not in path.read_text() and all(first not in str(row) for row in store.audit_log())
+    secret = first.split("_", 2)[2]
+    assert secret not in path.read_text() and all(secret not in str(row) for row in store.audit_log())
+
+
+def _status(keeper: Gatekeeper, key: str, domain: str = "energy") -> int:
+    key_id, key_digest = split_key(key) or ("", "")
+    decision = keeper.admit(key_id, key_digest, domain, 1, 10.0, now=time.monotonic(), wall=time.time())
+    keeper.release(decision.lease, None)
+    return decision.status
+
+
+def test_a_key_works_until_the_expiry_the_file_gives_it_and_no_sync_extends_it(store: Store, tmp_path: Path) -> None:
+    keeper = Gatekeeper(store, refresh_s=0)
+    lasting, dated = new_key()[0], new_key()[0]
+    grid = {"name": "grid", "grants": ["energy"], "requests_per_minute": 50, "items_per_minute": 50,
+            "max_concurrent": 2, "keys": [*_listed(lasting), {**_listed(dated)[0], "expires": "2030-01-01T00:00:00Z"}]}
+    path = _write(tmp_path / "tenants.yaml", grid)
+    expected = {_key_id(lasting): math.inf, _key_id(dated): datetime(2030, 1, 1, tzinfo=UTC).timestamp()}
+    for _ in range(3):  # however often the same file is applied
+        store.sync_tenants(read_tenants_file(path))
+        assert {k.key_id: k.expires_at for k in store.api_keys("grid")} == expected
+    # an expiry the file changes is applied (and audited); one in the past refuses the key
+    grid["keys"] = [*_listed(lasting), {**_listed(dated)[0], "expires": "2020-01-01T00:00:00+02:00"}]
+    assert store.sync_tenants(read_tenants_file(_write(path, grid))) == ["grid"]
+    assert _status(keeper, lasting) == 200
+    refused = keeper.admit(*(split_key(dated) or ("", "")), "energy", 1, 10.0, now=time.monotonic(), wall=time.time())
+    assert refused.status == 401 and refused.message == "API key expired at 2019-12-31T22:00:00Z"
+
+
+def test_a_tenant_is_managed_by_the_file_or_by_the_cli_never_both(store: Store, tmp_path: Path) -> None:
+    keeper = Gatekeeper(store, refresh_s=0)
+    cli_key = store.create_tenant(Tenant("press", ["energy"], 10, 100, 2), 1)
+    key = new_key()[0]
+    grid = {"name": "grid", "grants": ["energy"], "requests_per_minute": 50, "items_per_minute": 50,
+            "max_concurrent": 2, "keys": _listed(key)}
+    path = _write(tmp_path / "tenants.yaml", grid)
+    store.sync_tenants(read_tenants_file(path))
+    assert store.file_managed() == {"grid"}
+    # the CLI refuses to change a tenant the file manages (its next sync would undo the change), saying what to do
+    for change, instead in [(lambda: store.revoke("grid", _key_id(key)), "remove the key from its keys there"),
+                            (lambda: store.revoke("grid"), "remove the tenant from the file there"),
+                            (lambda: store.rotate("grid", 1, 1), "cityserve tenants new-key"),
+                            (lambda: store.set_quota("grid", max_concurrent=9), "change its grants and limits")]:
+        with pytest.raises(InvalidInput, match="managed by the tenants file") as refused:
+            change()
+        assert instead in refused.value.message
+    store.sync_tenants(read_tenants_file(path))
+    assert _status(keeper, key) == 200 and store.tenant("grid").max_concurrent == 2
+    # and a file listing a tenant the CLI made is refused whole: that tenant is the CLI's
+    press = {**grid, "name": "press", "keys": _listed(new_key()[0]), "max_concurrent": 7}
+    with pytest.raises(ConfigError, match="'press' was created with `cityserve tenants create`"):
+        store.sync_tenants(read_tenants_file(_write(path, grid, press)))
+    assert store.tenant("press").max_concurrent == 2 and _status(keeper, cli_key) == 200
+    store.revoke("press")
+    store.sync_tenants(read_tenants_file(_write(path, grid)))
+    assert _status(keeper, cli_key) == 401  # the CLI's revoke sticks: no sync touches its tenants
+
+
+def test_a_key_the_file_drops_stays_revoked_until_the_file_lists_it_again(store: Store, tmp_path: Path) -> None:
+    keeper = Gatekeeper(store, refresh_s=0)
+    old, new = new_key()[0], new_key()[0]
+    grid = {"name": "grid", "grants": ["energy"], "requests_per_minute": 50, "items_per_minute": 50,
+            "max_concurrent": 2, "keys": _listed(old, new)}
+    path = tmp_path / "tenants.yaml"
+    store.sync_tenants(read_tenants_file(_write(path, grid)))
+    store.sync_tenants(read_tenants_file(_write(path, {**grid, "keys": _listed(new)})))
+    for _ in range(2):
+        assert store.sync_tenants(read_tenants_file(path)) == []
+        assert _status(keeper, old) == 401 and _status(keeper, new) == 200
+    # a tenant dropped from the file is revoked, stays so, and is restored by listing it again
+    assert store.sync_tenants(read_tenants_file(_write(path))) == ["grid"]
+    assert store.sync_tenants(read_tenants_file(path)) == [] and _status(keeper, new) == 401
+    assert store.sync_tenants(read_tenants_file(_write(path, {**grid, "keys": _listed(old)}))) == ["grid"]
+    assert _status(keeper, old) == 200 and _status(keeper, new) == 401
 
 
 def test_a_bad_tenants_file_is_refused_whole_without_quoting_keys(store: Store, tmp_path: Path) -> None:
     key = new_key()[0]
+    secret, entry = key.split("_", 2)[2], _listed(key)[0]
     good = {"name": "grid", "grants": ["energy"], "requests_per_minute": 5, "items_per_minute": 50,
-            "max_concurrent": 2, "keys": [key]}
-    for bad, expected in [({**good, "keys": ["not-a-key", key]}, r"tenants\[0\]\.keys: .*keys \[0\] are not"),
+            "max_concurrent": 2, "keys": [entry]}
+    whole = rf"tenants\[0\]\.keys\.1: .*a whole API key \(id {entry['id']}\).*`cityserve tenants key-entry`"
+    for bad, expected in [({**good, "keys": [entry, key]}, whole),
+                          ({**good, "keys": ["not-a-key"]}, r"tenants\[0\]\.keys\.0: .*a string"),
+                          ({**good, "keys": [entry, entry]}, r"tenants\[0\]\.keys: .*listed twice"),
+                          ({**good, "keys": [{**entry, "expires": "2030-01-01T00:00"}]}, r"\.expires: .*timezone"),
+                          ({**good, "keys": [{**entry, "sha256": secret}]}, r"keys\.0\.sha256: .*pattern"),
                           ({**good, "requests_per_minute": 0}, r"tenants\[0\]\.requests_per_minute"),
                           ({**good, "colour": "red"}, r"tenants\[0\]\.colour"),
                           ({**good, "keys": []}, r"tenants\[0\]\.keys")]:
         with pytest.raises(ConfigError, match=expected) as caught:
             read_tenants_file(_write(tmp_path / "t.yaml", bad))
-        assert key not in str(caught.value)
+        assert secret not in str(caught.value)
+    (tmp_path / "t.yaml").write_text(f"tenants: [{{name: a, grants: [energy], requests_per_minute: 1, "
+                                     f"items_per_minute: 1, max_concurrent: 1, keys: [{{id: 000000001234, "
+                                     f"sha256: {entry['sha256']}}}]}}]")
+    with pytest.raises(ConfigError, match=r"keys\.0\.id: .*in quotes"):  # YAML read the id as a number
+        read_tenants_file(tmp_path / "t.yaml")
     with pytest.raises(ConfigError, match="listed twice"):
         read_tenants_file(_write(tmp_path / "t.yaml", good, good))
     (tmp_path / "t.yaml").write_text("tenants: [oops")
@@ -268,7 +362,7 @@ def test_a_bad_tenants_file_is_refused_whole_without_quoting_keys(store: Store, 
     assert store.tenants() == []  # nothing half-applied
     other = store.create_tenant(Tenant("press", ["sentiment"], 10, 100, 2), 1)
     with pytest.raises(ConfigError, match="key id"):
-        store.sync_tenants(read_tenants_file(_write(tmp_path / "t.yaml", {**good, "keys": [other]})))
+        store.sync_tenants(read_tenants_file(_write(tmp_path / "t.yaml", {**good, "keys": _listed(other)})))
 
 
 def test_a_ledger_url_may_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -289,7 +383,7 @@ def test_hostile_tenant_names_are_refused_by_the_cli_path_and_the_tenants_file(
         store.create_tenant(Tenant(name, ["events"], 10, 100, 2), key_ttl_days=1)
     assert refused.value.field == "name" and store.tenants() == []
     entry = {"name": name, "grants": ["events"], "requests_per_minute": 5, "items_per_minute": 50,
-             "max_concurrent": 2, "keys": [new_key()[0]]}
+             "max_concurrent": 2, "keys": _listed(new_key()[0])}
     with pytest.raises(ConfigError, match=r"tenants\[0\]\.name: .*ASCII letters"):
         read_tenants_file(_write(tmp_path / "t.yaml", entry))
     store.create_tenant(Tenant("a" * 63, ["events"], 10, 100, 2), key_ttl_days=1)  # the longest name
