@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 from core.io import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def git_commit() -> str:
+    """`git rev-parse HEAD` of the code that ran: a result file's `commit`."""
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent, check=True)
+    return out.stdout.strip()
 
 
 def save_row(name: str, row: dict[str, Any]) -> Path:

@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path("state"), description="The local platform's record, Ray session and logs.")
     ledger_url: str = Field(
         "sqlite:///state/cityserve.db",
-        description="Tenants, keys, audit log and usage ledger: sqlite:///FILE or postgresql://user:pw@host/db.")
+        description="Tenants, keys, audit log and usage ledger: sqlite:///FILE or postgresql://user:pw@host/db "
+        "(`serve up` hands a password to Ray through this variable, never through the serve config).")
 
     @field_validator("reports_dir", mode="before")
     @classmethod

@@ -11,13 +11,12 @@ for them all and writes `bench/results/cluster.json` (the `cluster` result schem
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import RESULTS
+from bench import RESULTS, git_commit
 from bench.cluster.nodes import RayNodes
 from bench.reliability import Check, command, save_checks
 from core.settings import Settings
@@ -49,13 +48,6 @@ def verdict(name: str, figures: dict[str, Any], problems: list[str], short: bool
         figures["unjudged"] = list(timing)
         return Check(name, not problems, figures, command(name, RUNNER), problems)
     return Check(name, not problems and not timing, figures, command(name, RUNNER), [*problems, *timing])
-
-
-def git_commit() -> str:
-    """`git rev-parse HEAD` of the code that ran (cluster.json's `commit`)."""
-    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent, check=True)
-    return out.stdout.strip()
 
 
 def device() -> str:

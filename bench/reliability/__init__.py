@@ -130,7 +130,8 @@ def save_checks(checks: list[Check], path: Path = RESULT_FILE, *, stamp: dict[st
     before = json.loads(path.read_text()) if path.is_file() else {}
     stamp = stamp or {}
     fresh = {c.name: {**asdict(c), "figures": {**c.figures, "load_average": load}} for c in checks}
-    earlier = {k: before[k] for k in stamp if k in before and before[k] != stamp[k]}
+    # an entry from a file that never recorded the key was measured somewhere unknown, not here
+    earlier = {k: before.get(k, "unknown") for k in stamp if before.get(k, "unknown") != stamp[k]}
     kept = [{**earlier, **r} for r in before.get("checks", []) if r["name"] not in fresh]
     write_json_atomic(path, {**stamp, "checks": sorted(kept + list(fresh.values()), key=lambda r: str(r["name"]))})
     return path

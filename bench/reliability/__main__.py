@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench import git_commit
 from bench.reliability import RESULT_FILE, Check, Target, save_checks, timed_check
 from cluster.local import LOOPBACK_ENV
 from core.settings import Settings, get_settings
@@ -30,6 +31,11 @@ from training.workspace import Workspace
 # replica killed): fixed, so autoscaling does not blur what a kill does.
 OVERLAY = ServeOverlay(deployments={
     name: {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}} for name in ("Gateway", "energy")})
+
+
+def save(checks: list[Check]) -> Any:
+    """Replaces these checks' entries in reliability.json, stamped with the commit that measured them."""
+    return save_checks(checks, stamp={"commit": git_commit()})
 
 
 def training_checks() -> dict[str, Callable[[Settings, bool], Check]]:
@@ -83,7 +89,7 @@ def run_platform_checks(names: list[str], short: bool, port: int) -> list[Check]
         platform = platform_up(settings, config, num_cpus=2)
         target = Target(platform.gateway_url, platform.dashboard_url, platform.gcs_address, settings, platform.pid)
         for name in names:
-            results.append(timed_check(name, partial(checks[name], target, short), save=None if short else save_checks))
+            results.append(timed_check(name, partial(checks[name], target, short), save=None if short else save))
     finally:
         platform_down(settings)
     return results
@@ -119,14 +125,14 @@ def main() -> None:
     for name, check in training_checks().items():
         if name in args.only:
             results.append(timed_check(name, partial(check, settings, args.short),
-                                       save=None if args.short else save_checks))
+                                       save=None if args.short else save))
     _shutdown_ray()
     if wanted:
         results += run_platform_checks(wanted, args.short, args.port)
     for name, check in own_platform_checks.items():
         if name in args.only:
             results.append(timed_check(name, partial(check, settings, args.short),
-                                       save=None if args.short else save_checks))
+                                       save=None if args.short else save))
     print(f"{sum(c.passed for c in results)}/{len(results)} passed" + ("" if args.short else f"; {RESULT_FILE}"))
 
 

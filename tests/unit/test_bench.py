@@ -32,3 +32,16 @@ def test_reliability_checks_replace_their_entries_and_fit_the_shared_schema(tmp_
     validate("reliability", doc)
     assert [(c["name"], c["passed"]) for c in doc["checks"]] == [("exposure", True), ("soak", True)]
     assert doc["checks"][1]["figures"]["errors"] == 0 and "load_average" in doc["checks"][1]["figures"]
+
+
+def test_a_kept_entry_keeps_the_commit_it_was_measured_at(tmp_path: Path) -> None:
+    from bench.reliability import Check, save_checks
+
+    path = tmp_path / "reliability.json"
+    save_checks([Check("soak", True, {}, "make reliability")], path)  # a file from before commits were recorded
+    save_checks([Check("fuzz", True, {}, "make reliability")], path, stamp={"commit": "a" * 40})
+    save_checks([Check("exposure", True, {}, "make reliability")], path, stamp={"commit": "b" * 40})
+    doc = json.loads(path.read_text())
+    assert doc["commit"] == "b" * 40
+    assert {c["name"]: c.get("commit") for c in doc["checks"]} == {"exposure": None, "fuzz": "a" * 40,
+                                                                     "soak": "unknown"}

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from pydantic import ValidationError
@@ -14,6 +16,7 @@ from cluster.serve import Platform
 from core import has_password, redact
 from core.errors import ConfigError
 from core.settings import Settings
+from services import platform
 from services.config import PlatformArgs, ServeOverlay, build_config
 from services.platform import LEDGER_ENV, ledger_secrets, platform_up, serve_config
 from services.tenants import Store
@@ -67,6 +70,23 @@ def test_the_local_platform_passes_a_ledger_password_through_the_environment(tmp
     assert serve_config(Workspace.from_settings(plain), "local", ["events"], 8123)[
         "applications"][0]["args"]["ledger_url"] == PGSERVER
     assert ledger_secrets(plain) == {}
+
+
+def test_a_new_ray_head_gets_the_ledger_password_in_its_environment(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = _settings(tmp_path, WITH_PASSWORD)
+    settings.state_dir.mkdir()
+    given: list[Mapping[str, str] | None] = []
+
+    def start_head(state_dir: Path, *, num_cpus: int, http_port: int,
+                   secrets: Mapping[str, str] | None = None) -> NoReturn:
+        given.append(secrets)
+        raise RuntimeError("no Ray in unit tests")
+
+    monkeypatch.setattr(platform, "start_head", start_head)
+    with pytest.raises(RuntimeError, match="no Ray"):
+        platform_up(settings, serve_config(Workspace.from_settings(settings), "local", ["events"], 8123), num_cpus=1)
+    assert given == [{LEDGER_ENV: WITH_PASSWORD}]
 
 
 def test_a_running_platform_is_not_given_a_ledger_password_it_did_not_start_with(tmp_path: Path) -> None:
