@@ -69,6 +69,9 @@ UNAUTHORIZED_CACHE_S = 1.0
 # past its Retry-After: a flood's clients retry in step, and each wave would otherwise cost the
 # gateways and the actor as much as admitted work.
 REFUSAL_CACHE_S = 0.1
+# A refusal of an address over its limit of bad keys is held this long at most before it is sent,
+# and a replica holds at most this many at once (well below its max_ongoing_requests: 512).
+TARPIT_S, TARPIT_MAX = 1.0, 64
 # How long a replica keeps its public answers (/readyz, /v1/models) before asking the deployments again.
 PUBLIC_ANSWER_S = 1.0
 
@@ -230,6 +233,21 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
     errors: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody, "description": cls.__name__}
               for status, cls in BY_STATUS.items() if status not in (404,)}
 
+    held = [0]  # requests this replica holds in the tarpit now
+
+    async def tarpit(wait: float) -> None:
+        """Holds a refusal of a flooding address before answering it (up to TARPIT_S): each of a
+        flood's clients then waits out its refusal instead of sending the next at once, and the
+        flood costs the replica a sleeping coroutine instead of a request a millisecond. At most
+        TARPIT_MAX are held, so a flood cannot fill the replica's slots; beyond, refusals go at once."""
+        if held[0] >= TARPIT_MAX:
+            return
+        held[0] += 1
+        try:
+            await asyncio.sleep(min(wait, TARPIT_S))
+        finally:
+            held[0] -= 1
+
     def remember(decision: Decision, key: tuple[str, str], domain: str, address: str) -> None:
         """What this replica keeps of an admission decision, to refuse the same again cheaply."""
         now = time.monotonic()
@@ -255,14 +273,17 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
             key = bearer_key(request)
             now = time.monotonic()
             address = client_address(request, args.forwarded_for_hops)
-            refusal = refused.get(key, now) or refused.get((*key, domain), now)
-            if refusal is not None:
-                tenant = refusal.tenant
-                raise decision_error(refusal)
             wait = limiter.wait(address, key, now)
             if wait > 0:
+                await tarpit(wait)
                 raise QuotaExceeded("too many requests with unknown API keys from this address; retry later",
                                     code="too_many_unauthenticated", field="Authorization", retry_after=wait)
+            refusal = refused.get(key, now) or refused.get((*key, domain), now)
+            if refusal is not None:
+                if refusal.status == 401:  # a bad key repeated costs its address as a new one does
+                    limiter.refused(address, now)
+                tenant = refusal.tenant
+                raise decision_error(refusal)
             raw = await read_body(request, args.max_body_bytes)
             problem: CityServeError | None = None
             try:

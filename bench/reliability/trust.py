@@ -37,7 +37,7 @@ def check_unauthenticated_flood(target: Target, short: bool = False) -> Check:
     admission_cpu_s = _admission_cpu_s(target) - cpu_before
     statuses = sorted({s.status for s in sent})
     figures: dict[str, Any] = {
-        "seconds": seconds, "flood_requests": len(sent), "flood_per_s": round(len(sent) / seconds, 1),
+        "flood_seconds": seconds, "flood_requests": len(sent), "flood_per_s": round(len(sent) / seconds, 1),
         "flood_statuses": {str(code): sum(s.status == code for s in sent) for code in statuses},
         "flood_client_cpu_s": round(flood_cpu_s, 1),
         "tenant_requests": len(quiet) + len(during), "tenant_refused": sum(s.status != 200 for s in quiet + during),
