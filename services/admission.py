@@ -73,6 +73,8 @@ class Gatekeeper:
         store: where tenants and keys live; re-read every `refresh_s` so a revoke or a new quota
             reaches every replica within that time.
         refresh_s: how stale the cached tenants may be.
+        inline: read the store itself when it must (the CLI's and the tests' use); the admission
+            actor passes False and does every read in a thread beforehand (`Admission`).
     """
 
     def __init__(self, store: Store, refresh_s: float = 2.0, inline: bool = True) -> None:
