@@ -423,18 +423,28 @@ def figure(value: Any) -> str | None:
     return None
 
 
+def checks_block(document: Json, rel: str, columns: list[str], align: str, cells: Callable[[Json], list[str]],
+                 intro: str, finding: Callable[[Json], str], note: str) -> str:
+    """A result file of checks (reliability.json, cluster.json): a table of them, `intro`, one line per
+    check (`finding`, then its problems) and where the figures come from."""
+    checks = document["checks"]
+    lines = []
+    for check in checks:
+        line = f"- `{check['name']}`: {finding(check)}"
+        for problem in check.get("problems") or []:
+            line += f". **Problem:** {problem}"
+        lines.append(wrap(line.rstrip() + ".", "  "))
+    return "\n\n".join([result_table(checks, document, columns, align, cells), wrap(intro), "\n".join(lines),
+                        source([rel], file_commit(checks, document, "per check (column)"), note)])
+
+
+def passed_of(checks: list[Json]) -> str:
+    return f"{sum(1 for check in checks if check['passed'])} of {len(checks)} checks pass"
+
+
 @from_result("bench/results/reliability.json", "make reliability")
 def reliability(document: Json, rel: str) -> str:
-    checks = document["checks"]
-    passed = sum(1 for check in checks if check["passed"])
-    out = [result_table(checks, document, ["check", "passed", "seconds", "load avg."], "llrr",
-                        lambda check: [f"`{check['name']}`", "yes" if check["passed"] else "**no**",
-                                       num(check["figures"].get("seconds"), 1),
-                                       num(check["figures"].get("load_average"), 2)]),
-           wrap(f"**{passed} of {len(checks)} checks pass.** Their figures (series longer than {SHORT_LIST} "
-                "values and nested records stay in the file; `.venv/bin/python -m bench.reliability --table` "
-                "prints it):")]
-    for check in checks:
+    def finding(check: Json) -> str:
         shown, kept = [], 0
         for key, value in check["figures"].items():
             if key in ("seconds", "load_average"):
@@ -444,17 +454,15 @@ def reliability(document: Json, rel: str) -> str:
                 kept += 1
             else:
                 shown.append(f"{key} {text}")
-        line = f"- `{check['name']}`: " + ", ".join(shown)
-        if kept:
-            line += f"; {kept} more in the file"
-        for problem in check.get("problems") or []:
-            line += f". **Problem:** {problem}"
-        out.append(wrap(line.rstrip() + ".", "  "))
-    out.append(source([rel], file_commit(checks, document, "per check (column)"),
-                      "load avg.: the load average while the check ran"))
-    return "\n\n".join(out[:2]) + "\n\n" + "\n".join(out[2:-1]) + "\n\n" + out[-1]
+        return ", ".join(shown) + (f"; {kept} more in the file" if kept else "")
 
-
+    return checks_block(
+        document, rel, ["check", "passed", "seconds", "load avg."], "llrr",
+        lambda check: [f"`{check['name']}`", "yes" if check["passed"] else "**no**",
+                       num(check["figures"].get("seconds"), 1), num(check["figures"].get("load_average"), 2)],
+        f"**{passed_of(document['checks'])}.** Their figures (series longer than {SHORT_LIST} values and nested "
+        "records stay in the file; `.venv/bin/python -m bench.reliability --table` prints it):",
+        finding, "load avg.: the load average while the check ran")
 
 
 # ---- several nodes (bench/results/cluster.json) --------------------------------------------------
@@ -489,17 +497,9 @@ def cluster_finding(check: Json) -> str:
 
 @from_result("bench/results/cluster.json", "make cluster")
 def cluster(document: Json, rel: str) -> str:
-    checks = document["checks"]
-    passed = sum(1 for check in checks if check["passed"])
-    out = [result_table(checks, document, ["check", "passed", "seconds"], "llr",
-                        lambda check: [f"`{check['name']}`", "yes" if check["passed"] else "**no**",
-                                       num(check["figures"].get("seconds"), 1)]),
-           wrap(f"**{passed} of {len(checks)} checks pass** on {document['device']}.")]
-    for check in checks:
-        line = f"- `{check['name']}`: {cluster_finding(check)}."
-        for problem in check.get("problems") or []:
-            line += f" **Problem:** {problem}"
-        out.append(wrap(line, "  "))
-    out.append(source([rel], file_commit(checks, document, "per check (column)"),
-                      "every figure, curve and node id is in the file"))
-    return "\n\n".join(out[:2]) + "\n\n" + "\n".join(out[2:-1]) + "\n\n" + out[-1]
+    return checks_block(
+        document, rel, ["check", "passed", "seconds"], "llr",
+        lambda check: [f"`{check['name']}`", "yes" if check["passed"] else "**no**",
+                       num(check["figures"].get("seconds"), 1)],
+        f"**{passed_of(document['checks'])}** on {document['device']}.",
+        cluster_finding, "every figure, curve and node id is in the file")

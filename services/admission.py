@@ -21,6 +21,7 @@ from core.redact import redact
 from services.tenants import (
     WINDOW_S,
     ApiKey,
+    Expiring,
     Leases,
     Pacer,
     SlidingWindow,
@@ -44,7 +45,7 @@ NAMESPACE = "cityserve"
 # would reach the models together and slow the other tenants whose requests share those replicas.
 BURST, QUEUE_S = 10, 1.0
 # A key refused (unknown id or wrong secret) is refused again from memory for this long, without
-# reading the store; at most MAX_UNKNOWN such keys are remembered.
+# reading the store; at most MAX_UNKNOWN such keys are remembered, the oldest forgotten first.
 UNKNOWN_TTL_S, MAX_UNKNOWN = 2.0, 10_000
 # While the store cannot be read, admission goes on from the tenants and keys read last (revocations
 # seen before the outage still apply) for this long; after it, requests get 503 until it is back.
@@ -85,7 +86,7 @@ class Gatekeeper:
         self.read_ok_at = -float("inf")  # when the store was last read: how stale admission may be
         self.keys: dict[str, ApiKey] = {}
         self.tenants: dict[str, Tenant] = {}
-        self.unknown: dict[tuple[str, str], float] = {}  # (key id, digest) refused -> until when, oldest first
+        self.unknown: Expiring[tuple[str, str], bool] = Expiring(MAX_UNKNOWN)  # (key id, digest) refused lately
         self.requests: dict[str, SlidingWindow] = {}
         self.items: dict[str, SlidingWindow] = {}
         self.pacers: dict[str, Pacer] = {}
@@ -103,15 +104,17 @@ class Gatekeeper:
         if now - self.loaded_at >= self.refresh_s:
             self.load(self.store.tenants(), self.store.api_keys(), now)
 
+    def _cached(self, key_id: str, key_digest: str) -> ApiKey | None:
+        """The cached key whose digest this is (one constant-time comparison), or None."""
+        key = self.keys.get(key_id)
+        return key if key is not None and same_digest(key.digest, key_digest) else None
+
     def wants_lookup(self, key_id: str, key_digest: str, now: float) -> bool:
         """Whether a key must be read from the store: the cache does not match it (a tenant created
         since the last re-read works from its first request) and it was not refused a moment ago.
         Unknown ids and wrong secrets take the same path — one lookup, then the refusal cache — so
         their 401s take equally long and do not tell an id that exists from one that does not."""
-        key = self.keys.get(key_id)
-        if key is not None and same_digest(key.digest, key_digest):
-            return False
-        return self.unknown.get((key_id, key_digest), -float("inf")) <= now
+        return self._cached(key_id, key_digest) is None and not self.unknown.get((key_id, key_digest), now)
 
     def learn(self, key_id: str, key_digest: str, found: tuple[ApiKey, Tenant] | None, now: float) -> bool:
         """Takes in what a lookup found; returns whether it matches the digest. A key that does not
@@ -122,23 +125,18 @@ class Gatekeeper:
             self.keys[key.key_id], self.tenants[tenant.name] = key, tenant
             if same_digest(key.digest, key_digest):
                 return True
-        self.unknown.pop((key_id, key_digest), None)
-        while len(self.unknown) >= MAX_UNKNOWN:
-            del self.unknown[next(iter(self.unknown))]
-        self.unknown[key_id, key_digest] = now + UNKNOWN_TTL_S
+        self.unknown.put((key_id, key_digest), True, now + UNKNOWN_TTL_S)
         return False
 
     def _matching(self, key_id: str, key_digest: str, now: float) -> ApiKey | None:
-        """The key whose digest this is: from the cache (one constant-time comparison), else — used
-        inline, and not refused a moment ago — looked up in the store."""
-        key = self.keys.get(key_id)
-        if key is not None and same_digest(key.digest, key_digest):
-            return key
-        if self.inline and self.unknown.get((key_id, key_digest), -float("inf")) <= now:
+        """The key whose digest this is: from the cache, else — used inline, and not refused a
+        moment ago — looked up in the store."""
+        key = self._cached(key_id, key_digest)
+        if key is None and self.inline and not self.unknown.get((key_id, key_digest), now):
             found = self.store.api_key(key_id)
             if self.learn(key_id, key_digest, found, now) and found is not None:
-                return found[0]
-        return None
+                key = found[0]
+        return key
 
     def authenticate(self, key_id: str, key_digest: str, domain: str, wall: float,
                      now: float | None = None) -> Decision:

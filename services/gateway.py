@@ -48,8 +48,8 @@ from services.errors import (
     register_exception_handlers,
     status_of,
 )
-from services.shield import AddressLimiter, Expiring, Recent, client_address
-from services.tenants import Usage, split_key
+from services.shield import AddressLimiter, Recent, client_address
+from services.tenants import Expiring, Usage, split_key
 
 loopback_replica_grpc()  # imported by the replica before Serve starts its gRPC server
 

@@ -15,34 +15,9 @@ from typing import Generic, TypeVar
 
 from starlette.requests import Request
 
+from services.tenants import Expiring
+
 T = TypeVar("T")
-K = TypeVar("K")
-
-# Each table remembers at most this many entries (keys, addresses); past it the oldest go first,
-# so a flood of made-up keys or spoofed addresses costs bounded memory.
-MOST = 10_000
-
-
-class Expiring(Generic[K, T]):
-    """A bounded map whose entries hold until a time of their own."""
-
-    def __init__(self, most: int = MOST) -> None:
-        self.most = most
-        self.entries: dict[K, tuple[float, T]] = {}
-
-    def get(self, key: K, now: float) -> T | None:
-        until, value = self.entries.get(key, (0.0, None))
-        if value is not None and now >= until:
-            del self.entries[key]
-            return None
-        return value
-
-    def put(self, key: K, value: T, until: float) -> None:
-        self.entries.pop(key, None)
-        while len(self.entries) >= self.most:
-            del self.entries[next(iter(self.entries))]
-        self.entries[key] = (until, value)
-
 
 class AddressLimiter:
     """Unauthenticated requests per client address, as a token bucket: each refused key (401)

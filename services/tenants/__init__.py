@@ -11,7 +11,7 @@ Other packages import from here; the modules are this package's own layout.
 """
 
 from services.tenants.keys import KEY_PREFIX, digest, new_key, same_digest, split_key
-from services.tenants.quota import WINDOW_S, Leases, Pacer, SlidingWindow
+from services.tenants.quota import WINDOW_S, Expiring, Leases, Pacer, SlidingWindow
 from services.tenants.records import (
     TENANT_NAME,
     USAGE_COLUMNS,
@@ -34,6 +34,7 @@ __all__ = [
     "USAGE_SUMMARY_COLUMNS",
     "WINDOW_S",
     "ApiKey",
+    "Expiring",
     "KeyEntry",
     "Leases",
     "LedgerUnavailable",

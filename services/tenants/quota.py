@@ -4,15 +4,19 @@ In any 60 s window the requests (and items) a tenant was admitted never exceed i
 `SlidingWindow` keeps the admitted events of the last minute, so there is no fixed-window edge where
 twice the quota gets through; a `Pacer` spreads the requests over the minute, so a flood reaches the
 models evenly rather than in bursts. Concurrency slots are `Leases` with a time-to-live: a gateway
-replica killed mid-request cannot leak one.
+replica killed mid-request cannot leak one. `Expiring` remembers refusals for a while, in bounded
+memory.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections import deque
+from typing import Generic, TypeVar
 
 WINDOW_S = 60.0
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 class SlidingWindow:
@@ -92,3 +96,29 @@ class Leases:
         tenant = self.owner.pop(lease, None)
         if tenant is not None:
             self.held.get(tenant, {}).pop(lease, None)
+
+
+# Each table remembers at most this many entries (keys, addresses); past it the oldest go first,
+# so a flood of made-up keys or spoofed addresses costs bounded memory.
+MOST = 10_000
+
+
+class Expiring(Generic[K, V]):
+    """A bounded map whose entries hold until a time of their own."""
+
+    def __init__(self, most: int = MOST) -> None:
+        self.most = most
+        self.entries: dict[K, tuple[float, V]] = {}
+
+    def get(self, key: K, now: float) -> V | None:
+        until, value = self.entries.get(key, (0.0, None))
+        if value is not None and now >= until:
+            del self.entries[key]
+            return None
+        return value
+
+    def put(self, key: K, value: V, until: float) -> None:
+        self.entries.pop(key, None)
+        while len(self.entries) >= self.most:
+            del self.entries[next(iter(self.entries))]
+        self.entries[key] = (until, value)

@@ -195,13 +195,14 @@ class Store:
         """The tenants a tenants file manages (see `sync_tenants`)."""
         return {r[0] for r in self.query("SELECT name FROM file_tenants")}
 
-    def _cli_may_change(self, name: str, instead: str) -> None:
-        """Refuses to change a tenant the tenants file manages: the file is its one source of truth,
-        and its next sync would undo the change. `instead` says what to edit in the file."""
-        self.tenant(name)
-        if self.query("SELECT name FROM file_tenants WHERE name = ?", (name,)):
+    def _cli_may_change(self, name: str, instead: str) -> Tenant:
+        """Tenant `name`, unless the tenants file manages it: the file is its one source of truth, and
+        its next sync would undo the change, so that is refused. `instead` says what to edit there."""
+        tenant = self.tenant(name)
+        if name in self.file_managed():
             raise InvalidInput(f"tenant {name!r} is managed by the tenants file (the serve config's "
                                f"tenants_file; on Kubernetes the tenants Secret): {instead} there", field="tenant")
+        return tenant
 
     def create_tenant(self, tenant: Tenant, key_ttl_days: float) -> str:
         """Adds a tenant with its first key; returns the key (shown once, never stored)."""
@@ -225,9 +226,9 @@ class Store:
 
     def rotate(self, name: str, key_ttl_days: float, grace_hours: float) -> str:
         """A new key for `name`; its current keys keep working for `grace_hours`, then expire."""
-        self._cli_may_change(name, "add the entry `cityserve tenants new-key` prints to its keys, and remove the "
-                                   "old key once its users have the new one")
-        if self.tenant(name).revoked_at is not None:
+        tenant = self._cli_may_change(name, "add the entry `cityserve tenants new-key` prints to its keys, and "
+                                            "remove the old key once its users have the new one")
+        if tenant.revoked_at is not None:
             raise InvalidInput(f"tenant {name!r} is revoked", field="tenant")
         now = time.time()
         key, key_id, key_digest = new_key()
@@ -260,8 +261,7 @@ class Store:
 
     def set_quota(self, name: str, **changes: Any) -> Tenant:
         """Changes grants and limits (only those given)."""
-        self._cli_may_change(name, "change its grants and limits")
-        tenant = self.tenant(name)
+        tenant = self._cli_may_change(name, "change its grants and limits")
         changes = {k: v for k, v in changes.items() if v is not None}
         for k, v in changes.items():
             setattr(tenant, k, v)

@@ -80,7 +80,7 @@ def test_the_unknown_key_cache_is_bounded(url: str, monkeypatch: pytest.MonkeyPa
     keeper = Gatekeeper(Store(url), refresh_s=60.0)
     for i in range(10):
         keeper.admit(f"{i:012x}", "0" * 64, "events", 1, 30, 1.0, time.time())
-    assert list(keeper.unknown) == [(f"{i:012x}", "0" * 64) for i in (7, 8, 9)]  # the newest kept
+    assert list(keeper.unknown.entries) == [(f"{i:012x}", "0" * 64) for i in (7, 8, 9)]  # the newest kept
 
 
 def test_a_lost_database_is_reopened_after_a_backoff_without_waiting_on_each_call(url: str) -> None:
