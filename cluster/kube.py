@@ -31,6 +31,7 @@ import urllib3
 import yaml
 
 from core.errors import CityServeError, ConfigError
+from core.settings import LEDGER_ENV
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -53,7 +54,7 @@ JOB_DEADLINE_S = 86400  # the chart's jobs.activeDeadlineSeconds
 # ledger volume and the PostgreSQL ledger URL with its password. A training job runs user code and
 # needs none of them, so the RayJob's copy of the serving cluster leaves them out.
 SERVING_ONLY_VOLUMES = frozenset({"tenants", "ledger"})
-SERVING_ONLY_ENV = frozenset({"CITYSERVE_LEDGER_URL"})
+SERVING_ONLY_ENV = frozenset({LEDGER_ENV})
 T = TypeVar("T")
 
 

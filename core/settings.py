@@ -12,11 +12,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.storage import is_uri
 
+ENV_PREFIX = "CITYSERVE_"
+# The variable `ledger_url` is read from: where a ledger URL with a password lives (a Secret's on
+# Kubernetes, the Ray head's environment locally), named by the serve config as `env:` + it.
+LEDGER_ENV = f"{ENV_PREFIX}LEDGER_URL"
+
 
 class Settings(BaseSettings):
     """Where data, models and results live, and which Ray cluster to use."""
 
-    model_config = SettingsConfigDict(env_prefix="CITYSERVE_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     data_dir: Path = Field(Path("data"), description="Root of prepared data (one folder per domain).")
     registry_uri: str = Field(

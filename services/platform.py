@@ -16,7 +16,7 @@ from cluster.serve import Platform, deploy, start_head, stop_head, stop_serve, w
 from core.errors import ConfigError, InvalidInput
 from core.io import write_json_atomic
 from core.redact import has_password, redact
-from core.settings import Settings
+from core.settings import LEDGER_ENV, Settings
 from domains import DOMAINS, get_domain
 from domains.base import request_example
 from services.config import VERBS, ServeOverlay, build_config
@@ -24,7 +24,6 @@ from services.tenants import Store, Tenant
 from training.workspace import Workspace
 
 CONFIG_FILE = "serve-config.json"  # the config last deployed, beside platform.json
-LEDGER_ENV = "CITYSERVE_LEDGER_URL"  # the variable `core.settings` and the chart use too
 DEMO_TENANT = "demo"
 Progress = Callable[[str], None]
 

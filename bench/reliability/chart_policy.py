@@ -26,7 +26,7 @@ import yaml
 
 from bench.reliability import Check, command
 from cluster.kube import render_chart
-from core.settings import Settings
+from core.settings import LEDGER_ENV, Settings
 
 NAME = "chart_policy"
 REPO = Path(__file__).resolve().parents[2]
@@ -56,7 +56,7 @@ def _is_pod(doc: Doc, rendered: Sequence[Doc]) -> bool:
 
 
 def _serving_with_ledger_env(doc: Doc, rendered: Sequence[Doc]) -> bool:
-    return _is_pod(doc, rendered) and any(e["name"] == "CITYSERVE_LEDGER_URL" and "valueFrom" in e
+    return _is_pod(doc, rendered) and any(e["name"] == LEDGER_ENV and "valueFrom" in e
                                           for c in doc["spec"]["containers"] for e in c.get("env", []))
 
 

@@ -15,10 +15,10 @@ from pydantic import ValidationError
 from cluster.serve import Platform
 from core import has_password, redact
 from core.errors import ConfigError
-from core.settings import Settings
+from core.settings import LEDGER_ENV, Settings
 from services import platform
 from services.config import PlatformArgs, ServeOverlay, build_config
-from services.platform import LEDGER_ENV, ledger_secrets, platform_up, serve_config
+from services.platform import ledger_secrets, platform_up, serve_config
 from services.tenants import Store
 from training.workspace import Workspace
 
