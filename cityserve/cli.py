@@ -216,13 +216,34 @@ def models_show(domain: str, version: str) -> None:
     click.echo(json.dumps({**v.record, "stage": v.stage}, indent=2, default=str))
 
 
+@models.command("optimize")
+@click.argument("domain", type=DOMAIN)
+@click.argument("version")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def models_optimize(domain: str, version: str, as_json: bool) -> None:
+    """(Re)make VERSION's ONNX artifacts (fp32 and int8) and score each on the test split."""
+    from domains import get_domain
+    from training.runs import optimize_version
+
+    v = optimize_version(get_domain(domain), workspace(), version)
+    if "inference_error" in v.record:
+        raise click.ClickException(f"{domain} {v.version}: {v.record['inference_error']}; it serves PyTorch")
+    inference = v.record["inference"]
+    rows = [(name, "yes" if b.get("kept", True) else "no (below the gate)", b["value"],
+             100 * b.get("delta", 0.0), b.get("agreement", 1.0)) for name, b in inference["backends"].items()]
+    print_table(f"{domain} {v.version}: backends on the test split ({inference['texts']} texts)",
+                ["backend", "kept", inference["metric"], "points vs torch", "same label as torch"], rows, as_json)
+
+
 @models.command("promote")
 @click.argument("domain", type=DOMAIN)
 @click.argument("version")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @friendly_errors
 def models_promote(domain: str, version: str, yes: bool) -> None:
-    """Make VERSION of DOMAIN production (refused if its files do not load)."""
+    """Make VERSION of DOMAIN production (refused if its files do not load or an optimised
+    artifact scores more than 1 point below its PyTorch model)."""
     from domains import get_domain
 
     if not yes:

@@ -65,6 +65,7 @@ class Evaluation:
     rows: list[MetricRow]
     figure: Path | None = None
     notes: list[str] = field(default_factory=list)
+    backend: str = ""  # the predictor's (`Predictor.backend`): what was scored is what serves
 
 
 def request_example(model: type[BaseModel]) -> dict[str, Any]:
@@ -78,6 +79,8 @@ def request_example(model: type[BaseModel]) -> dict[str, Any]:
 
 class Predictor(ABC):
     """A loaded model version, ready to answer requests (used by serving, batch scoring, evaluation)."""
+
+    backend = "torch-fp32"  # what computes the answers (evaluation reports and /v1/models name it)
 
     def __init__(self, version: str) -> None:
         self.version = version
@@ -105,6 +108,9 @@ class Domain(ABC):
     response_model: ClassVar[type[BaseModel]]
     # Flags of `cityserve data prepare` that the full profile's data needs (traffic: --full-sim).
     full_data_flags: ClassVar[str] = ""
+    # The serving backends a config may name (`domains.onnx_text.choose_backend`): a domain without
+    # optimised artifacts serves its PyTorch model.
+    backends: ClassVar[tuple[str, ...]] = ("auto", "torch")
 
     # ---- data (build side) -------------------------------------------------------------------
     @abstractmethod
@@ -163,9 +169,16 @@ class Domain(ABC):
         """The hyperparameters `cityserve tune` sweeps by default, with their ranges."""
 
     # ---- serving and evaluation --------------------------------------------------------------
+    def optimize(self, model_dir: Path, data_dir: Path) -> dict[str, Any] | None:
+        """Makes a version's optimised inference artifacts in its `model_dir` and measures them on
+        the test split under `data_dir` (the registry record's `inference` entry); None: the
+        domain serves its PyTorch model as it is."""
+        return None
+
     @abstractmethod
-    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu") -> Predictor:
-        """Loads a model directory (weights, config, meta, extras) for inference."""
+    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu", backend: str = "auto") -> Predictor:
+        """Loads a model directory (weights, config, meta, extras) for inference on `device` with
+        one of the domain's `backends`."""
 
     @abstractmethod
     def evaluate(self, predictor: Predictor, data_dir: Path, figure: Path) -> Evaluation:

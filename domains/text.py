@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.resources
+import json
 import os
 import re
+import tempfile
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,8 +30,20 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from core.errors import InvalidInput
-from domains.base import Batch, Domain, MetricRow, Predictor, SearchParam
+from domains.base import META_FILE, Batch, Domain, MetricRow, Predictor, SearchParam
 from domains.metrics import accuracy, f1_per_class, macro_f1
+from domains.onnx_text import (
+    AGREEMENT,
+    ARTIFACTS,
+    BACKEND_CHOICES,
+    GATE,
+    ExportError,
+    OnnxClassifier,
+    choose_backend,
+    export,
+    fuse,
+    quantize,
+)
 from domains.tables import load_table, read_manifest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub, even by accident
@@ -122,6 +136,10 @@ class TextClassifier(nn.Module):
                 for p in layer.parameters():
                     p.requires_grad = False
         self.frozen = freeze_layers >= len(self.encoder.encoder.layer)
+
+    @property
+    def has_score(self) -> bool:
+        return self.score is not None
 
     def train(self, mode: bool = True) -> TextClassifier:
         super().train(mode)
@@ -231,14 +249,15 @@ def as_arrays(out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def run_text_model(
-    model: TextClassifier, tokenizer: Any, texts: Sequence[str], max_len: int, batch_size: int = 64
+    model: TextClassifier | OnnxClassifier, tokenizer: Any, texts: Sequence[str], max_len: int, batch_size: int = 64,
+    device: str | torch.device = "cpu",
 ) -> dict[str, np.ndarray]:
-    """Inference over texts in length-sorted chunks; returns each output (probabilities for heads,
-    values for `score`) in the input order, with zero rows for no texts."""
+    """Inference over texts in length-sorted chunks, each padded to its own longest text; returns
+    each output (probabilities for heads, values for `score`) in the input order, with zero rows
+    for no texts. `model` is the PyTorch module (on `device`) or an ONNX artifact (CPU)."""
     if not texts:
         empty = {name: np.zeros((0, n)) for name, n in model.head_sizes.items()}
-        return {**empty, "score": np.zeros(0)} if model.score is not None else empty
-    device = next(model.parameters()).device
+        return {**empty, "score": np.zeros(0)} if model.has_score else empty
     outputs: dict[str, np.ndarray] = {}
     for idx, enc in length_sorted_batches(tokenizer, texts, max_len, batch_size):
         out = model(enc["input_ids"].to(device), enc["attention_mask"].to(device))
@@ -250,21 +269,20 @@ def run_text_model(
 
 
 class TextPredictor(Predictor):
-    """A fine-tuned text model and its tokenizer, loaded from a model directory."""
+    """A fine-tuned text model and its tokenizer, loaded from a model directory: the PyTorch module
+    or one of its ONNX artifacts (`backend` says which)."""
 
     request_type: ClassVar[type[BaseModel]]  # the domain's request item (it has a `text` field)
     output_names: ClassVar[tuple[str, str]]  # the two outputs an answer is made of (`outputs`)
 
-    def __init__(self, version: str, model: TextClassifier, tokenizer: Any, max_len: int) -> None:
+    def __init__(self, version: str, model: TextClassifier | OnnxClassifier, tokenizer: Any, max_len: int, *,
+                 backend: str = "torch-fp32", device: str = "cpu") -> None:
         super().__init__(version)
         self.model = model
         self.tokenizer = tokenizer
         self.max_len = max_len
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """What the weights are held and computed in (`inference_dtype` of the device by default)."""
-        return next(self.model.parameters()).dtype
+        self.backend = backend
+        self.device = device
 
     def texts(self, items: Sequence[BaseModel]) -> list[str]:
         """The texts of request items, refusing an item of another domain."""
@@ -277,7 +295,7 @@ class TextPredictor(Predictor):
         return texts
 
     def run(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        return run_text_model(self.model, self.tokenizer, list(texts), self.max_len)
+        return run_text_model(self.model, self.tokenizer, list(texts), self.max_len, device=self.device)
 
     def outputs(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """The two `output_names` outputs for raw texts, in input order (heads as probabilities)."""
@@ -317,6 +335,7 @@ class TextDomain(Domain):
     defaults: ClassVar[dict[str, Any]] = {}  # the domain's own keys, over `TEXT_DEFAULTS`
     profiles: ClassVar[dict[str, dict[str, Any]]]  # per profile, over the defaults
     score_head: ClassVar[bool] = False
+    backends = BACKEND_CHOICES
 
     # ---- data --------------------------------------------------------------------------------
     def prepare(self, data_dir: Path, *, source: Path | None = None, smoke: bool = False) -> dict[str, Any]:
@@ -411,18 +430,73 @@ class TextDomain(Domain):
         }
 
     # ---- serving and evaluation --------------------------------------------------------------
+    def optimize(self, model_dir: Path, data_dir: Path) -> dict[str, Any]:
+        """Writes the version's ONNX artifacts (`ARTIFACTS`) into `model_dir` and measures each,
+        with the PyTorch fp32 model, on the test split: the registry record's `inference` entry.
+
+        The fp32 export must label `AGREEMENT` of the test texts as PyTorch does, or nothing is kept
+        (`ExportError`). The int8 copy is kept only within `GATE` of PyTorch fp32's macro-F1; else
+        its figures are recorded with `kept: false` and the CPU serves the fp32 export."""
+        model, _, meta = self.load_model_files(model_dir)
+        assert isinstance(model, TextClassifier)
+        tokenizer = load_tokenizer(model_dir / TOKENIZER_DIR)
+        test = load_table(data_dir, self.name, "test")
+        texts, y = test["text"].tolist(), self.targets(test)["label"]
+        max_len, classes = int(meta["max_len"]), range(len(meta["labels"]))
+
+        def labels(runner: TextClassifier | OnnxClassifier) -> np.ndarray:
+            return np.asarray(run_text_model(runner, tokenizer, texts, max_len)["label"].argmax(1))
+
+        reference = labels(model)
+        backends: dict[str, dict[str, Any]] = {"torch-fp32": {"value": macro_f1(y, reference, classes)}}
+        paths = {name: model_dir / file for name, file in ARTIFACTS.items()}
+        try:
+            with tempfile.TemporaryDirectory(prefix="cityserve-onnx-") as tmp:
+                raw = Path(tmp) / "exported.onnx"
+                export(model, dict(tokenizer(texts[:2], padding=True, return_tensors="pt")), raw)
+                fusions = fuse(raw, paths["onnx-fp32"], meta["encoder"])
+            quantize(paths["onnx-fp32"], paths["onnx-int8"])
+            for name in ("onnx-fp32", "onnx-int8"):
+                predicted = labels(OnnxClassifier(paths[name], threads=torch.get_num_threads()))
+                value = macro_f1(y, predicted, classes)
+                backends[name] = {"file": ARTIFACTS[name], "value": value,
+                                  "delta": value - backends["torch-fp32"]["value"],
+                                  "agreement": float(np.mean(predicted == reference)), "kept": True}
+            backends["onnx-fp32"]["fusions"] = fusions
+            if backends["onnx-fp32"]["agreement"] < AGREEMENT:
+                raise ExportError(f"the fp32 ONNX export labels {backends['onnx-fp32']['agreement']:.2%} of the "
+                                  f"test texts as PyTorch does (at least {AGREEMENT:.1%} expected)")
+        except BaseException:
+            for path in paths.values():
+                path.unlink(missing_ok=True)
+            raise
+        if backends["onnx-int8"]["delta"] < -GATE:
+            paths["onnx-int8"].unlink()
+            backends["onnx-int8"]["kept"] = False
+        return {"metric": "macro_f1", "split": "test", "texts": len(texts), "backends": backends}
+
     def save_extras(self, model_dir: Path, meta: dict[str, Any]) -> None:
         load_tokenizer().save_pretrained(Path(model_dir) / TOKENIZER_DIR)
 
-    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu", *,
+    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu", backend: str = "auto", *,
                        dtype: torch.dtype | None = None) -> TextPredictor:
-        """The version's predictor on `device`, its weights cast to `dtype` (default
-        `inference_dtype(device)`: bf16 on CUDA, fp32 on the CPU); outputs come back as fp32."""
-        model, _, meta = self.load_model_files(Path(model_dir))
-        tokenizer = load_tokenizer(Path(model_dir) / TOKENIZER_DIR)
+        """The version's predictor on `device` with `backend` (`choose_backend`): an ONNX artifact
+        on the CPU, or the PyTorch weights cast to `dtype` (default `inference_dtype(device)`: bf16
+        on CUDA, fp32 on the CPU). Outputs come back as fp32 either way."""
+        model_dir = Path(model_dir)
+        meta = json.loads((model_dir / META_FILE).read_text())
+        tokenizer = load_tokenizer(model_dir / TOKENIZER_DIR)
+        chosen = choose_backend(backend, device, stored=[b for b, f in ARTIFACTS.items() if (model_dir / f).is_file()],
+                                what=f"{self.name} {version}")
+        if chosen in ARTIFACTS:
+            artifact = OnnxClassifier(model_dir / ARTIFACTS[chosen], threads=torch.get_num_threads())
+            return self.predictor_class(version, artifact, tokenizer, int(meta["max_len"]), backend=chosen)
+        model, _, _ = self.load_model_files(model_dir)
         assert isinstance(model, TextClassifier)
-        model = model.to(device=device, dtype=dtype or inference_dtype(device))
-        return self.predictor_class(version, model, tokenizer, int(meta["max_len"]))
+        dtype = dtype or inference_dtype(device)
+        model = model.to(device=device, dtype=dtype)
+        return self.predictor_class(version, model, tokenizer, int(meta["max_len"]), device=device,
+                                    backend="torch-bf16" if dtype == torch.bfloat16 else "torch-fp32")
 
 
 # ---- report ----------------------------------------------------------------------------------

@@ -93,8 +93,9 @@ class ModelServer:
     Args:
         domain: the domain's name.
         registry_uri: where versions and stages live.
-        torch_threads: torch's intra-op threads. Ray sets OMP_NUM_THREADS to the replica's whole
-            CPUs (1 for a fractional replica), whatever torch should use: the serve config says it.
+        torch_threads: the model's intra-op threads (torch's, and an ONNX artifact's). Ray sets
+            OMP_NUM_THREADS to the replica's whole CPUs (1 for a fractional replica), whatever the
+            model should use: the serve config says it.
     """
 
     def __init__(self, domain: str, registry_uri: str, torch_threads: int = 1) -> None:
@@ -117,8 +118,8 @@ class ModelServer:
         batcher: Any = self.predict_batch  # @serve.batch adds these setters at run time
         batcher.set_max_batch_size(config.max_batch_size)
         batcher.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-        reload = self.predictor is None or (config.generation, config.stage, config.device) != (
-            self.config.generation, self.config.stage, self.config.device)
+        reload = self.predictor is None or (config.generation, config.stage, config.device, config.backend) != (
+            self.config.generation, self.config.stage, self.config.device, self.config.backend)
         self.config = config
         if reload:
             await self._load(f"generation {config.generation}")
@@ -133,7 +134,7 @@ class ModelServer:
             try:
                 generation = await asyncio.to_thread(self.registry.generation, self.domain.name)
                 predictor = await asyncio.to_thread(self.registry.load_predictor, self.domain, self.config.stage,
-                                                    replica_device(self.config.device))
+                                                    replica_device(self.config.device), self.config.backend)
             except (RegistryError, ConfigError, OSError, RuntimeError, ValueError) as exc:
                 if self.predictor is None:
                     raise
@@ -141,7 +142,7 @@ class ModelServer:
                              self.predictor.version)
                 return
             self.predictor, self.registry_generation, self.loaded_at = predictor, generation, time.time()
-            logger.info("%s: serving %s (%s)", self.domain.name, predictor.version, why)
+            logger.info("%s: serving %s with %s (%s)", self.domain.name, predictor.version, predictor.backend, why)
 
     async def _watch(self) -> None:
         """Reloads when the registry's stages moved (a promote or rollback from anywhere)."""
@@ -176,6 +177,7 @@ class ModelServer:
 
     async def info(self) -> dict[str, Any]:
         return {"domain": self.domain.name, "version": self.predictor.version if self.predictor else None,
+                "backend": self.predictor.backend if self.predictor else None,
                 "stage": self.config.stage, "generation": self.config.generation, "loaded_at": self.loaded_at}
 
     def check_health(self) -> None:

@@ -37,6 +37,7 @@ def build_report(domain: Domain, version: Version, evaluation: Evaluation) -> di
         "profile": "full" if version.record.get("profile") == "full" else "quick",
         "command": reproduce_command(domain, version),
         "data": {"manifest_sha256": data.get("manifest_sha256", ""), "sources": list(data.get("sources", []))},
+        "backend": evaluation.backend,
         "metrics": [row.as_json() for row in evaluation.rows],
     }
 
@@ -73,10 +74,10 @@ def evaluate(domain: Domain, workspace: Workspace, ref: str = "production",
 
 
 def _score(domain: Domain, workspace: Workspace, version: Version, figure: Location) -> Evaluation:
-    data_dir = Path(version.record.get("config", {}).get("data_dir", workspace.settings.data_dir))
     predictor = workspace.registry.load_predictor(domain, version.version)
     with _drawing(figure) as path:
-        evaluation = domain.evaluate(predictor, data_dir, path)
+        evaluation = domain.evaluate(predictor, workspace.data_dir_of(version), path)
+    evaluation.backend = predictor.backend
     if not figure.local:  # the local file it drew is gone; the figure is at `figure` in the store
         evaluation.figure = None
     return evaluation

@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
-from core.errors import RegistryError
+from core.errors import ConfigError, RegistryError
 from core.io import sha256_file
 from core.storage import Location
+from domains.onnx_text import ARTIFACTS, choose_backend, gate_failures
 
 if TYPE_CHECKING:
     from domains.base import Domain, Predictor
@@ -191,13 +192,20 @@ class Registry:
         with self._at(domain, version).local_dir() as path:
             yield path
 
-    def load_predictor(self, domain: Domain, ref: str = PRODUCTION, device: str = "cpu") -> Predictor:
+    def load_predictor(self, domain: Domain, ref: str = PRODUCTION, device: str = "cpu",
+                       backend: str = "auto") -> Predictor:
         """`domain`'s version `ref` (an id or alias), loaded for inference on `device` ("cpu",
-        "cuda", "cuda:1") once its files match their recorded checksums."""
+        "cuda", "cuda:1") with `backend` (one of the domain's `backends`) once its files match
+        their recorded checksums."""
+        if backend not in domain.backends:
+            raise ConfigError(f"{domain.name} serves with backend {' or '.join(domain.backends)}, not {backend!r}",
+                              field="backend")
         version = self.get(domain.name, ref)
+        # Resolved from the record, not the folder: only an artifact with a recorded checksum loads.
+        chosen = choose_backend(backend, device, stored_artifacts(version), f"{domain.name} {version.version}")
         with self.model_dir(domain.name, version.version) as path:
             check_files(version, path)
-            return domain.load_predictor(path, version.version, device)
+            return domain.load_predictor(path, version.version, device, chosen)
 
     # ---- writing -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -256,11 +264,36 @@ class Registry:
             self._write_json(dest.join(VERSION_FILE), full)
         return self.get(domain, version)
 
+    def add_files(self, domain: str, version: str, files: dict[str, Path | None], record: dict[str, Any]) -> Version:
+        """Adds (or replaces) files of a registered version and merges `record` into its record, with
+        the new files' checksums; `files` maps a path in the version folder to a local file, or to
+        None to remove that file, and a key of `record` set to None is removed (`cityserve models
+        optimize`)."""
+        target = self.get(domain, version)
+        folder = self._at(domain, target.version)
+        digests = {k: v for k, v in target.record.get(FILES, {}).items() if k not in files}
+        for name, source in files.items():
+            if source is None:
+                folder.join(name).delete()
+            else:
+                folder.join(name).upload_file(source)
+                digests[name] = sha256_file(source)
+        # The record last: a crash before it leaves new files that nothing names and nothing loads
+        # unverified (a loader's backend refuses an artifact the record does not list).
+        merged = {k: v for k, v in {**target.record, **record}.items() if v is not None}
+        self._write_json(folder.join(VERSION_FILE), {**merged, FILES: digests})
+        return self.get(domain, target.version)
+
     def promote(self, domain: str, version: str, verify: Callable[[Path], object] | None = None) -> Version:
-        """Makes `version` production. Its files must match their checksums and `verify(model_dir)`
-        must load it, or promotion is refused and production stays as it was."""
+        """Makes `version` production. Its files must match their checksums, each optimised artifact
+        must be within the accuracy gate of the PyTorch model (`inference` in its record), and
+        `verify(model_dir)` must load it, or promotion is refused and production stays as it was."""
         try:
             target = self.get(domain, version)
+            failures = gate_failures(target.record.get("inference", {}), stored_artifacts(target))
+            if failures:
+                raise RegistryError(f"{domain} {target.version}: {'; '.join(failures)}; remake its artifacts with "
+                                    f"`cityserve models optimize {domain} {target.version}`")
             with self.model_dir(domain, target.version) as path:
                 check_files(target, path)
                 if verify is not None:
@@ -298,6 +331,12 @@ class Registry:
 
 def _is_version(name: str) -> bool:
     return name.startswith("v") and name[1:].isdigit()
+
+
+def stored_artifacts(version: Version) -> list[str]:
+    """The optimised inference artifacts (`domains.onnx_text.ARTIFACTS`) the version's record lists."""
+    files = version.record.get(FILES) or {}
+    return [backend for backend, name in ARTIFACTS.items() if name in files]
 
 
 def check_files(version: Version, model_dir: Path) -> None:

@@ -3,19 +3,24 @@ data, its `TorchTrainer`, and the registration of its best checkpoint as a candi
 
 from __future__ import annotations
 
+import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from cluster.placement import check_placement
-from core.errors import DataError
+from core.errors import ConfigError, DataError
 from core.settings import Settings
 from core.storage import Location
 from domains.base import Domain
+from domains.onnx_text import ARTIFACTS, ExportError
 from domains.tables import read_manifest
 from training.loop import TRAIN_STATE, train_loop_per_worker
-from training.registry import Version
+from training.registry import Version, check_files
 from training.workspace import Workspace
+
+logger = logging.getLogger(__name__)
 
 
 def smoke_data_dir(settings: Settings) -> Path:
@@ -72,10 +77,41 @@ def torch_trainer(domain: Domain, config: dict[str, Any], *, name: str, storage_
     )
 
 
+def optimized(domain: Domain, model_dir: Path, data_dir: Path) -> dict[str, Any]:
+    """The record entries of a model directory's optimised inference artifacts, made in it
+    (`Domain.optimize`): `inference` with their test figures, or `inference_error` saying why there
+    are none (the version then serves its PyTorch model)."""
+    try:
+        inference = domain.optimize(model_dir, data_dir)
+    except ExportError as exc:
+        logger.warning("%s: no optimised artifacts (%s); the version serves PyTorch", domain.name, exc.message)
+        return {"inference_error": exc.message}
+    return {"inference": inference} if inference is not None else {}
+
+
+def optimize_version(domain: Domain, workspace: Workspace, ref: str) -> Version:
+    """(Re)makes a registered version's optimised artifacts and their test figures (`cityserve
+    models optimize`), replacing any it had: for a version registered before they existed, or
+    after the gate or the export changed."""
+    if domain.backends == Domain.backends:
+        raise ConfigError(f"{domain.name} has no optimised artifacts: its models serve with PyTorch",
+                          field="domain")
+    registry = workspace.registry
+    version = registry.get(domain.name, ref)
+    with tempfile.TemporaryDirectory() as tmp, registry.model_dir(domain.name, version.version) as path:
+        check_files(version, path)
+        work = Path(tmp) / "model"
+        shutil.copytree(path, work, ignore=shutil.ignore_patterns(*ARTIFACTS.values()))
+        entries = optimized(domain, work, workspace.data_dir_of(version))
+        files = {name: work / name if (work / name).is_file() else None for name in ARTIFACTS.values()}
+        return registry.add_files(domain.name, version.version, files,
+                                  {"inference": None, "inference_error": None, **entries})
+
+
 def register_checkpoint(domain: Domain, workspace: Workspace, checkpoint: Any, *, metrics: dict[str, Any],
                         manifest: dict[str, Any], config: dict[str, Any], lineage: dict[str, Any]) -> Version:
     """Registers a Train checkpoint (a model directory, local or in object storage) as a candidate
-    version with its lineage."""
+    version with its lineage and its optimised inference artifacts."""
     stored = Location.from_fs(checkpoint.filesystem, checkpoint.path)
     # A copy without the resume state (optimizer and scheduler: not part of the model, and as large):
     # a local checkpoint's directory is the checkpoint itself, which a restored sweep may resume from.
@@ -83,6 +119,7 @@ def register_checkpoint(domain: Domain, workspace: Workspace, checkpoint: Any, *
         model_dir = Path(tmp) / "model"
         stored.download_dir(model_dir, skip=[TRAIN_STATE])
         return workspace.registry.register(domain.name, model_dir, {
+            **optimized(domain, model_dir, Path(config["data_dir"])),
             "profile": config["profile"],
             "metrics": metrics,
             "metric": domain.metric,

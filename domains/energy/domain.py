@@ -235,7 +235,8 @@ class EnergyDomain(Domain):
         out["val_coverage"] = metrics.coverage(y, q[..., 0], q[..., 2])
         return out
 
-    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu") -> EnergyPredictor:
+    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu",
+                       backend: str = "auto") -> EnergyPredictor:
         model, _, meta = self.load_model_files(model_dir)
         return EnergyPredictor(model, meta, version, device)
 

@@ -226,7 +226,7 @@ class TrafficDomain(Domain):
         out["val_coverage"] = float(inside.sum() / count.sum().clamp_min(1))
         return out
 
-    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu") -> Predictor:
+    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu", backend: str = "auto") -> Predictor:
         model, _, meta = self.load_model_files(Path(model_dir))
         if not isinstance(model, TrafficNet):
             raise TypeError(f"expected a TrafficNet, got {type(model).__name__}")

@@ -20,7 +20,7 @@ from cityserve import cli
 from core.errors import ConfigError
 from core.settings import Settings, get_settings
 from domains import get_domain
-from domains.text import TextDomain, TextPredictor, inference_dtype
+from domains.text import TextClassifier, TextDomain, TextPredictor, inference_dtype
 from services import batch
 from services.config import ModelConfig
 from services.model import replica_device
@@ -49,7 +49,7 @@ def test_the_registry_loads_a_version_on_the_device_it_is_asked_for(tmp_path: Pa
     seen: list[str] = []
 
     class Recording(energy):  # type: ignore[misc, valid-type]
-        def load_predictor(self, model_dir: Path, version: str, device: str = "cpu") -> Any:
+        def load_predictor(self, model_dir: Path, version: str, device: str = "cpu", backend: str = "auto") -> Any:
             seen.append(device)
             return None
 
@@ -87,9 +87,10 @@ def test_a_text_predictor_in_bf16_answers_as_fp32_does(smoke: Callable[[str], Sm
     domain = run.domain
     assert isinstance(domain, TextDomain)
     fp32 = run.predictor
-    assert isinstance(fp32, TextPredictor) and fp32.dtype == torch.float32  # the CPU default
+    assert isinstance(fp32, TextPredictor) and fp32.backend == "torch-fp32"  # the CPU default
     bf16 = domain.load_predictor(run.model_dir, "smoke-v1", "cpu", dtype=torch.bfloat16)
-    assert bf16.dtype == torch.bfloat16
+    assert bf16.backend == "torch-bf16" and isinstance(bf16.model, TextClassifier)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
     texts = domain.splits(run.data_dir)["test"]["text"].tolist()
     want, got = fp32.run(texts), bf16.run(texts)
     assert set(got) == set(want)
@@ -181,7 +182,7 @@ def test_batch_scoring_asks_each_actor_for_its_gpus(in_process_ray_data: list[In
     assert data.asked == {"concurrency": 1, "num_cpus": 1, "num_gpus": gpus}
     # No GPU here, and Ray gave this process none: the actor scores on the CPU, in fp32.
     assert data.scorer.device == "cpu"
-    assert isinstance(data.scorer.predictor, TextPredictor) and data.scorer.predictor.dtype == torch.float32
+    assert isinstance(data.scorer.predictor, TextPredictor) and data.scorer.predictor.backend == "torch-fp32"
     assert (report.rows, report.scored, report.failed_count) == (3, 2, 1)
     assert report.failed[0][0] == 2 and "text" in report.failed[0][1]
 

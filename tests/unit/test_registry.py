@@ -197,8 +197,9 @@ def test_a_record_naming_another_version_is_corrupt(registry: Registry, model_di
 def test_load_predictor_refuses_files_changed_since_registration(registry: Registry, model_dir: Path) -> None:
     class Loader:
         name = "energy"
+        backends = ("auto", "torch")
 
-        def load_predictor(self, path: Path, version: str, device: str) -> str:
+        def load_predictor(self, path: Path, version: str, device: str, backend: str) -> str:
             return f"{version} {(path / 'model.pt').read_bytes().decode()} on {device}"
 
     registry.register("energy", model_dir, {})

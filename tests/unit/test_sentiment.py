@@ -29,6 +29,7 @@ from domains.sentiment import (
     vader_labels,
 )
 from domains.tables import load_table, read_manifest
+from domains.text import TextClassifier
 from tests.unit.conftest import SmokeRun
 
 DOMAIN = "sentiment"  # the `run` and `data_dir` fixtures' domain
@@ -243,7 +244,8 @@ def test_a_fully_frozen_encoder_trains_its_heads_on_cached_features(data_dir: Pa
     assert isinstance(predictor, SentimentPredictor)
     texts = load_table(data_dir, "sentiment", "train")["text"].tolist()[:4]
     probs, _ = predictor.outputs(texts)
-    model = predictor.model.eval()
+    model = predictor.model  # no artifacts in this folder: the PyTorch model
+    assert isinstance(model, TextClassifier)
     with torch.no_grad():
         cached = torch.softmax(model(features=batch["features"])["label"], -1).numpy()
     np.testing.assert_allclose(probs, cached, atol=1e-5)

@@ -1,0 +1,164 @@
+"""Inference backends of the text models, measured in one run with the same threads: items/s at
+batch 1, 8 and 64 end to end (request items in, answers out: tokenising, padding to each batch's
+longest text and answer-building included), and each backend's macro-F1 on the whole test split.
+
+    .venv/bin/python -m bench.inference [--domain events] [--repeats 3] [--threads 2]
+
+Each domain's production version comes from the workspace's registry (`make run` trains one); one
+without ONNX artifacts gets them first (`cityserve models optimize`). Backends: PyTorch fp32, the
+baseline of every ratio; PyTorch's own dynamic int8 (the encoder's linear layers; the heads stay
+fp32), measured to compare, not served; ONNX fp32 and ONNX int8, as a CPU replica serves them.
+Each repetition times every backend at every batch size, starting from a different backend each
+time so drift in the machine's load spreads over all of them; a figure is the median of the
+repetitions, with their min and max. Writes `bench/results/inference.json` (its result schema).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from bench import RESULTS, git_commit
+from core.io import write_json_atomic
+from core.settings import get_settings
+from domains import get_domain
+from domains.base import request_example
+from domains.metrics import macro_f1
+from domains.text import TextClassifier, TextDomain, TextPredictor
+from training.registry import stored_artifacts
+from training.runs import optimize_version
+from training.workspace import Workspace
+
+TEXT_DOMAINS = ("events", "sentiment")
+BATCHES = (1, 8, 64)
+ITEMS = {1: 96, 8: 256, 64: 1024}  # texts timed per repetition at each batch size: ~1-4 s each
+BASELINE = "torch-fp32"
+
+
+def torch_int8(predictor: TextPredictor) -> TextPredictor:
+    """PyTorch's dynamic int8 quantisation of the encoder's linear layers, the heads left fp32."""
+    model = copy.deepcopy(predictor.model)
+    assert isinstance(model, TextClassifier)
+    model.encoder = torch.ao.quantization.quantize_dynamic(model.encoder, {nn.Linear}, dtype=torch.qint8)
+    return type(predictor)(predictor.version, model, predictor.tokenizer, predictor.max_len, backend="torch-int8")
+
+
+def backends(domain: TextDomain, workspace: Workspace) -> dict[str, TextPredictor]:
+    """The production version under every backend, PyTorch fp32 first."""
+    registry = workspace.registry
+    version = registry.get(domain.name, "production")
+    if not stored_artifacts(version):
+        version = optimize_version(domain, workspace, version.version)
+    loaded: dict[str, TextPredictor] = {}
+    for backend in ("torch", *stored_artifacts(version)):
+        predictor = registry.load_predictor(domain, version.version, backend=backend)
+        assert isinstance(predictor, TextPredictor)
+        loaded[predictor.backend] = predictor
+    loaded["torch-int8"] = torch_int8(loaded[BASELINE])
+    return loaded
+
+
+def requests(domain: TextDomain, texts: Sequence[str]) -> list[BaseModel]:
+    example = request_example(domain.request_model)
+    return [domain.request_model.model_validate({**example, "text": text}) for text in texts]
+
+
+def items_per_s(predictor: TextPredictor, items: Sequence[BaseModel], batch: int) -> float:
+    start = time.perf_counter()
+    for i in range(0, len(items), batch):
+        predictor.predict(items[i:i + batch])
+    return len(items) / (time.perf_counter() - start)
+
+
+def throughput(predictors: dict[str, TextPredictor], items: Sequence[BaseModel], repeats: int
+               ) -> dict[tuple[str, int], list[float]]:
+    """items/s of each (backend, batch size), one figure per repetition."""
+    for predictor in predictors.values():  # warm-up: first calls allocate and pick kernels
+        items_per_s(predictor, items[:64], 8)
+    rates: dict[tuple[str, int], list[float]] = {}
+    names = list(predictors)
+    for repetition in range(repeats):
+        order = names[repetition % len(names):] + names[:repetition % len(names)]
+        for batch in BATCHES:
+            for name in order:
+                rates.setdefault((name, batch), []).append(items_per_s(predictors[name], items[:ITEMS[batch]], batch))
+    return rates
+
+
+def scores(domain: TextDomain, predictors: dict[str, TextPredictor], data_dir: Path) -> dict[str, dict[str, float]]:
+    """Each backend's macro-F1 on the whole test split and its label agreement with PyTorch fp32."""
+    test = domain.splits(data_dir)["test"]
+    texts, y = test["text"].tolist(), domain.targets(test)["label"]
+    classes = range(len(domain.labels))
+    labels = {name: np.asarray(p.outputs(texts)[0].argmax(1)) for name, p in predictors.items()}
+    return {name: {"value": macro_f1(y, predicted, classes),
+                   "agreement": float(np.mean(predicted == labels[BASELINE]))} for name, predicted in labels.items()}
+
+
+def measure(domain: TextDomain, workspace: Workspace, repeats: int, threads: int) -> list[dict[str, Any]]:
+    predictors = backends(domain, workspace)
+    data_dir = workspace.data_dir_of(workspace.registry.get(domain.name, "production"))
+    test = domain.splits(data_dir)["test"]
+    texts = test["text"].sample(frac=1.0, random_state=0).tolist()  # a seeded mix of the test texts
+    rates = throughput(predictors, requests(domain, texts[:max(ITEMS.values())]), repeats)
+    metric = scores(domain, predictors, data_dir)
+    rows = []
+    for batch in BATCHES:
+        baseline = statistics.median(rates[(BASELINE, batch)])
+        for name in predictors:
+            runs = rates[(name, batch)]
+            rows.append({"domain": domain.name, "backend": name, "batch_size": batch, "threads": threads,
+                         "items_per_s": round(statistics.median(runs), 1),
+                         "items_per_s_spread": [round(min(runs), 1), round(max(runs), 1)],
+                         "ratio_to_torch_fp32": round(statistics.median(runs) / baseline, 3),
+                         "metric": "macro_f1", "metric_value": round(metric[name]["value"], 4),
+                         "metric_delta_to_torch_fp32": round(metric[name]["value"] - metric[BASELINE]["value"], 4),
+                         "label_agreement_with_torch_fp32": round(metric[name]["agreement"], 4),
+                         "test_texts": len(test), "repeats": repeats})
+    return rows
+
+
+def device_name() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return f"cpu: {cpu}, {os.cpu_count()} cores"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--domain", action="append", choices=TEXT_DOMAINS)
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions per figure (median and spread)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads of every backend")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)  # every backend's threads: ONNX sessions take torch's count
+    workspace = Workspace.from_settings(get_settings())
+    rows = []
+    for name in args.domain or TEXT_DOMAINS:
+        domain = get_domain(name)
+        assert isinstance(domain, TextDomain)
+        measured = measure(domain, workspace, args.repeats, args.threads)
+        rows += measured
+        for row in measured:
+            print(f"{row['domain']:<10} {row['backend']:<11} batch {row['batch_size']:>2}: "
+                  f"{row['items_per_s']:>7.1f} items/s ({row['ratio_to_torch_fp32']:.2f}× torch fp32), "
+                  f"macro-F1 {row['metric_value']:.4f} ({100 * row['metric_delta_to_torch_fp32']:+.2f} points)")
+    path = RESULTS / "inference.json"
+    write_json_atomic(path, {"commit": git_commit(), "device": device_name(),
+                             "load_average": round(os.getloadavg()[0], 2), "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
