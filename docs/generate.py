@@ -45,6 +45,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "eval-energy-sweep": results.eval_energy_sweep,
     "train-throughput": results.train_throughput,
     "tune-efficiency": results.tune_efficiency,
+    "inference": results.inference,
     "serve-throughput": results.serve_throughput,
     "serve-latency": results.serve_latency,
     "serve-targets": results.serve_targets,

@@ -247,19 +247,28 @@ def as_arrays(out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return arrays
 
 
+# Texts per forward pass (`run_text_model`). On a CPU a chunk of 16 length-sorted texts pads little
+# beyond its own texts and still fills the matrix kernels: a batch of 64 runs as four such chunks,
+# faster than as one padded to its longest text (docs/benchmarks.md). A GPU wants whole batches.
+CPU_CHUNK = 16
+GPU_CHUNK = 64
+
+
 @torch.no_grad()
 def run_text_model(
-    model: TextClassifier | OnnxClassifier, tokenizer: Any, texts: Sequence[str], max_len: int, batch_size: int = 64,
-    device: str | torch.device = "cpu",
+    model: TextClassifier | OnnxClassifier, tokenizer: Any, texts: Sequence[str], max_len: int,
+    batch_size: int | None = None, device: str | torch.device = "cpu",
 ) -> dict[str, np.ndarray]:
-    """Inference over texts in length-sorted chunks, each padded to its own longest text; returns
-    each output (probabilities for heads, values for `score`) in the input order, with zero rows
-    for no texts. `model` is the PyTorch module (on `device`) or an ONNX artifact (CPU)."""
+    """Inference over texts in length-sorted chunks of `batch_size` (default `CPU_CHUNK` or
+    `GPU_CHUNK`), each padded to its own longest text; returns each output (probabilities for
+    heads, values for `score`) in the input order, with zero rows for no texts. `model` is the
+    PyTorch module (on `device`) or an ONNX artifact (CPU)."""
     if not texts:
         empty = {name: np.zeros((0, n)) for name, n in model.head_sizes.items()}
         return {**empty, "score": np.zeros(0)} if model.has_score else empty
     outputs: dict[str, np.ndarray] = {}
-    for idx, enc in length_sorted_batches(tokenizer, texts, max_len, batch_size):
+    chunk = batch_size or (CPU_CHUNK if torch.device(device).type == "cpu" else GPU_CHUNK)
+    for idx, enc in length_sorted_batches(tokenizer, texts, max_len, chunk):
         out = model(enc["input_ids"].to(device), enc["attention_mask"].to(device))
         for name, arr in as_arrays(out).items():
             if name not in outputs:

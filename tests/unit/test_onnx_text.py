@@ -17,6 +17,7 @@ from core.settings import Settings
 from domains import get_domain
 from domains.onnx_text import AGREEMENT, ARTIFACTS, GATE, choose_backend, gate_failures, quantize
 from domains.text import TextDomain
+from tests.schemas import validate
 from tests.unit.conftest import SmokeRun
 from training.registry import Registry, stored_artifacts
 from training.runs import optimize_version
@@ -166,3 +167,29 @@ def test_only_a_recorded_artifact_serves_and_models_optimize_records_them(
     assert registry.load_predictor(run.domain, plain.version, backend="onnx-fp32").backend == "onnx-fp32"
     with pytest.raises(ConfigError, match="traffic serves with backend auto or torch, not 'onnx-int8'"):
         registry.load_predictor(get_domain("traffic"), backend="onnx-int8")
+
+
+def test_the_inference_bench_times_every_backend_in_its_schemas_shape(run: SmokeRun, domain: TextDomain,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import inference
+
+    monkeypatch.setattr(inference, "ITEMS", {1: 4, 8: 16, 64: 64})
+    registry = Registry(str(tmp_path / "registry"))
+    version = registry.register(DOMAIN, run.model_dir, {"config": {"data_dir": str(run.data_dir)}})
+    registry.promote(DOMAIN, version.version)  # no artifacts yet: the bench makes them
+    rows = inference.measure(domain, Workspace(Settings(), registry), repeats=1, threads=1)
+    validate("inference", {"commit": "0" * 40, "device": inference.device_name(), "rows": rows})
+    by_backend = {(row["backend"], row["batch_size"]): row for row in rows}
+    for batch in inference.BATCHES:
+        assert by_backend[("torch-fp32", batch)]["ratio_to_torch_fp32"] == 1.0
+        fp32 = by_backend[("onnx-fp32", batch)]
+        assert fp32["metric_delta_to_torch_fp32"] == 0.0 and fp32["label_agreement_with_torch_fp32"] == 1.0
+        assert ("torch-int8", batch) in by_backend
+    assert all(row["items_per_s"] > 0 and row["test_texts"] == 80 for row in rows)
+
+
+def test_the_shipped_inference_results_fit_their_schema() -> None:
+    document = json.loads((Path(__file__).resolve().parents[2] / "bench/results/inference.json").read_text())
+    validate("inference", document)
+    assert len(document["commit"]) == 40
