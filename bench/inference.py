@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,19 +58,23 @@ def torch_int8(predictor: TextPredictor) -> TextPredictor:
     return type(predictor)(predictor.version, model, predictor.tokenizer, predictor.max_len, backend="torch-int8")
 
 
-def backends(domain: TextDomain, workspace: Workspace) -> dict[str, TextPredictor]:
-    """The production version under every backend, PyTorch fp32 first."""
-    registry = workspace.registry
-    version = registry.get(domain.name, "production")
+BACKENDS = (BASELINE, "torch-int8", "onnx-fp32", "onnx-int8")
+
+
+def production(domain: TextDomain, workspace: Workspace) -> str:
+    """The production version, its ONNX artifacts made first when it has none."""
+    version = workspace.registry.get(domain.name, "production")
     if not stored_artifacts(version):
         version = optimize_version(domain, workspace, version.version)
-    loaded: dict[str, TextPredictor] = {}
-    for backend in ("torch", *stored_artifacts(version)):
-        predictor = registry.load_predictor(domain, version.version, backend=backend)
-        assert isinstance(predictor, TextPredictor)
-        loaded[predictor.backend] = predictor
-    loaded["torch-int8"] = torch_int8(loaded[BASELINE])
-    return loaded
+    return version.version
+
+
+def load(domain: TextDomain, workspace: Workspace, version: str, backend: str) -> TextPredictor:
+    """`version` computed by `backend` (one of `BACKENDS`)."""
+    serving = "torch" if backend.startswith("torch") else backend
+    predictor = workspace.registry.load_predictor(domain, version, backend=serving)
+    assert isinstance(predictor, TextPredictor)
+    return torch_int8(predictor) if backend == "torch-int8" else predictor
 
 
 def requests(domain: TextDomain, texts: Sequence[str]) -> list[BaseModel]:
@@ -82,42 +89,63 @@ def items_per_s(predictor: TextPredictor, items: Sequence[BaseModel], batch: int
     return len(items) / (time.perf_counter() - start)
 
 
-def throughput(predictors: dict[str, TextPredictor], items: Sequence[BaseModel], repeats: int
-               ) -> dict[tuple[str, int], list[float]]:
-    """items/s of each (backend, batch size), one figure per repetition."""
-    for predictor in predictors.values():  # warm-up: first calls allocate and pick kernels
-        items_per_s(predictor, items[:64], 8)
+def timed_texts(domain: TextDomain, data_dir: Path) -> list[str]:
+    """A seeded mix of the test texts (the split's order groups similar texts)."""
+    return list(domain.splits(data_dir)["test"]["text"].sample(frac=1.0, random_state=0))
+
+
+def time_backend(domain: TextDomain, workspace: Workspace, version: str, backend: str,
+                 items: dict[int, int]) -> dict[int, float]:
+    """items/s of one backend at each batch size (`items[batch]` texts each), after a warm-up."""
+    predictor = load(domain, workspace, version, backend)
+    texts = timed_texts(domain, workspace.data_dir_of(workspace.registry.get(domain.name, version)))
+    requested = requests(domain, texts[:max(items.values())])
+    items_per_s(predictor, requested[:64], 8)  # first calls allocate and pick kernels
+    return {batch: items_per_s(predictor, requested[:n], batch) for batch, n in items.items()}
+
+
+def throughput(domain: TextDomain, workspace: Workspace, version: str, repeats: int, threads: int,
+               items: dict[int, int]) -> dict[tuple[str, int], list[float]]:
+    """items/s of each (backend, batch size), one figure per repetition. Each backend runs in a
+    process of its own, as in a replica: two runtimes in one process would share the cores with
+    each other's thread pools, which spin a moment after each run."""
+    env = {**os.environ, "CITYSERVE_REGISTRY_URI": workspace.registry.uri}
     rates: dict[tuple[str, int], list[float]] = {}
-    names = list(predictors)
     for repetition in range(repeats):
-        order = names[repetition % len(names):] + names[:repetition % len(names)]
-        for batch in BATCHES:
-            for name in order:
-                rates.setdefault((name, batch), []).append(items_per_s(predictors[name], items[:ITEMS[batch]], batch))
+        order = BACKENDS[repetition % len(BACKENDS):] + BACKENDS[:repetition % len(BACKENDS)]
+        for backend in order:
+            done = subprocess.run(
+                [sys.executable, "-m", "bench.inference", "--worker", domain.name, version, backend,
+                 "--threads", str(threads), "--items", json.dumps(items)],
+                env=env, capture_output=True, text=True, check=True)
+            for batch, rate in json.loads(done.stdout.strip().splitlines()[-1]).items():
+                rates.setdefault((backend, int(batch)), []).append(rate)
     return rates
 
 
-def scores(domain: TextDomain, predictors: dict[str, TextPredictor], data_dir: Path) -> dict[str, dict[str, float]]:
+def scores(domain: TextDomain, workspace: Workspace, version: str, data_dir: Path) -> dict[str, dict[str, float]]:
     """Each backend's macro-F1 on the whole test split and its label agreement with PyTorch fp32."""
     test = domain.splits(data_dir)["test"]
     texts, y = test["text"].tolist(), domain.targets(test)["label"]
     classes = range(len(domain.labels))
-    labels = {name: np.asarray(p.outputs(texts)[0].argmax(1)) for name, p in predictors.items()}
+    labels = {name: np.asarray(load(domain, workspace, version, name).outputs(texts)[0].argmax(1))
+              for name in BACKENDS}
     return {name: {"value": macro_f1(y, predicted, classes),
                    "agreement": float(np.mean(predicted == labels[BASELINE]))} for name, predicted in labels.items()}
 
 
-def measure(domain: TextDomain, workspace: Workspace, repeats: int, threads: int) -> list[dict[str, Any]]:
-    predictors = backends(domain, workspace)
-    data_dir = workspace.data_dir_of(workspace.registry.get(domain.name, "production"))
-    test = domain.splits(data_dir)["test"]
-    texts = test["text"].sample(frac=1.0, random_state=0).tolist()  # a seeded mix of the test texts
-    rates = throughput(predictors, requests(domain, texts[:max(ITEMS.values())]), repeats)
-    metric = scores(domain, predictors, data_dir)
+def measure(domain: TextDomain, workspace: Workspace, repeats: int, threads: int,
+            items: dict[int, int] | None = None) -> list[dict[str, Any]]:
+    """The rows of one domain: every backend at every batch size."""
+    version = production(domain, workspace)
+    data_dir = workspace.data_dir_of(workspace.registry.get(domain.name, version))
+    rates = throughput(domain, workspace, version, repeats, threads, items or ITEMS)
+    metric = scores(domain, workspace, version, data_dir)
+    test_texts = len(domain.splits(data_dir)["test"])
     rows = []
     for batch in BATCHES:
         baseline = statistics.median(rates[(BASELINE, batch)])
-        for name in predictors:
+        for name in BACKENDS:
             runs = rates[(name, batch)]
             rows.append({"domain": domain.name, "backend": name, "batch_size": batch, "threads": threads,
                          "items_per_s": round(statistics.median(runs), 1),
@@ -126,7 +154,7 @@ def measure(domain: TextDomain, workspace: Workspace, repeats: int, threads: int
                          "metric": "macro_f1", "metric_value": round(metric[name]["value"], 4),
                          "metric_delta_to_torch_fp32": round(metric[name]["value"] - metric[BASELINE]["value"], 4),
                          "label_agreement_with_torch_fp32": round(metric[name]["agreement"], 4),
-                         "test_texts": len(test), "repeats": repeats})
+                         "version": version, "test_texts": test_texts, "repeats": repeats})
     return rows
 
 
@@ -141,9 +169,18 @@ def main() -> None:
     parser.add_argument("--domain", action="append", choices=TEXT_DOMAINS)
     parser.add_argument("--repeats", type=int, default=3, help="repetitions per figure (median and spread)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads of every backend")
+    parser.add_argument("--worker", nargs=3, metavar=("DOMAIN", "VERSION", "BACKEND"), help=argparse.SUPPRESS)
+    parser.add_argument("--items", type=json.loads, default=ITEMS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # every backend's threads: ONNX sessions take torch's count
     workspace = Workspace.from_settings(get_settings())
+    if args.worker:
+        name, version, backend = args.worker
+        domain = get_domain(name)
+        assert isinstance(domain, TextDomain)
+        items = {int(batch): int(n) for batch, n in args.items.items()}
+        print(json.dumps(time_backend(domain, workspace, version, backend, items)))
+        return
     rows = []
     for name in args.domain or TEXT_DOMAINS:
         domain = get_domain(name)

@@ -1,12 +1,16 @@
-"""Serving throughput, per domain, in one run: (a) the model in-process at its batch size — the
-limit; (b) the same model behind one plain FastAPI/uvicorn process — what a user would pick
+"""Serving throughput, per domain, in one run: (a) the model in-process on batches of 64 items —
+the limit; (b) the same model behind one plain FastAPI/uvicorn process — what a user would pick
 instead; (c) the full gateway path (auth, quotas, metering on) of a platform this script starts.
 
-Every cell (concurrency 1/16/64 × 1/16 items per request) runs the same aiohttp client for the
-same time against (b) and (c); torch uses the same thread count in (a), (b) and the replicas.
-(b) and (c) never run at the same time. Also records the idle platform's resident memory (all
-four domains, gateway, Ray). Writes `bench/results/serve_load.json`
-(the `serve_load` result schema) and prints each row with its ratios.
+The three get the same compute for the model: the production version with the same backend
+(`auto`: the int8 ONNX artifact of a text model on the CPU) and the same thread count, and the
+platform runs the `fixed` serve overlay, one replica per model deployment, so (c) cannot win by
+scaling out. Every cell (concurrency 1/16/64 × 1/16 items per request) runs the same aiohttp
+client for the same time against (b) and (c), which never run at the same time. Latency
+percentiles are of answered (200) requests; other answers are counted apart, with their own.
+Also records the idle platform's resident memory (all four domains, gateway, Ray). Writes
+`bench/results/serve_load.json` (the `serve_load` result schema; every row carries the commit)
+and prints each row with its ratios.
 
     .venv/bin/python -m bench.serve_load [--domain D ...] [--seconds 10] [--port 8321]
 """
@@ -30,18 +34,20 @@ from typing import Annotated, Any
 
 from fastapi import Body, FastAPI
 
-from bench import RESULTS
+from bench import RESULTS, git_commit
 from bench.load import hammer, summary, tree_rss_gb
 from cluster.local import free_port
 from core.io import write_json_atomic
 from core.settings import get_settings
 from domains import DOMAINS, get_domain
 from domains.base import Predictor, request_example
-from services.config import VERBS, build_config, model_configs
+from services.config import VERBS
 
 CONCURRENCY = (1, 16, 64)
 ITEMS = (1, 16)
-THREADS = 1  # the local overlay's torch_threads for every domain
+THREADS = 1  # base.yaml's torch_threads for every domain
+IN_PROCESS_BATCH = 64
+ENVIRONMENT = "fixed"  # helm/serve/fixed.yaml: one replica per model deployment
 
 
 def production_predictor(domain: str) -> Predictor:
@@ -54,20 +60,20 @@ def production_predictor(domain: str) -> Predictor:
     return Registry(get_settings().registry_location()).load_predictor(get_domain(domain))
 
 
-def in_process_rate(domain: str, seconds: float) -> float:
-    """Items/s of `predict` on full batches of the deployment's max_batch_size (median of rounds)."""
+def in_process_rates(domain: str, seconds: float) -> tuple[list[float], str]:
+    """Items/s of `predict` on batches of `IN_PROCESS_BATCH` items, one figure per round (at least
+    3), and the backend that computed them."""
     dom = get_domain(domain)
     predictor = production_predictor(domain)
-    size = model_configs(build_config("local"))[domain].max_batch_size
-    batch = [dom.request_model.model_validate(request_example(dom.request_model))] * size
+    batch = [dom.request_model.model_validate(request_example(dom.request_model))] * IN_PROCESS_BATCH
     predictor.predict(batch)  # warm-up
     rates: list[float] = []
     end = time.monotonic() + seconds
     while time.monotonic() < end or len(rates) < 3:
         start = time.perf_counter()
         predictor.predict(batch)
-        rates.append(size / (time.perf_counter() - start))
-    return statistics.median(rates)
+        rates.append(IN_PROCESS_BATCH / (time.perf_counter() - start))
+    return rates, predictor.backend
 
 
 async def _drive(url: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float) -> dict[str, Any]:
@@ -154,7 +160,8 @@ def bench_platform(domains: list[str], port: int) -> Iterator[tuple[Path, str]]:
     actor re-reads tenants on an unknown key); stopped afterwards."""
     state = Path(tempfile.mkdtemp(prefix="cityserve-bench-"))
     env = {**os.environ, "CITYSERVE_STATE_DIR": str(state), "CITYSERVE_LEDGER_URL": f"sqlite:///{state}/ledger.db"}
-    cityserve("serve", "up", "--detach", f"--port={port}", *[f"--domain={d}" for d in domains], env=env)
+    cityserve("serve", "up", "--detach", f"--env={ENVIRONMENT}", f"--port={port}", *[f"--domain={d}" for d in domains],
+              env=env)
     try:
         key = cityserve("tenants", "create", "bench", *[f"--grant={d}" for d in domains],
                         "--requests-per-minute=10000000", "--items-per-minute=100000000", "--max-concurrent=1000",
@@ -174,6 +181,10 @@ def gateway_rates(domains: list[str], seconds: float, port: int,
                     for c in CONCURRENCY for n in ITEMS} for d in domains}
 
 
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--domain", action="append", choices=sorted(DOMAINS))
@@ -187,7 +198,11 @@ def main() -> None:
         uvicorn.run(plain_app(args.plain_server), host="127.0.0.1", port=args.port, log_level="warning")
         return
     domains = args.domain or sorted(DOMAINS)
-    limit = {d: in_process_rate(d, args.seconds) for d in domains}
+    commit = git_commit()
+    measured = {d: in_process_rates(d, args.seconds) for d in domains}
+    rounds = {d: rates for d, (rates, _) in measured.items()}
+    backends = {d: backend for d, (_, backend) in measured.items()}
+    limit = {d: statistics.median(r) for d, r in rounds.items()}
     plain = {d: plain_rates(d, args.seconds) for d in domains}
     idle: dict[str, float] = {}
     gateway = gateway_rates(domains, args.seconds, args.port, idle)
@@ -196,19 +211,23 @@ def main() -> None:
         for c in CONCURRENCY:
             for n in ITEMS:
                 b, g = plain[d][(c, n)], gateway[d][(c, n)]
-                row = {"domain": d, "concurrency": c, "items_per_request": n,
+                row = {"domain": d, "concurrency": c, "items_per_request": n, "commit": commit,
                        "in_process_items_per_s": round(limit[d], 1),
+                       "in_process_items_per_s_spread": [round(min(rounds[d]), 1), round(max(rounds[d]), 1)],
+                       "in_process_batch": IN_PROCESS_BATCH, "backend": backends[d],
                        "uvicorn_items_per_s": round(b["items_per_s"], 1),
-                       "uvicorn_p50_ms": round(b["p50_ms"], 1), "uvicorn_p99_ms": round(b["p99_ms"], 1),
+                       "uvicorn_p50_ms": rounded(b["p50_ms"]), "uvicorn_p99_ms": rounded(b["p99_ms"]),
                        "uvicorn_errors": int(b["errors"]),
                        "gateway_items_per_s": round(g["items_per_s"], 1),
-                       "gateway_p50_ms": round(g["p50_ms"], 1), "gateway_p99_ms": round(g["p99_ms"], 1),
-                       "errors": int(g["errors"]),
+                       "gateway_p50_ms": rounded(g["p50_ms"]), "gateway_p99_ms": rounded(g["p99_ms"]),
+                       "errors": int(g["errors"]), "gateway_error_p99_ms": rounded(g["error_p99_ms"]),
+                       "uvicorn_error_p99_ms": rounded(b["error_p99_ms"]),
                        "gateway_vs_in_process": round(g["items_per_s"] / limit[d], 3),
                        "gateway_vs_uvicorn": round(g["items_per_s"] / max(b["items_per_s"], 1e-9), 3)}
                 rows.append(row)
                 print(json.dumps(row))
-    result = {"device": f"cpu: {os.cpu_count()} cores ({host.processor() or host.machine()})",
+    result = {"commit": commit, "device": f"cpu: {os.cpu_count()} cores ({host.processor() or host.machine()})",
+              "environment": ENVIRONMENT,
               "load_average": round(os.getloadavg()[0], 2), "torch_threads": THREADS,
               "seconds_per_cell": args.seconds, **idle, "rows": rows}
     write_json_atomic(RESULTS / "serve_load.json", result)

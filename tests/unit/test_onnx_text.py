@@ -170,15 +170,15 @@ def test_only_a_recorded_artifact_serves_and_models_optimize_records_them(
 
 
 def test_the_inference_bench_times_every_backend_in_its_schemas_shape(run: SmokeRun, domain: TextDomain,
-                                                                      tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                      tmp_path: Path) -> None:
     from bench import inference
 
-    monkeypatch.setattr(inference, "ITEMS", {1: 4, 8: 16, 64: 64})
+    assert run.history  # trained
     registry = Registry(str(tmp_path / "registry"))
     version = registry.register(DOMAIN, run.model_dir, {"config": {"data_dir": str(run.data_dir)}})
     registry.promote(DOMAIN, version.version)  # no artifacts yet: the bench makes them
-    rows = inference.measure(domain, Workspace(Settings(), registry), repeats=1, threads=1)
+    rows = inference.measure(domain, Workspace(Settings(), registry), repeats=1, threads=1,
+                             items={1: 4, 8: 16, 64: 64})
     validate("inference", {"commit": "0" * 40, "device": inference.device_name(), "rows": rows})
     by_backend = {(row["backend"], row["batch_size"]): row for row in rows}
     for batch in inference.BATCHES:
