@@ -167,9 +167,9 @@ class OnnxClassifier:
 
     Args:
         path: the .onnx file.
-        threads: intra-op threads (the replica's share of CPUs, as torch's). ONNX Runtime's
-            threads spin a moment after each run before they sleep, so the next chunk of a batch
-            starts without a wake-up (what that gains: docs/benchmarks.md).
+        threads: intra-op threads (the replica's share of CPUs, as torch's). They do not spin
+            after a run: spinning threads took the cores from the rest of a batch's work (more
+            than it gained at batch 1; docs/benchmarks.md), and from the gateway beside them.
     """
 
     def __init__(self, path: Path, threads: int) -> None:
@@ -178,6 +178,7 @@ class OnnxClassifier:
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         outputs = self.session.get_outputs()
         self.names = [o.name for o in outputs]

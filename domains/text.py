@@ -48,6 +48,9 @@ from domains.tables import load_table, read_manifest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub, even by accident
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The fast tokenizer's own thread pool would contend for the cores with the model's threads (a
+# replica's, a training worker's), which are sized to them (docs/benchmarks.md measures it).
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
 
