@@ -7,7 +7,8 @@ longest text and answer-building included), and each backend's macro-F1 on the w
 Each domain's production version comes from the workspace's registry (`make run` trains one); one
 without ONNX artifacts gets them first (`cityserve models optimize`). Backends: PyTorch fp32, the
 baseline of every ratio; PyTorch's own dynamic int8 (the encoder's linear layers; the heads stay
-fp32), measured to compare, not served; ONNX fp32 and ONNX int8, as a CPU replica serves them.
+fp32), measured to compare, not served; and the version's ONNX artifacts (fp32, int8, the int8
+student), as a CPU replica serves them.
 Each repetition times every backend at every batch size, starting from a different backend each
 time so drift in the machine's load spreads over all of them; a figure is the median of the
 repetitions, with their min and max. Writes `bench/results/inference.json` (its result schema).
@@ -58,19 +59,17 @@ def torch_int8(predictor: TextPredictor) -> TextPredictor:
     return type(predictor)(predictor.version, model, predictor.tokenizer, predictor.max_len, backend="torch-int8")
 
 
-BACKENDS = (BASELINE, "torch-int8", "onnx-fp32", "onnx-int8")
-
-
-def production(domain: TextDomain, workspace: Workspace) -> str:
-    """The production version, its ONNX artifacts made first when it has none."""
+def production(domain: TextDomain, workspace: Workspace) -> tuple[str, list[str]]:
+    """The production version, its ONNX artifacts made first when it has none, and the backends
+    to measure: PyTorch fp32 and int8, and the stored artifacts."""
     version = workspace.registry.get(domain.name, "production")
     if not stored_artifacts(version):
         version = optimize_version(domain, workspace, version.version)
-    return version.version
+    return version.version, [BASELINE, "torch-int8", *reversed(stored_artifacts(version))]
 
 
 def load(domain: TextDomain, workspace: Workspace, version: str, backend: str) -> TextPredictor:
-    """`version` computed by `backend` (one of `BACKENDS`)."""
+    """`version` computed by `backend`: torch-fp32, torch-int8 or a stored artifact's."""
     serving = "torch" if backend.startswith("torch") else backend
     predictor = workspace.registry.load_predictor(domain, version, backend=serving)
     assert isinstance(predictor, TextPredictor)
@@ -104,15 +103,15 @@ def time_backend(domain: TextDomain, workspace: Workspace, version: str, backend
     return {batch: items_per_s(predictor, requested[:n], batch) for batch, n in items.items()}
 
 
-def throughput(domain: TextDomain, workspace: Workspace, version: str, repeats: int, threads: int,
-               items: dict[int, int]) -> dict[tuple[str, int], list[float]]:
+def throughput(domain: TextDomain, workspace: Workspace, version: str, backends: list[str], repeats: int,
+               threads: int, items: dict[int, int]) -> dict[tuple[str, int], list[float]]:
     """items/s of each (backend, batch size), one figure per repetition. Each backend runs in a
     process of its own, as in a replica: two runtimes in one process would share the cores with
     each other's thread pools, which spin a moment after each run."""
     env = {**os.environ, "CITYSERVE_REGISTRY_URI": workspace.registry.uri}
     rates: dict[tuple[str, int], list[float]] = {}
     for repetition in range(repeats):
-        order = BACKENDS[repetition % len(BACKENDS):] + BACKENDS[:repetition % len(BACKENDS)]
+        order = backends[repetition % len(backends):] + backends[:repetition % len(backends)]
         for backend in order:
             done = subprocess.run(
                 [sys.executable, "-m", "bench.inference", "--worker", domain.name, version, backend,
@@ -123,13 +122,14 @@ def throughput(domain: TextDomain, workspace: Workspace, version: str, repeats: 
     return rates
 
 
-def scores(domain: TextDomain, workspace: Workspace, version: str, data_dir: Path) -> dict[str, dict[str, float]]:
+def scores(domain: TextDomain, workspace: Workspace, version: str, backends: list[str],
+           data_dir: Path) -> dict[str, dict[str, float]]:
     """Each backend's macro-F1 on the whole test split and its label agreement with PyTorch fp32."""
     test = domain.splits(data_dir)["test"]
     texts, y = test["text"].tolist(), domain.targets(test)["label"]
     classes = range(len(domain.labels))
     labels = {name: np.asarray(load(domain, workspace, version, name).outputs(texts)[0].argmax(1))
-              for name in BACKENDS}
+              for name in backends}
     return {name: {"value": macro_f1(y, predicted, classes),
                    "agreement": float(np.mean(predicted == labels[BASELINE]))} for name, predicted in labels.items()}
 
@@ -137,15 +137,15 @@ def scores(domain: TextDomain, workspace: Workspace, version: str, data_dir: Pat
 def measure(domain: TextDomain, workspace: Workspace, repeats: int, threads: int,
             items: dict[int, int] | None = None) -> list[dict[str, Any]]:
     """The rows of one domain: every backend at every batch size."""
-    version = production(domain, workspace)
+    version, backends = production(domain, workspace)
     data_dir = workspace.data_dir_of(workspace.registry.get(domain.name, version))
-    rates = throughput(domain, workspace, version, repeats, threads, items or ITEMS)
-    metric = scores(domain, workspace, version, data_dir)
+    rates = throughput(domain, workspace, version, backends, repeats, threads, items or ITEMS)
+    metric = scores(domain, workspace, version, backends, data_dir)
     test_texts = len(domain.splits(data_dir)["test"])
     rows = []
     for batch in BATCHES:
         baseline = statistics.median(rates[(BASELINE, batch)])
-        for name in BACKENDS:
+        for name in backends:
             runs = rates[(name, batch)]
             rows.append({"domain": domain.name, "backend": name, "batch_size": batch, "threads": threads,
                          "items_per_s": round(statistics.median(runs), 1),

@@ -24,9 +24,10 @@ from core.errors import CityServeError, ConfigError
 logger = logging.getLogger(__name__)
 
 # Serving backends a config may ask for; `auto` picks by device (`choose_backend`).
-BACKEND_CHOICES = ("auto", "torch", "onnx-fp32", "onnx-int8")
-# The optimised artifacts, by the backend that serves them, fastest first.
-ARTIFACTS = {"onnx-int8": "model.int8.onnx", "onnx-fp32": "model.onnx"}
+BACKEND_CHOICES = ("auto", "torch", "student-int8", "onnx-int8", "onnx-fp32")
+# The optimised artifacts, by the backend that serves them, fastest first: a smaller student of the
+# model in int8, the model in int8, the model in fp32 (`TextDomain.optimize` makes them).
+ARTIFACTS = {"student-int8": "student.int8.onnx", "onnx-int8": "model.int8.onnx", "onnx-fp32": "model.onnx"}
 OPSET = 17
 INPUTS = ("input_ids", "attention_mask")
 # How far below the PyTorch fp32 model's test metric an artifact may score (1 point of macro-F1),
@@ -47,7 +48,7 @@ def choose_backend(wanted: str, device: str, stored: Sequence[str], what: str) -
     """The backend a predictor loads: `torch`, or an `ARTIFACTS` key.
 
     `auto` is PyTorch on a GPU (bf16 there) and on the CPU the fastest artifact the version has
-    (int8, then fp32 ONNX), else PyTorch fp32; `torch` forces PyTorch; an artifact's name forces it.
+    (`ARTIFACTS`' order), else PyTorch fp32; `torch` forces PyTorch; an artifact's name forces it.
 
     Args:
         wanted: one of `BACKEND_CHOICES`.

@@ -27,7 +27,8 @@ import pandas as pd
 import torch
 from pydantic import BaseModel
 from torch import nn
-from torch.utils.data import Dataset, default_collate
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from core.errors import InvalidInput
 from domains.base import META_FILE, Batch, Domain, MetricRow, Predictor, SearchParam
@@ -330,6 +331,13 @@ class Collected:
 TEXT_DEFAULTS: dict[str, Any] = {"weight_decay": 0.01, "warmup_frac": 0.06, "grad_clip": 1.0, "patience": 2,
                                  "seed": 0, "max_len": 64, "dropout": 0.1}
 INPUT_KEYS = ("input_ids", "attention_mask", "features")
+# The student `TextDomain.distill` makes: every other encoder layer, two epochs at a fixed rate
+# (its figures: docs/benchmarks.md), outputs softened by TEMPERATURE.
+STUDENT_LAYERS = (0, 2, 4)
+STUDENT_EPOCHS = 2
+STUDENT_LR = 1e-4
+TEMPERATURE = 2.0
+ENCODER_LAYER = "encoder.encoder.layer."  # the state-dict prefix of a TextClassifier's encoder layers
 
 
 class TextDomain(Domain):
@@ -446,46 +454,92 @@ class TextDomain(Domain):
         """Writes the version's ONNX artifacts (`ARTIFACTS`) into `model_dir` and measures each,
         with the PyTorch fp32 model, on the test split: the registry record's `inference` entry.
 
-        The fp32 export must label `AGREEMENT` of the test texts as PyTorch does, or nothing is kept
-        (`ExportError`). The int8 copy is kept only within `GATE` of PyTorch fp32's macro-F1; else
-        its figures are recorded with `kept: false` and the CPU serves the fp32 export."""
-        model, _, meta = self.load_model_files(model_dir)
+        `onnx-fp32` is the model exported and fused; `onnx-int8` that graph quantised; and
+        `student-int8` a smaller student (`distill`), exported, fused and quantised the same way.
+        An fp32 export must label `AGREEMENT` of the test texts as its PyTorch model does, or
+        nothing is kept (`ExportError`). An int8 artifact is kept only within `GATE` of the PyTorch
+        model's macro-F1; else its figures are recorded with `kept: false`."""
+        model, config, meta = self.load_model_files(model_dir)
         assert isinstance(model, TextClassifier)
         tokenizer = load_tokenizer(model_dir / TOKENIZER_DIR)
         test = load_table(data_dir, self.name, "test")
         texts, y = test["text"].tolist(), self.targets(test)["label"]
         max_len, classes = int(meta["max_len"]), range(len(meta["labels"]))
+        sample = dict(tokenizer(texts[:2], padding=True, return_tensors="pt"))
 
-        def labels(runner: TextClassifier | OnnxClassifier) -> np.ndarray:
+        def labels(runner: TextClassifier | OnnxClassifier | Path) -> np.ndarray:
+            if isinstance(runner, Path):
+                runner = OnnxClassifier(runner, threads=torch.get_num_threads())
             return np.asarray(run_text_model(runner, tokenizer, texts, max_len)["label"].argmax(1))
+
+        def exported(student: TextClassifier, encoder: dict[str, Any], dst: Path, tmp: Path) -> dict[str, Any]:
+            """Exports and fuses `student` to `dst`; its fusions, refused unless it labels as PyTorch."""
+            export(student, sample, tmp / "exported.onnx")
+            fusions = fuse(tmp / "exported.onnx", dst, encoder)
+            agreement = float(np.mean(labels(dst) == labels(student)))
+            if agreement < AGREEMENT:
+                raise ExportError(f"the fp32 ONNX export labels {agreement:.2%} of the test texts as PyTorch "
+                                  f"does (at least {AGREEMENT:.1%} expected)")
+            return {"fusions": fusions, "export_agreement": agreement}
 
         reference = labels(model)
         backends: dict[str, dict[str, Any]] = {"torch-fp32": {"value": macro_f1(y, reference, classes)}}
+
+        def scored(name: str, extra: dict[str, Any]) -> None:
+            predicted = labels(model_dir / ARTIFACTS[name])
+            value = macro_f1(y, predicted, classes)
+            backends[name] = {"file": ARTIFACTS[name], "value": value, "delta": value - backends["torch-fp32"]["value"],
+                              "agreement": float(np.mean(predicted == reference)), "kept": True, **extra}
+
         paths = {name: model_dir / file for name, file in ARTIFACTS.items()}
         try:
             with tempfile.TemporaryDirectory(prefix="cityserve-onnx-") as tmp:
-                raw = Path(tmp) / "exported.onnx"
-                export(model, dict(tokenizer(texts[:2], padding=True, return_tensors="pt")), raw)
-                fusions = fuse(raw, paths["onnx-fp32"], meta["encoder"])
-            quantize(paths["onnx-fp32"], paths["onnx-int8"])
-            for name in ("onnx-fp32", "onnx-int8"):
-                predicted = labels(OnnxClassifier(paths[name], threads=torch.get_num_threads()))
-                value = macro_f1(y, predicted, classes)
-                backends[name] = {"file": ARTIFACTS[name], "value": value,
-                                  "delta": value - backends["torch-fp32"]["value"],
-                                  "agreement": float(np.mean(predicted == reference)), "kept": True}
-            backends["onnx-fp32"]["fusions"] = fusions
-            if backends["onnx-fp32"]["agreement"] < AGREEMENT:
-                raise ExportError(f"the fp32 ONNX export labels {backends['onnx-fp32']['agreement']:.2%} of the "
-                                  f"test texts as PyTorch does (at least {AGREEMENT:.1%} expected)")
+                scored("onnx-fp32", exported(model, meta["encoder"], paths["onnx-fp32"], Path(tmp)))
+                quantize(paths["onnx-fp32"], paths["onnx-int8"])
+                scored("onnx-int8", {})
+                student, encoder = self.distill(model, config, meta, data_dir)
+                made = exported(student, encoder, Path(tmp) / "student.onnx", Path(tmp))
+                quantize(Path(tmp) / "student.onnx", paths["student-int8"])
+                scored("student-int8", {"layers": list(STUDENT_LAYERS), "epochs": STUDENT_EPOCHS, **made})
         except BaseException:
             for path in paths.values():
                 path.unlink(missing_ok=True)
             raise
-        if backends["onnx-int8"]["delta"] < -GATE:
-            paths["onnx-int8"].unlink()
-            backends["onnx-int8"]["kept"] = False
+        for name in ("onnx-int8", "student-int8"):
+            if backends[name]["delta"] < -GATE:
+                paths[name].unlink()
+                backends[name]["kept"] = False
         return {"metric": "macro_f1", "split": "test", "texts": len(texts), "backends": backends}
+
+    def distill(self, teacher: TextClassifier, config: dict[str, Any], meta: dict[str, Any], data_dir: Path
+                ) -> tuple[TextClassifier, dict[str, Any]]:
+        """A student of `teacher` with the encoder's `STUDENT_LAYERS` (every other layer, as
+        DistilBERT was made), started from those layers' weights and trained `STUDENT_EPOCHS` over
+        the teacher's training rows to match its outputs (softened by `TEMPERATURE`) and, at half
+        weight, the true labels. Returns it (eval mode, CPU) and its encoder config."""
+        encoder = {**meta["encoder"], "num_hidden_layers": len(STUDENT_LAYERS)}
+        student = TextClassifier(self.heads(meta), encoder, pretrained=False, dropout=float(config["dropout"]),
+                                 score_head=self.score_head)
+        taught = teacher.state_dict()
+        student.load_state_dict({key: taught[teacher_key(key)] for key in student.state_dict()})
+        rows = self.training_rows(data_dir, config)
+        loader = DataLoader(self.text_dataset(rows, int(meta["max_len"])), batch_size=int(config["batch_size"]),
+                            shuffle=True, collate_fn=self.collate,
+                            generator=torch.Generator().manual_seed(int(config["seed"])))
+        optimizer = torch.optim.AdamW(student.parameters(), lr=STUDENT_LR, weight_decay=float(config["weight_decay"]))
+        teacher.eval()
+        for _ in range(STUDENT_EPOCHS):
+            student.train()
+            for batch in loader:
+                inputs = model_inputs(batch)
+                with torch.no_grad():
+                    wanted = teacher(**inputs)
+                got = student(**inputs)
+                loss = soft_loss(got, wanted) + 0.5 * self.output_loss(got, batch)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        return student.eval(), encoder
 
     def save_extras(self, model_dir: Path, meta: dict[str, Any]) -> None:
         load_tokenizer().save_pretrained(Path(model_dir) / TOKENIZER_DIR)
@@ -509,6 +563,28 @@ class TextDomain(Domain):
         model = model.to(device=device, dtype=dtype)
         return self.predictor_class(version, model, tokenizer, int(meta["max_len"]), device=device,
                                     backend="torch-bf16" if dtype == torch.bfloat16 else "torch-fp32")
+
+
+def teacher_key(key: str) -> str:
+    """The teacher's parameter a student's parameter `key` starts from: student layer i is the
+    teacher's layer `STUDENT_LAYERS[i]`; embeddings and heads are the teacher's own."""
+    if not key.startswith(ENCODER_LAYER):
+        return key
+    index, rest = key[len(ENCODER_LAYER):].split(".", 1)
+    return f"{ENCODER_LAYER}{STUDENT_LAYERS[int(index)]}.{rest}"
+
+
+def soft_loss(got: dict[str, torch.Tensor], wanted: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How far a student's outputs are from its teacher's: KL divergence of each head's softened
+    probabilities (scaled by T², so its gradients keep their size), squared error of the score."""
+    loss = torch.zeros(())
+    for name, target in wanted.items():
+        if name == "score":
+            loss = loss + F.mse_loss(got[name], target)
+        else:
+            loss = loss + F.kl_div(F.log_softmax(got[name] / TEMPERATURE, -1), F.softmax(target / TEMPERATURE, -1),
+                                   reduction="batchmean") * TEMPERATURE ** 2
+    return loss
 
 
 # ---- report ----------------------------------------------------------------------------------

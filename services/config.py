@@ -108,10 +108,10 @@ class ModelConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the replica runs its model: auto = the GPU Ray assigned the replica "
         "(`ray_actor_options.num_gpus`), else the CPU; cpu or cuda force one (cuda without a GPU fails the load).")
-    backend: Literal["auto", "torch", "onnx-fp32", "onnx-int8"] = Field(
+    backend: Literal["auto", "torch", "student-int8", "onnx-int8", "onnx-fp32"] = Field(
         "auto", description="What computes the answers: auto = PyTorch (bf16) on a GPU, on the CPU the version's "
-        "int8 ONNX artifact (else its fp32 one, else PyTorch fp32); torch forces PyTorch; onnx-fp32/onnx-int8 force "
-        "that artifact (text domains; `cityserve models optimize` makes them).")
+        "fastest ONNX artifact (its int8 student, else its int8 model, else its fp32 model, else PyTorch fp32); "
+        "torch forces PyTorch; an artifact's name forces that artifact (text domains; the registry makes them).")
 
 
 class ServeOverlay(BaseModel):

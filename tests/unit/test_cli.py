@@ -49,6 +49,12 @@ def test_a_long_error_stays_one_line(registry: Registry) -> None:
     assert len(line) > 80 and line.startswith("error (registry): energy v1: model.pt does not match")
 
 
+def test_optimize_refuses_a_domain_without_optimised_artifacts(registry: Registry) -> None:
+    out = CliRunner().invoke(cli.main, ["models", "optimize", "energy", "v1"])
+    assert out.exit_code == 2
+    assert out.output.strip() == "error (bad_config): energy has no optimised artifacts: its models serve with PyTorch"
+
+
 def test_promote_asks_for_confirmation(registry: Registry) -> None:
     out = CliRunner().invoke(cli.main, ["models", "rollback", "energy"], input="n\n")
     assert out.exit_code == 1 and "Aborted" in out.output

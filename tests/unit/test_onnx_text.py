@@ -11,16 +11,17 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 
+from cityserve import cli
 from core.errors import ConfigError, RegistryError
-from core.settings import Settings
+from core.settings import Settings, get_settings
 from domains import get_domain
 from domains.onnx_text import AGREEMENT, ARTIFACTS, GATE, choose_backend, gate_failures, quantize
-from domains.text import TextDomain
+from domains.text import TextDomain, teacher_key
 from tests.schemas import validate
 from tests.unit.conftest import SmokeRun
 from training.registry import Registry, stored_artifacts
-from training.runs import optimize_version
 from training.workspace import Workspace
 
 DOMAIN = "events"
@@ -53,8 +54,20 @@ def test_the_export_is_fused_and_labels_as_pytorch_does(optimized: tuple[Path, d
     assert fp32["fusions"]["EmbedLayerNormalization"] == 1
     assert fp32["agreement"] >= AGREEMENT and abs(fp32["delta"]) < 1e-9
     assert (model_dir / ARTIFACTS["onnx-fp32"]).is_file()
-    int8 = backends["onnx-int8"]
-    assert int8["kept"] == (int8["delta"] >= -GATE) == (model_dir / ARTIFACTS["onnx-int8"]).is_file()
+    for name in ("onnx-int8", "student-int8"):
+        int8 = backends[name]
+        assert int8["kept"] == (int8["delta"] >= -GATE) == (model_dir / ARTIFACTS[name]).is_file()
+    student = backends["student-int8"]  # three layers: three fused attentions, an export that agrees
+    assert student["layers"] == [0, 2, 4] and student["fusions"]["Attention"] == 3
+    assert student["export_agreement"] >= AGREEMENT
+
+
+def test_a_student_starts_from_every_other_layer_of_its_teacher() -> None:
+    assert teacher_key("encoder.encoder.layer.1.attention.self.query.weight") == \
+        "encoder.encoder.layer.2.attention.self.query.weight"
+    assert teacher_key("encoder.encoder.layer.2.output.dense.bias") == "encoder.encoder.layer.4.output.dense.bias"
+    assert teacher_key("encoder.embeddings.word_embeddings.weight") == "encoder.embeddings.word_embeddings.weight"
+    assert teacher_key("heads.label.weight") == "heads.label.weight"
 
 
 def test_int8_quantises_the_encoder_and_keeps_the_heads_in_fp32(optimized: tuple[Path, dict[str, Any]],
@@ -87,6 +100,7 @@ def test_onnx_answers_as_pytorch_does_whatever_the_padding(run: SmokeRun, domain
 
 
 @pytest.mark.parametrize(("wanted", "device", "stored", "chosen"), [
+    ("auto", "cpu", ["student-int8", "onnx-int8", "onnx-fp32"], "student-int8"),
     ("auto", "cpu", ["onnx-int8", "onnx-fp32"], "onnx-int8"),
     ("auto", "cpu", ["onnx-fp32"], "onnx-fp32"),
     ("auto", "cpu", [], "torch"),
@@ -127,6 +141,7 @@ def with_both_artifacts(optimized: tuple[Path, dict[str, Any]], tmp_path: Path) 
     """A model folder with both artifacts, whatever the gate decided about the smoke model's int8."""
     model_dir = tmp_path / "both"
     shutil.copytree(optimized[0], model_dir)
+    (model_dir / ARTIFACTS["student-int8"]).unlink(missing_ok=True)
     if not (model_dir / ARTIFACTS["onnx-int8"]).is_file():
         quantize(model_dir / ARTIFACTS["onnx-fp32"], model_dir / ARTIFACTS["onnx-int8"])
     return model_dir
@@ -152,7 +167,7 @@ def test_promotion_refuses_an_artifact_below_the_gate(run: SmokeRun, optimized: 
 
 
 def test_only_a_recorded_artifact_serves_and_models_optimize_records_them(
-        run: SmokeRun, optimized: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+        run: SmokeRun, optimized: tuple[Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     registry = Registry(str(tmp_path / "registry"))
     plain = registry.register(DOMAIN, run.model_dir, {"config": {"data_dir": str(run.data_dir)}})
     # A file put into the folder behind the registry's back has no checksum: it never loads.
@@ -161,8 +176,17 @@ def test_only_a_recorded_artifact_serves_and_models_optimize_records_them(
     with pytest.raises(ConfigError, match="has no onnx-fp32 artifact"):
         registry.load_predictor(run.domain, plain.version, backend="onnx-fp32")
 
-    workspace = Workspace(Settings(data_dir=tmp_path / "elsewhere"), registry)
-    remade = optimize_version(run.domain, workspace, plain.version)  # scored on the data it was trained on
+    monkeypatch.setenv("CITYSERVE_REGISTRY_URI", str(tmp_path / "registry"))
+    monkeypatch.setenv("CITYSERVE_DATA_DIR", str(tmp_path / "elsewhere"))  # scored on the data it was trained on
+    get_settings.cache_clear()
+    try:
+        out = CliRunner().invoke(cli.main, ["models", "optimize", DOMAIN, plain.version, "--json"])
+    finally:
+        get_settings.cache_clear()
+    assert out.exit_code == 0, out.output
+    rows = {row["backend"]: row for row in json.loads(out.output)}
+    assert set(rows) == {"torch-fp32", "onnx-fp32", "onnx-int8", "student-int8"} and rows["onnx-fp32"]["kept"] == "yes"
+    remade = registry.get(DOMAIN, plain.version)
     assert remade.record["inference"]["texts"] == 80 and "onnx-fp32" in stored_artifacts(remade)
     assert registry.load_predictor(run.domain, plain.version, backend="onnx-fp32").backend == "onnx-fp32"
     with pytest.raises(ConfigError, match="traffic serves with backend auto or torch, not 'onnx-int8'"):
