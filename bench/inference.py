@@ -40,6 +40,7 @@ from core.settings import get_settings
 from domains import get_domain
 from domains.base import request_example
 from domains.metrics import macro_f1
+from domains.onnx_text import choose_backend
 from domains.text import TextClassifier, TextDomain, TextPredictor
 from training.registry import stored_artifacts
 from training.runs import optimize_version
@@ -142,6 +143,7 @@ def measure(domain: TextDomain, workspace: Workspace, repeats: int, threads: int
     rates = throughput(domain, workspace, version, backends, repeats, threads, items or ITEMS)
     metric = scores(domain, workspace, version, backends, data_dir)
     test_texts = len(domain.splits(data_dir)["test"])
+    served = choose_backend("auto", "cpu", stored_artifacts(workspace.registry.get(domain.name, version)), version)
     rows = []
     for batch in BATCHES:
         baseline = statistics.median(rates[(BASELINE, batch)])
@@ -154,6 +156,7 @@ def measure(domain: TextDomain, workspace: Workspace, repeats: int, threads: int
                          "metric": "macro_f1", "metric_value": round(metric[name]["value"], 4),
                          "metric_delta_to_torch_fp32": round(metric[name]["value"] - metric[BASELINE]["value"], 4),
                          "label_agreement_with_torch_fp32": round(metric[name]["agreement"], 4),
+                         "served_on_cpu": name == served,
                          "version": version, "test_texts": test_texts, "repeats": repeats})
     return rows
 
