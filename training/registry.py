@@ -271,15 +271,20 @@ class Registry:
         optimize`)."""
         target = self.get(domain, version)
         folder = self._at(domain, target.version)
-        digests = {k: v for k, v in target.record.get(FILES, {}).items() if k not in files}
+        recorded = target.record.get(FILES) or {}
+        digests = {k: v for k, v in recorded.items() if k not in files}
+        if digests != recorded:
+            # Files to replace leave the record before they change: a crash midway leaves a version
+            # that loads without them, never one whose recorded checksums its files fail.
+            self._write_json(folder.join(VERSION_FILE), {**target.record, FILES: digests})
         for name, source in files.items():
             if source is None:
                 folder.join(name).delete()
             else:
                 folder.join(name).upload_file(source)
                 digests[name] = sha256_file(source)
-        # The record last: a crash before it leaves new files that nothing names and nothing loads
-        # unverified (a loader's backend refuses an artifact the record does not list).
+        # The record last: until then the new files are named by nothing, and only an artifact the
+        # record lists ever loads (`load_predictor`).
         merged = {k: v for k, v in {**target.record, **record}.items() if v is not None}
         self._write_json(folder.join(VERSION_FILE), {**merged, FILES: digests})
         return self.get(domain, target.version)

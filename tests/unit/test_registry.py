@@ -14,7 +14,7 @@ import pytest
 
 from core.errors import RegistryError
 from core.storage import Location
-from training.registry import Registry
+from training.registry import Registry, check_files
 
 
 @pytest.fixture
@@ -262,3 +262,29 @@ def test_a_crashed_writers_lock_is_taken_over(s3_dir: str, model_dir: Path, monk
     monkeypatch.setattr(core.storage, "STALE_CLAIM_S", 0.5)
     assert registry.register("energy", model_dir, {}).version == "v1"
     assert [i.base_name for i in _file(registry, "energy", ".lock").children()] == []
+
+
+def test_added_files_get_checksums_and_replaced_ones_leave_the_record_before_they_change(
+        registry: Registry, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry.register("energy", model_dir, {"note": "kept"})
+    extra = tmp_path / "extra.bin"
+    extra.write_bytes(b"one")
+    added = registry.add_files("energy", "v1", {"extra.bin": extra}, {"inference": {"x": 1}})
+    assert added.record["files"]["extra.bin"] == hashlib.sha256(b"one").hexdigest()
+    assert added.record["note"] == "kept" and added.record["inference"] == {"x": 1}
+
+    extra.write_bytes(b"two")
+    monkeypatch.setattr(Location, "upload_file", lambda self, source: (_ for _ in ()).throw(OSError("gone")))
+    with pytest.raises(OSError, match="gone"):  # the copy fails midway: the version still loads, without it
+        registry.add_files("energy", "v1", {"extra.bin": extra}, {})
+    monkeypatch.undo()
+    midway = registry.get("energy", "v1")
+    assert "extra.bin" not in midway.record["files"] and "model.pt" in midway.record["files"]
+    with registry.model_dir("energy", "v1") as path:
+        check_files(midway, path)
+
+    replaced = registry.add_files("energy", "v1", {"extra.bin": extra}, {"inference": None})
+    assert replaced.record["files"]["extra.bin"] == hashlib.sha256(b"two").hexdigest()
+    assert "inference" not in replaced.record
+    removed = registry.add_files("energy", "v1", {"extra.bin": None}, {})
+    assert "extra.bin" not in removed.record["files"] and not _file(registry, "energy", "v1", "extra.bin").is_file()
