@@ -22,9 +22,9 @@ def git_commit() -> str:
 
 def save_row(name: str, row: dict[str, Any]) -> Path:
     """Replaces the row of `row["domain"]` in results/NAME (others kept: domains are measured one
-    at a time), stamping the load average it was measured under; returns the file."""
+    at a time), stamping the commit and the load average it was measured under; returns the file."""
     path = RESULTS / name
-    row = {**row, "load_average": round(os.getloadavg()[0], 2)}
+    row = {**row, "commit": git_commit(), "load_average": round(os.getloadavg()[0], 2)}
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
     rows = sorted([r for r in rows if r["domain"] != row["domain"]] + [row], key=lambda r: str(r["domain"]))
     write_json_atomic(path, {"rows": rows})

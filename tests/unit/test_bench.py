@@ -18,6 +18,28 @@ def test_a_new_row_replaces_only_its_domains_row(tmp_path: Path, monkeypatch: py
     rows = json.loads(path.read_text())["rows"]
     assert [(r["domain"], r["ratio"]) for r in rows] == [("energy", 0.5), ("traffic", 2.0)]
     assert all(isinstance(r["load_average"], float) for r in rows)
+    assert all(r["commit"] == bench.git_commit() for r in rows)
+
+
+def test_train_throughput_refuses_sides_that_computed_different_losses() -> None:
+    from bench.train_throughput import UnequalWork, require_equal_work
+
+    require_equal_work("energy", [0.0363467136, 0.0198125564], [0.0363467136, 0.0198125564])
+    with pytest.raises(UnequalWork, match="differ"):
+        require_equal_work("energy", [0.0363, 0.0198], [0.0363, 0.0201])
+    with pytest.raises(UnequalWork):
+        require_equal_work("energy", [0.0363, 0.0198], [0.0363])  # a side that stopped early
+
+
+def test_soak_trend_tells_a_rising_p99_from_noise() -> None:
+    from bench.reliability.serving import p99_trend
+
+    slope, low, high = p99_trend([100 + 10 * i for i in range(10)], 60)  # +10 ms every minute
+    assert slope == pytest.approx(10) and low > 0
+    slope, low, high = p99_trend([100, 140, 95, 130, 105, 120, 98, 135, 102, 110], 60)
+    assert low <= 0 <= high
+    slope, low, high = p99_trend([100 + 10 * i for i in range(3)], 20)  # minutes, whatever the window
+    assert slope == pytest.approx(30)
 
 
 def test_reliability_checks_replace_their_entries_and_fit_the_shared_schema(tmp_path: Path) -> None:
