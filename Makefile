@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
-.PHONY: venv run test lint typecheck unit integration reliability cluster docs lock clean
+.PHONY: venv run test lint typecheck unit integration reliability cluster benchmarks docs lock clean
 
 venv: $(STAMP)
 
@@ -66,6 +66,20 @@ reliability: venv
 # short version of each (tests/integration/test_cluster.py).
 cluster: venv
 	$(BIN)/python -m bench.cluster
+
+# Every benchmark, one after another at one commit (~2.5 h here), then the docs' tables from them. It refuses a
+# working tree whose code differs from HEAD: each result file is stamped with HEAD, which must be what ran.
+benchmarks: venv
+	git diff --quiet HEAD -- . ':!bench/results' ':!docs' ':!helm/README.md' ':!reports' || \
+		{ echo "commit the code first: results are stamped with HEAD" >&2; exit 1; }
+	$(BIN)/python -m bench.train_throughput
+	$(BIN)/python -m bench.autoscale
+	$(BIN)/python -m bench.inference
+	$(BIN)/python -m bench.serve_load
+	$(BIN)/python -m bench.tune_efficiency
+	$(BIN)/python -m bench.reliability
+	$(BIN)/python -m bench.cluster
+	$(BIN)/python -m docs.generate
 
 # The tables of figures in docs/ and helm/README.md, from bench/results/, reports/ and helm/values.yaml.
 docs: venv

@@ -200,8 +200,10 @@ def models_list(domain: str | None, as_json: bool) -> None:
     for name in [domain] if domain else sorted(DOMAINS):
         for v in registry.versions(name):
             metric = v.record.get("metric", "")
+            created = v.record.get("created", "")
             rows.append((name, v.version, v.stage, v.record.get("profile", ""), metric,
-                         v.metrics.get(metric, float("nan")), v.record.get("created", "")))
+                         v.metrics.get(metric, float("nan")),
+                         created if as_json else created[:16].replace("T", " ")))  # to the minute, for people
     print_table("model versions", ["domain", "version", "stage", "profile", "metric", "value", "created"],
                 rows, as_json)
 

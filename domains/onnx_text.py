@@ -11,6 +11,8 @@ them. `TextDomain.optimize` makes them and measures each on the test split; the 
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -110,7 +112,12 @@ def export(model: Any, sample: dict[str, torch.Tensor], path: Path) -> None:
     before = model.encoder.config._attn_implementation
     model.encoder.set_attn_implementation("eager")
     try:
-        with torch.no_grad():
+        # The tracer's warnings (a mask built with Python booleans, negative-index caveats) print on
+        # every registration; what they warn of is checked instead: `TextDomain.optimize` compares the exported
+        # graph's labels with PyTorch's on the whole test split and refuses a disagreeing artifact.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message="Exporting aten::index", category=UserWarning)
             torch.onnx.export(
                 wrapped, tuple(sample[k] for k in INPUTS), str(path), dynamo=False, opset_version=OPSET,
                 input_names=list(INPUTS), output_names=names,
@@ -155,10 +162,19 @@ def quantize(src: Path, dst: Path) -> None:
     # they are excluded under that name.
     heads = [f"{node.name}_MatMul" for node in onnx.load(str(src), load_external_data=False).graph.node
              if node.op_type == "Gemm"]
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                     op_types_to_quantize=["MatMul", "Attention"], nodes_to_exclude=heads,
-                     # the fused ops carry no type information the quantiser can infer
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    # The quantiser advises its own pre-processing (shape inference and graph optimisation) on the
+    # root logger at every call; the graph was optimised already, by `fuse`, for this model type.
+    def advice(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider to run pre-processing")
+
+    logging.getLogger().addFilter(advice)
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+                         op_types_to_quantize=["MatMul", "Attention"], nodes_to_exclude=heads,
+                         # the fused ops carry no type information the quantiser can infer
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        logging.getLogger().removeFilter(advice)
 
 
 class OnnxClassifier:

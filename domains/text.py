@@ -98,6 +98,23 @@ def load_tokenizer(path: Path | None = None) -> Any:
     return AutoTokenizer.from_pretrained(path or encoder_path())
 
 
+def quietly(load: Any, *args: Any, **kwargs: Any) -> Any:
+    """`load(*args, **kwargs)` without transformers' progress bar and load report: every training
+    worker and replica loads the packaged encoder, whose pooler (unused here) the report lists as
+    unexpected each time."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return load(*args, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 class TextClassifier(nn.Module):
     """MiniLM encoder + mean pooling + a linear head per output (`heads`: name -> classes).
 
@@ -125,7 +142,7 @@ class TextClassifier(nn.Module):
     ) -> None:
         super().__init__()
         if pretrained:
-            self.encoder = AutoModel.from_pretrained(encoder_path(), add_pooling_layer=False)
+            self.encoder = quietly(AutoModel.from_pretrained, encoder_path(), add_pooling_layer=False)
         else:
             self.encoder = AutoModel.from_config(BertConfig.from_dict(encoder), add_pooling_layer=False)
         hidden = int(encoder["hidden_size"])

@@ -6,6 +6,7 @@ check). Domains plug in data, model, loss and validation through `domains.base.D
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -228,6 +229,12 @@ class RayContext:
 
         self._train = ray.train
         self._torch = ray.train.torch
+        # Ray Train logs every report and checkpoint at INFO (the whole metrics dict, twice an
+        # epoch); the loop's own epoch line already says it once.
+        from ray.train.v2._internal.execution import context, storage
+
+        for name in (context.__file__, storage.__name__):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.world_rank = ray.train.get_context().get_world_rank()
         self.device = ray.train.torch.get_device()
         # Where a resumed run's checkpoint is copied; deleted with the context when the loop ends.
