@@ -26,6 +26,8 @@ from domains import DOMAINS, get_domain
 from domains.base import request_example
 from services.config import VERBS
 
+ENVIRONMENT = "local"
+
 
 def wait_for(predicate: Any, timeout_s: float) -> float:
     start = time.monotonic()
@@ -43,7 +45,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8322)
     parser.add_argument("--rounds", type=int, default=5, help="load steps; the figures are their median and worst")
     args = parser.parse_args()
-    with bench_platform([args.domain], args.port) as (state, key):
+    # The local serve config, which autoscales (the throughput bench pins one replica instead).
+    with bench_platform([args.domain], args.port, environment=ENVIRONMENT) as (state, key):
         platform = Platform.load(state)
         assert platform is not None
         before = running(platform.dashboard_url, args.domain)
@@ -54,7 +57,7 @@ def main() -> None:
                   for _ in range(args.rounds)]
     from services.config import build_config
 
-    (app,) = build_config("local", domains=[args.domain])["applications"]
+    (app,) = build_config(ENVIRONMENT, domains=[args.domain])["applications"]
     dep = next(d for d in app["deployments"] if d["name"] == args.domain)
     result = {"commit": git_commit(), "domain": args.domain,
               "scale_up_s": round(statistics.median(r["scale_up_s"] for r in rounds), 2),

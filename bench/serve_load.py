@@ -154,13 +154,14 @@ def platform_rss_gb(state: Path) -> float:
 
 
 @contextlib.contextmanager
-def bench_platform(domains: list[str], port: int) -> Iterator[tuple[Path, str]]:
+def bench_platform(domains: list[str], port: int, environment: str = ENVIRONMENT) -> Iterator[tuple[Path, str]]:
     """A platform of the benchmark's own (state and ledger in a temporary folder) serving
-    `domains`, and the key of a tenant whose quotas never bind (it works at once: the admission
-    actor re-reads tenants on an unknown key); stopped afterwards."""
+    `domains` with the serve config of `environment`, and the key of a tenant whose quotas never
+    bind (it works at once: the admission actor re-reads tenants on an unknown key); stopped
+    afterwards."""
     state = Path(tempfile.mkdtemp(prefix="cityserve-bench-"))
     env = {**os.environ, "CITYSERVE_STATE_DIR": str(state), "CITYSERVE_LEDGER_URL": f"sqlite:///{state}/ledger.db"}
-    cityserve("serve", "up", "--detach", f"--env={ENVIRONMENT}", f"--port={port}", *[f"--domain={d}" for d in domains],
+    cityserve("serve", "up", "--detach", f"--env={environment}", f"--port={port}", *[f"--domain={d}" for d in domains],
               env=env)
     try:
         key = cityserve("tenants", "create", "bench", *[f"--grant={d}" for d in domains],
