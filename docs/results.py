@@ -28,12 +28,17 @@ from docs.markdown import (
 # ---- evaluation reports (reports/DOMAIN.json) ----------------------------------------------------
 
 # Targets the project set for the `full` models; the reports carry figures, not targets.
-TRAFFIC_TARGET_VS_HISTORICAL = {("simulated_network", "15min"): 0.65, ("simulated_network", "30min"): 0.74,
-                                ("simulated_network", "60min"): 0.85, ("real_counts", "15min"): 0.85}
+# Traffic's targets are ratios to the strongest of the report's baselines (lowest MAE) in each row.
+TRAFFIC_TARGET_VS_STRONGEST = {("simulated_network", "15min"): 0.65, ("simulated_network", "30min"): 0.74,
+                               ("simulated_network", "60min"): 0.85, ("real_counts", "15min"): 0.85}
+TRAFFIC_BASELINES = {"historical_average": "hist. avg", "last_value": "last value", "seasonal_naive": "seasonal"}
 COVERAGE_BAND = (0.75, 0.85)  # a P10-P90 band should hold ~80 % of actuals
 ENERGY_TARGET_VS_LAST_WEEK = {"victoria_2014": 0.6}
 EVENTS_TARGET_MACRO_F1 = 0.90
 EVENTS_TARGET_POINTS_OVER_TFIDF = 5.0
+# On the sets written by hand, as residents write: what a city would meet in its first week.
+EVENTS_TARGET_HANDWRITTEN = 0.92  # macro-F1
+SENTIMENT_TARGET_CITY_COMMENTS = 0.85  # accuracy
 
 
 def metric(report: Json, subset: str, name: str, horizon: str | None = None, label: str | None = None,
@@ -66,18 +71,18 @@ def eval_traffic(report: Json, rel: str) -> str:
             coverage = metric(report, subset, "coverage_p10_p90", horizon)
             if mae is None:
                 continue
-            base = mae["baselines"]
-            vs_hist = mae["model"] / base["historical_average"]
-            target = TRAFFIC_TARGET_VS_HISTORICAL.get((subset, horizon))
-            hist = f"{vs_hist:.3f}" + (f" {mark(vs_hist <= target)}" if target else "")
+            base = {name: mae["baselines"][name] for name in TRAFFIC_BASELINES}
+            strongest = min(base, key=base.__getitem__)
+            vs_best = mae["model"] / base[strongest]
+            target = TRAFFIC_TARGET_VS_STRONGEST.get((subset, horizon))
+            best = f"{vs_best:.3f}" + (f" {mark(vs_best <= target)}" if target else "")
             cov = "—"
             if coverage is not None:
                 low, high = COVERAGE_BAND
                 cov = f"{coverage['model']:.3f} {mark(low <= coverage['model'] <= high)}"
-            rows.append([subset, horizon.replace("min", " min"), f"{mae['model']:.2f}", hist,
-                         f"{mae['model'] / base['last_value']:.3f}", f"{mae['model'] / base['seasonal_naive']:.3f}",
-                         cov])
-    out = [table(["subset", "horizon", "MAE", "× hist. avg", "× last", "× seasonal", "P10–P90"], rows)]
+            rows.append([subset, horizon.replace("min", " min"), f"{mae['model']:.2f}", TRAFFIC_BASELINES[strongest],
+                         best, f"{mae['model'] / base['historical_average']:.3f}", cov])
+    out = [table(["subset", "horizon", "MAE", "strongest", "× strongest", "× hist. avg", "P10–P90"], rows)]
     floor = metric(report, "real_counts", "mae", "15min")
     if floor is not None and "poisson_floor" in floor["baselines"]:
         value = floor["baselines"]["poisson_floor"]
@@ -85,9 +90,11 @@ def eval_traffic(report: Json, rel: str) -> str:
                         f"**{value / floor['baselines']['historical_average']:.3f}×** historical average."))
     low, high = COVERAGE_BAND
     targets = ", ".join(f"{subset} {horizon.replace('min', ' min')} ≤ {bound:g}"
-                        for (subset, horizon), bound in TRAFFIC_TARGET_VS_HISTORICAL.items())
+                        for (subset, horizon), bound in TRAFFIC_TARGET_VS_STRONGEST.items())
     out.append(report_caption(report, rel, "MAE in vehicles per 5 min (grid) / 15 min (intersection); "
-                              f"targets for × hist. avg: {targets}; P10–P90 coverage target {low:g}–{high:g}"))
+                              "strongest: the baseline with the lowest MAE in the row (of historical average, "
+                              f"last value, seasonal naive); targets for × strongest: {targets}; "
+                              f"P10–P90 coverage target {low:g}–{high:g}"))
     return "\n\n".join(out)
 
 
@@ -110,7 +117,7 @@ def eval_energy(report: Json, rel: str) -> str:
         report_caption(report, rel, "day-ahead, 48 half-hours; × last week: MAPE over same time last week's, "
                        "target " + ", ".join(f"{subset} ≤ {bound:g}" for subset, bound in
                                              ENERGY_TARGET_VS_LAST_WEEK.items())
-                       + "; gradient boosting is a regression on the same inputs (its MAPE)")])
+                       + "; gradient boosting is a regression on a summary of the model's inputs (its MAPE)")])
 
 
 @from_result("reports/events.json", "cityserve evaluate events")
@@ -124,7 +131,8 @@ def eval_events(report: Json, rel: str) -> str:
             continue
         tfidf = f1["baselines"]["tfidf_logreg"]
         points = 100 * (f1["model"] - tfidf)
-        rows.append([subset, f"{f1['model']:.3f} {mark(f1['model'] >= EVENTS_TARGET_MACRO_F1)}",
+        bound = EVENTS_TARGET_HANDWRITTEN if subset == "handwritten" else EVENTS_TARGET_MACRO_F1
+        rows.append([subset, f"{f1['model']:.3f} {mark(f1['model'] >= bound)}",
                      f"{points:+.1f} {mark(points >= EVENTS_TARGET_POINTS_OVER_TFIDF)}",
                      f"{accuracy['model']:.3f}" if accuracy else "—",
                      f"{priority['model']:.3f}" if priority else "—", f"{tfidf:.3f}"])
@@ -138,8 +146,9 @@ def eval_events(report: Json, rel: str) -> str:
         table(["subset", "macro-F1", "pts > TF-IDF", "accuracy", "priority F1", "TF-IDF F1"], rows),
         f"Per class, `{first}`:",
         per_class,
-        report_caption(report, rel, f"targets: macro-F1 ≥ {EVENTS_TARGET_MACRO_F1:.2f} and ≥ "
-                       f"+{EVENTS_TARGET_POINTS_OVER_TFIDF:g} points over TF-IDF + logistic regression")])
+        report_caption(report, rel, f"targets: macro-F1 ≥ {EVENTS_TARGET_MACRO_F1:.2f} (handwritten: ≥ "
+                       f"{EVENTS_TARGET_HANDWRITTEN:.2f}) and ≥ +{EVENTS_TARGET_POINTS_OVER_TFIDF:g} points over "
+                       "TF-IDF + logistic regression")])
 
 
 @from_result("reports/sentiment.json", "cityserve evaluate sentiment")
@@ -152,9 +161,14 @@ def eval_sentiment(report: Json, rel: str) -> str:
             if row is None:
                 continue
             base = row["baselines"]
-            beats = row["model"] > base["linear_probe"] and (subset != "tweets" or row["model"] > base["vader"])
-            rows.append([subset, f"{row['model']:.3f} {mark(beats)}", f"{base['vader']:.3f}",
-                         f"{base['linear_probe']:.3f}", f"{base['majority']:.3f}"])
+            passed: bool | None = None
+            if subset == "city_comments":  # no training split of its own: judged by its accuracy target
+                if name == "accuracy":
+                    passed = row["model"] >= SENTIMENT_TARGET_CITY_COMMENTS
+            else:
+                passed = row["model"] > base["linear_probe"] and (subset != "tweets" or row["model"] > base["vader"])
+            rows.append([subset, f"{row['model']:.3f}" + ("" if passed is None else f" {mark(passed)}"),
+                         *[num(base.get(b), 3) for b in ("vader", "linear_probe", "majority")]])
         out += [f"{title}:", table(["subset", "model", "VADER", "linear probe", "majority"], rows)]
     labels = ["negative", "neutral", "positive"]
     rows = []
@@ -162,7 +176,8 @@ def eval_sentiment(report: Json, rel: str) -> str:
         cells = [metric(report, subset, "f1", label=label) for label in labels]
         rows.append([subset, *[f"{cell['model']:.2f}" if cell else "—" for cell in cells]])
     out += ["F1 per class (the model):", table(["subset", *labels], rows)]
-    out.append(report_caption(report, rel, "✓: above the linear probe (and, on tweets, above VADER)"))
+    out.append(report_caption(report, rel, "✓: above the linear probe (and, on tweets, above VADER); "
+                              f"city_comments: accuracy ≥ {SENTIMENT_TARGET_CITY_COMMENTS:.2f}"))
     return "\n\n".join(out)
 
 

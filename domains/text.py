@@ -384,6 +384,13 @@ class TextDomain(Domain):
         """The prepared train, valid and test splits."""
         return {name: load_table(data_dir, self.name, name) for name in ("train", "valid", "test")}
 
+    def written_by_hand(self, name: str) -> pd.DataFrame:
+        """An evaluation set of this domain written by hand for the project, as residents write
+        (`domains/DOMAIN/NAME.jsonl`, one JSON object a line): never drawn from a generator's
+        templates or a training corpus, so it measures what the test split cannot."""
+        lines = importlib.resources.files(f"domains.{self.name}").joinpath(f"{name}.jsonl").read_text("utf-8")
+        return pd.DataFrame([json.loads(line) for line in lines.splitlines() if line.strip()])
+
     def training_rows(self, data_dir: Path, config: dict[str, Any]) -> pd.DataFrame:
         """The training split, or a uniform seeded sample of `train_limit` rows of it (which keeps
         the class and subset mix); 0 means all rows."""

@@ -1,8 +1,10 @@
 """Energy baselines (``same_time_last_week``, ``regression``), the report's metrics and the figure.
 
 ``same_time_last_week`` takes its P10/P90 from its relative errors on the validation split;
-``regression`` is per-step gradient boosting on the same inputs as the network (P10/P90 the same
-way). Both are fitted on train (bands on valid), never on test.
+``regression`` is per-step gradient boosting on a summary of the network's inputs — calendar, the
+demand lags, the step's forecast temperature, the forecast's max and mean, the last observed
+demand and temperature — not the whole history window the network reads (P10/P90 the same way as
+above). Both are fitted on train (bands on valid), never on test.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def with_band(point: np.ndarray, band: tuple[float, float]) -> np.ndarray:
 
 
 def step_table(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """One row per (window, step) of the same inputs the network sees, for the regression baseline.
+    """One row per (window, step) of features drawn from what the network sees, for the regression baseline.
 
     Columns: calendar, lags, the step's forecast temperature, the forecast's max and mean, the last
     observed demand and temperature, and the step index.
@@ -58,8 +60,9 @@ def step_table(arrays: dict[str, np.ndarray]) -> np.ndarray:
 
 
 class RegressionBaseline:
-    """The ``regression`` baseline: gradient-boosted trees on `step_table` rows (the same inputs as
-    the network), P50 from the trees and P10/P90 from their relative errors on the validation split.
+    """The ``regression`` baseline: gradient-boosted trees on `step_table` rows (a summary of the
+    network's inputs, not its whole history window), P50 from the trees and P10/P90 from their
+    relative errors on the validation split.
 
     Squared-error trees rather than quantile ones: sklearn's quantile loss recomputes a percentile
     per leaf per iteration, far slower for no better median.

@@ -13,8 +13,9 @@ The served priority is the priority head's call, raised to the predicted class's
 that generated the labels.
 
 Baseline: `tfidf_logreg` (`domains.events.baselines`). Report subsets: `template_disjoint` (the
-test split: templates never seen in training or validation) and `holdout_templates` (the
-validation split: templates never seen in training).
+test split: templates never seen in training or validation), `holdout_templates` (the
+validation split: templates never seen in training) and `handwritten` (reports written by hand
+as residents write, `handwritten.jsonl`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from domains.text import TextDomain, TextPredictor
 # from the harder class decision while still learning the cue words.
 PRIORITY_WEIGHT = 0.5
 SUBSETS = {"test": "template_disjoint", "valid": "holdout_templates"}
+HANDWRITTEN = "handwritten"  # the evaluation set written by hand (`TextDomain.written_by_hand`)
 
 
 class EventsPredictor(TextPredictor):
@@ -152,6 +154,12 @@ class EventsDomain(TextDomain):
             scored[split] = {"model": (pred, pred_pri), "tfidf_logreg": (base, base_pri)}
             y, y_pri = encode_targets(frame).values()
             rows += metric_rows(SUBSETS[split], y, y_pri, scored[split], per_class=split == "test")
+        hand = self.written_by_hand(HANDWRITTEN)
+        label_probs, priority_probs = predictor.outputs(hand["text"].tolist())
+        by_hand = {"model": decide(label_probs, priority_probs),
+                   "tfidf_logreg": baseline.predict(hand["text"].tolist())}
+        truth = encode_targets(hand)
+        rows += metric_rows(HANDWRITTEN, truth["label"], truth["priority"], by_hand, per_class=False)
         test = tables["test"]
         y_test = encode_targets(test)["label"]
         draw_confusion(figure, y_test, scored["test"]["model"][0], predictor.version)
@@ -161,6 +169,9 @@ class EventsDomain(TextDomain):
             f"(class) and C={baseline.c_priority:g} (priority) chosen on holdout_templates",
             f"template_disjoint: {len(test)} reports from {test['template'].nunique()} templates never seen "
             "in training; the corpus is generated (domains/events/corpus.py)",
+            f"{HANDWRITTEN}: {len(hand)} reports written by hand as residents write (typos, indirect wording, "
+            "two problems in one, sarcasm, questions), never drawn from the generator "
+            f"(domains/events/{HANDWRITTEN}.jsonl)",
             f"two-problem reports ({int(two.sum())} in template_disjoint): accuracy model "
             f"{accuracy(y_test[two], scored['test']['model'][0][two]):.3f}, tfidf_logreg "
             f"{accuracy(y_test[two], scored['test']['tfidf_logreg'][0][two]):.3f}",

@@ -6,7 +6,8 @@ Model: the packaged all-MiniLM-L6-v2 encoder (`domains.text.TextClassifier`), me
 cross-entropy on the label plus `SCORE_WEIGHT` × MSE between the score and the raters' mean / 4.
 
 Baselines (`domains.sentiment.baselines`): `vader`, `linear_probe` and `majority`, scored on the
-same held-out test split, per subset.
+same held-out test split, per subset; the model and `vader` also on `city_comments`, comments on
+city services written by hand as residents write (`city_comments.jsonl`).
 """
 
 from __future__ import annotations
@@ -26,20 +27,23 @@ from torch.utils.data import Dataset
 from domains.base import Batch, Evaluation, Predictor
 from domains.metrics import accuracy, macro_f1
 from domains.sentiment.baselines import (
-    VADER_CUT,
+    VADER_CUTS,
     draw_confusion,
     linear_probe_labels,
     majority_labels,
     metric_rows,
     subset_counts,
     subset_rank,
+    vader_compound,
+    vader_cut,
     vader_labels,
 )
 from domains.sentiment.contract import LABELS, SentimentRequest, SentimentResponse
 from domains.sentiment.embeddings import split_embeddings
 from domains.tables import load_table, read_manifest
-from domains.text import FeatureDataset, TextDomain, TextPredictor
+from domains.text import FeatureDataset, TextDomain, TextPredictor, classification_rows
 
+CITY_COMMENTS = "city_comments"  # the evaluation set written by hand (`TextDomain.written_by_hand`)
 # The score's MSE (targets in [-1, 1]) ends an order of magnitude below the label's cross-entropy:
 # weight 1 lets the score learn without pulling the shared encoder away from the label.
 SCORE_WEIGHT = 1.0
@@ -131,23 +135,34 @@ class SentimentDomain(TextDomain):
         tables = self.splits(data_dir)
         test = tables["test"]
         probs, scores = predictor.outputs(test["text"].tolist())
+        cut = vader_cut(tables["valid"])
         y = test["label"].to_numpy()
         predictions = {
             "model": probs.argmax(-1),
-            "vader": vader_labels(test["text"].tolist()),
+            "vader": vader_labels(vader_compound(test["text"].tolist()), cut),
             "majority": majority_labels(tables["train"], test),
         }
         probe, probe_c = linear_probe_labels(data_dir, tables, read_manifest(data_dir, self.name)["sha256"])
         predictions["linear_probe"] = probe
         rows = metric_rows(test["subset"].to_numpy(), y, predictions)
+        comments = self.written_by_hand(CITY_COMMENTS)
+        texts = comments["text"].tolist()
+        rows += classification_rows(CITY_COMMENTS, comments["label"].map(LABELS.index).to_numpy(np.int64),
+                                    {"model": predictor.outputs(texts)[0].argmax(-1),
+                                     "vader": vader_labels(vader_compound(texts), cut)},
+                                    LABELS, per_class=True)
         draw_confusion(figure, test["subset"].to_numpy(), y, predictions["model"], predictor.version)
         rating = test["score"].to_numpy(np.float64)
         notes = [
-            f"vader: compound ≥ {VADER_CUT} positive, ≤ −{VADER_CUT} negative, else neutral",
+            f"vader: compound ≥ {cut:g} positive, ≤ −{cut:g} negative, else neutral (cut chosen on valid "
+            f"from {', '.join(f'{c:g}' for c in VADER_CUTS)})",
             f"linear_probe: logistic regression (C={probe_c:g}, chosen on valid) on frozen mean-pooled MiniLM",
             "majority: each subset's most frequent training label",
             f"score vs rating/4 on test: MAE {np.mean(np.abs(scores - rating)):.3f}, "
             f"Pearson r {np.corrcoef(scores, rating)[0, 1]:.3f}",
             f"test texts: {len(test)} ({', '.join(f'{s} {n}' for s, n in subset_counts(test).items())})",
+            f"{CITY_COMMENTS}: {len(comments)} comments on city services written by hand as residents write "
+            f"(sarcasm, hedged praise, questions), never drawn from a training corpus "
+            f"(domains/sentiment/{CITY_COMMENTS}.jsonl)",
         ]
         return Evaluation(rows=rows, figure=figure, notes=notes)

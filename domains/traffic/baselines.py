@@ -16,20 +16,21 @@ from domains.traffic.features import Windows, slot_keys
 
 def historical_average(train: pd.DataFrame, sensors: Sequence[str], spec: NetworkSpec,
                        times: np.ndarray) -> np.ndarray:
-    """Train mean at the same weekday and time slot, shape times.shape + (sensors,).
+    """Train mean at the same day type (working day or weekend) and time slot, shape
+    times.shape + (sensors,).
 
-    Falls back to the same day type (working day / weekend) and slot, then the slot alone, then the
-    sensor's mean, where the training split has no such weekday or slot (short simulated sets).
+    Working days are pooled: a weekday × slot mean rests on two or three training days per cell and
+    carries their noise (it scored worse than the last value). Falls back to the slot alone, then
+    the sensor's mean, where the training split has no such day type or slot (short simulated sets).
     """
     t = pd.DatetimeIndex(train["timestamp"])
     dow, slot = slot_keys(t, spec.step_minutes)
-    frame = pd.DataFrame({"sensor": train["sensor"].to_numpy(), "dow": dow, "weekend": dow >= 5, "slot": slot,
+    frame = pd.DataFrame({"sensor": train["sensor"].to_numpy(), "weekend": dow >= 5, "slot": slot,
                           "count": train["count"].to_numpy()})
     flat = pd.DatetimeIndex(np.asarray(times).ravel())
     q_dow, q_slot = slot_keys(flat, spec.step_minutes)
     out = np.full((len(flat), len(sensors)), np.nan)
-    for keys, q in ((["dow", "slot"], [q_dow, q_slot]), (["weekend", "slot"], [q_dow >= 5, q_slot]),
-                    (["slot"], [q_slot])):
+    for keys, q in ((["weekend", "slot"], [q_dow >= 5, q_slot]), (["slot"], [q_slot])):
         table = frame.groupby(["sensor", *keys])["count"].mean()
         for j, s in enumerate(sensors):
             idx = pd.MultiIndex.from_arrays([np.full(len(flat), s), *q]) if len(q) > 1 else \

@@ -139,7 +139,9 @@ def prepare(data_dir: Path, *, source: Path | None = None, smoke: bool = False,
     real_days = day_splits(days, (0.7, 0.15)) if not smoke else {
         "train": days[:6], "valid": days[6:7], "test": days[7:]}
     cache = Path(data_dir) / "_cache"
-    profile = demand_profile(real)
+    # The simulated network's demand follows the real counts' training days only: a profile drawn
+    # from the test days would let their shape reach the simulated training data.
+    profile = demand_profile(real[real["timestamp"].dt.floor("D").isin(real_days["train"])])
     if smoke:
         size: SimSize = "smoke"
     elif sim == "auto":
@@ -162,7 +164,8 @@ def prepare(data_dir: Path, *, source: Path | None = None, smoke: bool = False,
     return write_splits(
         data_dir, DOMAIN, splits,
         sources=[real_source, f"uxsim==1.15.1 8x8 grid, {size} set ({sim_path.name})"],
-        extra={"simulation": {"size": size, **asdict(spec), **SIM_MODEL, "cache_sha256": sha256_file(sim_path)},
+        extra={"simulation": {"size": size, **asdict(spec), **SIM_MODEL, "cache_sha256": sha256_file(sim_path),
+                              "demand_profile_days": [str(pd.Timestamp(d).date()) for d in real_days["train"]]},
                "networks": {REAL_NETWORK: {"subset": "real_counts", "step_minutes": 15},
                             SIM_NETWORK: {"subset": "simulated_network", "step_minutes": 5}}},
     )

@@ -20,6 +20,7 @@ from core.errors import DataError
 from domains.events import (
     BASE_PRIORITY,
     LABELS,
+    MAX_TEXT_CHARS,
     PRIORITIES,
     EventRequest,
     EventResponse,
@@ -287,11 +288,20 @@ def test_smoke_fine_tune_ranks_three_classes_and_keeps_the_base_priority(run: Sm
         assert PRIORITIES.index(answer.priority) >= floor
 
 
-def test_evaluation_scores_both_template_subsets_against_tfidf(run: SmokeRun) -> None:
+def test_evaluation_scores_the_template_and_handwritten_subsets_against_tfidf(run: SmokeRun) -> None:
     evaluation = run.evaluation
     names = {(r.subset, r.name) for r in evaluation.rows}
-    assert {(s, m) for s in ("template_disjoint", "holdout_templates")
+    assert {(s, m) for s in ("template_disjoint", "holdout_templates", "handwritten")
             for m in ("accuracy", "macro_f1", "priority_macro_f1")} <= names
     assert all(set(r.baselines) == {"tfidf_logreg"} for r in evaluation.rows)
     assert {r.label for r in evaluation.rows if r.name == "f1"} == set(LABELS)
-    assert not [r for r in evaluation.rows if r.label and r.subset == "holdout_templates"]
+    assert not [r for r in evaluation.rows if r.label and r.subset != "template_disjoint"]
+
+
+def test_the_handwritten_reports_cover_every_class_and_obey_the_priority_floors() -> None:
+    hand = EventsDomain().written_by_hand("handwritten")
+    assert len(hand) >= 200 and not hand["text"].duplicated().any()
+    assert set(hand["label"].value_counts()) == {25} and set(hand["label"]) == set(LABELS)
+    floors = hand["label"].map(lambda label: PRIORITIES.index(BASE_PRIORITY[label]))
+    assert (hand["priority"].map(PRIORITIES.index) >= floors).all()
+    assert hand["text"].str.len().max() <= MAX_TEXT_CHARS

@@ -26,8 +26,8 @@ from domains.sentiment import (
     data,
     majority_labels,
     metric_rows,
-    vader_labels,
 )
+from domains.sentiment.baselines import VADER_CUTS, vader_compound, vader_cut, vader_labels
 from domains.tables import load_table, read_manifest
 from domains.text import TextClassifier
 from tests.unit.conftest import SmokeRun
@@ -174,7 +174,24 @@ def test_the_labels_and_subsets_are_the_heads_and_reports_order() -> None:
 # ---- baselines and report rows ---------------------------------------------------------------
 def test_vader_uses_the_compound_cut() -> None:
     texts = ["I love this park, it is wonderful!", "This is a horrible, awful mess.", "The bus comes at 9."]
-    assert vader_labels(texts).tolist() == [2, 0, 1]
+    assert vader_labels(vader_compound(texts), 0.05).tolist() == [2, 0, 1]
+    assert vader_labels(np.array([0.3, -0.3, 0.0]), 0.4).tolist() == [1, 1, 1]  # inside a wider neutral band
+
+
+def test_the_city_comments_are_balanced_and_distinct() -> None:
+    comments = SentimentDomain().written_by_hand("city_comments")
+    assert len(comments) >= 150 and not comments["text"].duplicated().any()
+    assert set(comments["label"]) == set(LABELS) and comments["label"].value_counts().nunique() == 1
+
+
+def test_vaders_neutral_band_is_chosen_on_valid() -> None:
+    # Mildly worded texts rated neutral: a wide band scores them right, the package's 0.05 does not.
+    valid = pd.DataFrame({"text": ["The park is nice.", "The bus was a bit late.", "I love it, wonderful!",
+                                   "Horrible, awful, terrible service."], "label": [1, 1, 2, 0]})
+    cut = vader_cut(valid)
+    assert cut in VADER_CUTS and cut > 0.05
+    compound = vader_compound(valid["text"].tolist())
+    assert vader_labels(compound, cut).tolist() == [1, 1, 2, 0]
 
 
 def test_majority_is_per_subset_from_train() -> None:
@@ -266,6 +283,9 @@ def test_smoke_fine_tune_answers_probabilities_that_agree_with_the_label(run: Sm
 def test_evaluation_scores_every_subset_against_three_baselines(run: SmokeRun) -> None:
     evaluation = run.evaluation
     names = {(r.subset, r.name) for r in evaluation.rows}
-    assert {(s, m) for s in data.SUBSET_FILES for m in ("accuracy", "macro_f1")} <= names
-    assert all(set(r.baselines) == {"vader", "linear_probe", "majority"} for r in evaluation.rows)
+    assert {(s, m) for s in [*data.SUBSET_FILES, "city_comments"] for m in ("accuracy", "macro_f1")} <= names
+    assert all(set(r.baselines) == {"vader", "linear_probe", "majority"}
+               for r in evaluation.rows if r.subset != "city_comments")
+    # the hand-written comments have no training split of their own: no majority, no probe
+    assert all(set(r.baselines) == {"vader"} for r in evaluation.rows if r.subset == "city_comments")
     assert {r.label for r in evaluation.rows if r.name == "f1"} == set(LABELS)

@@ -64,6 +64,13 @@ def test_splits_are_time_ordered_per_network(data_dir: Path) -> None:
     assert manifest["simulation"]["size"] == "smoke"
 
 
+def test_the_simulated_demand_follows_the_real_training_days_only(data_dir: Path) -> None:
+    train_days = sorted({str(t.date()) for t in load_table(data_dir, "traffic", "intersection_train")["timestamp"]})
+    test_days = {str(t.date()) for t in load_table(data_dir, "traffic", "intersection_test")["timestamp"]}
+    profile_days = read_manifest(data_dir, "traffic")["simulation"]["demand_profile_days"]
+    assert profile_days == train_days and not test_days & set(profile_days)
+
+
 def test_simulated_network_has_224_links_at_5_minute_steps(data_dir: Path) -> None:
     grid = load_table(data_dir, "traffic", "grid_train")
     assert sorted(grid["sensor"].unique()) == sorted(sim_sensor_ids())
@@ -203,16 +210,21 @@ def test_group_batch_keeps_networks_apart_and_counts_every_window() -> None:
 
 
 # ---- baselines -----------------------------------------------------------------------------------
-def test_historical_average_is_the_same_weekday_and_slot_mean() -> None:
+def test_historical_average_pools_working_days_per_slot() -> None:
     spec = NETWORKS["intersection"]
-    # Two Mondays of train data: 2 and 4 at 00:00, so the Monday-00:00 average is 3.
+    # A Monday and a Wednesday of train data (2 and 4 at 00:00) and a Saturday (10 at 00:00).
     train = pd.concat([_long(np.array([[2.0, 7.0]]), "2024-01-01", 15, ["a"]),
-                       _long(np.array([[4.0, 9.0]]), "2024-01-08", 15, ["a"])])
-    times = np.array([[np.datetime64("2024-01-15T00:00"), np.datetime64("2024-01-15T00:15")]])
-    np.testing.assert_allclose(historical_average(train, ["a"], spec, times)[..., 0], [[3.0, 8.0]])
-    # A Tuesday is not in train: falls back to working days at that slot.
-    tuesday = np.array([[np.datetime64("2024-01-16T00:15")]])
-    np.testing.assert_allclose(historical_average(train, ["a"], spec, tuesday)[..., 0], [[8.0]])
+                       _long(np.array([[4.0, 9.0]]), "2024-01-03", 15, ["a"]),
+                       _long(np.array([[10.0, 20.0]]), "2024-01-06", 15, ["a"])])
+    # Any working day gets the working days' mean at that slot, whichever weekday it is.
+    for day in ("2024-01-15", "2024-01-16"):  # a Monday, a Tuesday (no Tuesday in train)
+        times = np.array([[np.datetime64(f"{day}T00:00"), np.datetime64(f"{day}T00:15")]])
+        np.testing.assert_allclose(historical_average(train, ["a"], spec, times)[..., 0], [[3.0, 8.0]])
+    sunday = np.array([[np.datetime64("2024-01-14T00:15")]])
+    np.testing.assert_allclose(historical_average(train, ["a"], spec, sunday)[..., 0], [[20.0]])
+    # A slot no training day has falls back to the sensor's mean.
+    noon = np.array([[np.datetime64("2024-01-15T12:00")]])
+    np.testing.assert_allclose(historical_average(train, ["a"], spec, noon)[..., 0], [[52 / 6]])
 
 
 def test_last_value_skips_trailing_dropouts_and_seasonal_naive_looks_back_one_lag() -> None:
