@@ -56,7 +56,7 @@ integration: venv
 test: lint $(BIN)/helm $(CHECKOV)
 	$(BIN)/pytest -q --durations=25 tests
 
-# Every reliability check at full size (~45 min here, summed from its parts): bench/results/reliability.json. `make test`
+# Every reliability check at full size (~31 min here in one run): bench/results/reliability.json. `make test`
 # runs the short version of each.
 reliability: venv
 	$(BIN)/python -m bench.reliability
