@@ -235,11 +235,11 @@ def train_throughput(root: Path) -> str:
             lambda row: [row["domain"], str(row["threads"]), rate(row["plain_samples_per_s"]),
                          rate(row["ray_samples_per_s"]),
                          f"{row['ratio']:.2f} {mark(row['ratio'] >= TRAIN_RATIO_TARGET)}",
-                         "–".join(f"{v:.2f}" for v in row["spread"]["ratio"]) if "spread" in row else "—",
+                         "–".join(f"{v:.2f}" for v in row["spread"]["ratio"]),
                          num(row.get("load_average"), 2)]))
         out.append(source([rel], file_commit(rows, document),
                           f"{', '.join(sorted({r['device'] for r in rows}))}; "
-                          f"samples/s, medians of {rows[0].get('repeats', 1)} pairs of runs alternating which side "
+                          f"samples/s, medians of {rows[0]['repeats']} pairs of runs alternating which side "
                           "goes first, each pair checked to compute the same losses; ratio = Ray Train / plain, "
                           f"target ≥ {TRAIN_RATIO_TARGET:g}; spread = lowest–highest ratio of a pair; "
                           "load = load average while measured"))
@@ -428,12 +428,10 @@ def serve_targets(root: Path) -> str:
             rss = document["idle_rss_gb"]
             body.append([f"idle platform ≤ {IDLE_RSS_TARGET_GB:g} GB resident", f"{rss:.2f} GB",
                          mark(rss <= IDLE_RSS_TARGET_GB)])
-    if autoscale is not None:  # judged on the worst step where the file has it: a city sizes for that
-        up = autoscale["scale_up_s"]
-        worst = autoscale.get("worst", {}).get("scale_up_s")
-        shown = f"{up:.1f} s" if worst is None else f"median {up:.1f} s, worst {worst:.1f} s"
-        body.append([f"scale-up ≤ {SCALE_UP_TARGET_S:g} s ({autoscale['domain']})", shown,
-                     mark((up if worst is None else worst) <= SCALE_UP_TARGET_S)])
+    if autoscale is not None:  # judged on the worst step: a city sizes for that
+        up, worst = autoscale["scale_up_s"], autoscale["worst"]["scale_up_s"]
+        body.append([f"scale-up ≤ {SCALE_UP_TARGET_S:g} s ({autoscale['domain']})",
+                     f"median {up:.1f} s, worst {worst:.1f} s", mark(worst <= SCALE_UP_TARGET_S)])
     if not body:
         return missing(rel, ".venv/bin/python -m bench.serve_load")
     commits = list(dict.fromkeys(commit_of(d) for d in (document, autoscale) if d is not None))
@@ -448,9 +446,8 @@ def autoscale(document: Json, rel: str) -> str:
     body = [[str(i), f"{r['scale_up_s']:.1f}", f"{r['scale_down_s']:.1f}", str(r.get("load_errors_last_5s", "—"))]
             for i, r in enumerate(rounds, 1)]
     body.append(["**median**", f"**{document['scale_up_s']:.1f}**", f"**{document['scale_down_s']:.1f}**", ""])
-    if "worst" in document:
-        worst = document["worst"]
-        body.append(["**worst**", f"**{worst['scale_up_s']:.1f}**", f"**{worst['scale_down_s']:.1f}**", ""])
+    worst = document["worst"]
+    body.append(["**worst**", f"**{worst['scale_up_s']:.1f}**", f"**{worst['scale_down_s']:.1f}**", ""])
     config = document.get("config", {})
     scaling = config.get("autoscaling_config", {})
     setting = ", ".join(f"`{k}` {v}" for k, v in scaling.items())
