@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 import uuid
 from collections.abc import Callable
@@ -31,7 +32,7 @@ def tree_rss_gb(pid: int, *, with_root: bool) -> float:
     return total / 2**30
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sent:
     """One request: when it left and returned (monotonic s), its status (0: no HTTP answer — the
     connection failed or the client's timeout passed: `error` says which) and its request id.
@@ -106,11 +107,18 @@ async def hammer(url: str, body: bytes, headers: dict[str, str] | Callable[[], d
         await asyncio.gather(*tasks)
 
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
-        if rate is None:
-            await asyncio.gather(*(client(session) for _ in range(concurrency)))
-        else:
-            await arrivals(session)
+    # The objects this process holds already (torch, Ray, a fuzzer: some 320k) leave the collector's
+    # reach for the run: a full collection walks them all, ~0.1 s on a quiet core and several
+    # times that on cores the platform keeps busy, and the sends it delays leave as one burst.
+    gc.freeze()
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+            if rate is None:
+                await asyncio.gather(*(client(session) for _ in range(concurrency)))
+            else:
+                await arrivals(session)
+    finally:
+        gc.unfreeze()
     return sent
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -236,6 +236,32 @@ def models_optimize(domain: str, version: str, as_json: bool) -> None:
              100 * b.get("delta", 0.0), b.get("agreement", 1.0)) for name, b in inference["backends"].items()]
     print_table(f"{domain} {v.version}: backends on the test split ({inference['texts']} texts)",
                 ["backend", "kept", inference["metric"], "points vs torch", "same label as torch"], rows, as_json)
+
+
+@models.command("calibrate")
+@click.argument("domain", type=DOMAIN)
+@click.argument("version")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def models_calibrate(domain: str, version: str, as_json: bool) -> None:
+    """(Re)fit VERSION's calibration on its validation split: the text models' temperature and
+    `uncertain` threshold per backend, the forecasters' P10-P90 widths (made at registration; this
+    is for a version registered before)."""
+    from domains import get_domain
+    from training.runs import calibrate_version
+
+    v = calibrate_version(get_domain(domain), workspace(), version)
+    rows = [(" ".join(path), value) for path, value in _leaves(v.record["calibration"])]
+    print_table(f"{domain} {v.version}: calibration fitted on the validation split", ["what", "value"], rows, as_json)
+
+
+def _leaves(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(path, value) of each leaf of nested dicts; a list is a leaf, its numbers rounded."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, (*path, str(key)))
+    else:
+        yield path, ", ".join(f"{v:.4g}" for v in tree) if isinstance(tree, list) else tree
 
 
 @models.command("promote")

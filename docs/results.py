@@ -252,7 +252,7 @@ def tune_efficiency(document: Json, rel: str) -> str:
 
     def cells(row: Json) -> list[str]:
         gap, share = row.get("relative_gap"), row.get("compute_share")
-        return [row["domain"], f"`{row['metric']}`", f"{row['grid']['best']:.4f}", f"{row['asha']['best']:.4f}",
+        return [row["domain"], f"{row['grid']['best']:.4f}", f"{row['asha']['best']:.4f}",
                 f"{gap:+.3f} {mark(gap <= TUNE_GAP_TARGET)}" if gap is not None else "—",
                 f"{share:.2f} {mark(share <= TUNE_SHARE_TARGET)}" if share is not None else "—",
                 f"{row['grid']['trial_epochs']} / {row['asha']['trial_epochs']}"]
@@ -260,10 +260,13 @@ def tune_efficiency(document: Json, rel: str) -> str:
     walls = ", ".join(f"{row['domain']} {num(row['grid'].get('wall_s'), 0)} / {num(row['asha'].get('wall_s'), 0)} s"
                       for row in rows)
     loads = ", ".join(f"{row['domain']} {num(row.get('load_average'), 2)}" for row in rows)
+    metrics = ", ".join(f"{row['domain']} `{row['metric']}` ({'lower' if row['mode'] == 'min' else 'higher'} "
+                        "is better)" for row in rows)
     return "\n\n".join([
-        result_table(rows, document, ["domain", "metric", "grid best", "ASHA best", "gap", "compute", "epochs"],
-                     "llrrrrr", cells),
+        result_table(rows, document, ["domain", "grid best", "ASHA best", "gap", "compute", "epochs"],
+                     "lrrrrr", cells),
         source([rel], file_commit(rows, document),
+               f"best: the validation metric, {metrics}; "
                f"gap: how much worse ASHA's best is, relative (target ≤ {TUNE_GAP_TARGET:g}); compute: ASHA's "
                f"trial-epochs over the grid's (target ≤ {TUNE_SHARE_TARGET:g}); epochs: grid / ASHA "
                f"trial-epochs; wall time grid / ASHA: {walls}; load average: {loads}")])

@@ -66,6 +66,8 @@ class Evaluation:
     figure: Path | None = None
     notes: list[str] = field(default_factory=list)
     backend: str = ""  # the predictor's (`Predictor.backend`): what was scored is what serves
+    # How far the answers' confidence can be trusted, per subset (the report's `calibration`)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
 
 def request_example(model: type[BaseModel]) -> dict[str, Any]:
@@ -94,6 +96,11 @@ class Predictor(ABC):
                 (an unknown sensor, a series of the wrong length); names the field.
         """
 
+    def explain(self, items: Sequence[BaseModel]) -> list[BaseModel]:
+        """Answers as `predict` does, each with what moved it most (`?explain=true`; a domain whose
+        `Domain.explains` is False is refused at the gateway and never gets here)."""
+        raise NotImplementedError(f"{type(self).__name__} gives no explanations")
+
 
 class Domain(ABC):
     """One of the city's model domains. Subclasses are stateless; all state lives in files."""
@@ -111,6 +118,8 @@ class Domain(ABC):
     # The serving backends a config may name (`domains.onnx_text.choose_backend`): a domain without
     # optimised artifacts serves its PyTorch model.
     backends: ClassVar[tuple[str, ...]] = ("auto", "torch")
+    # Whether its predictor explains answers (`Predictor.explain`, `?explain=true`).
+    explains: ClassVar[bool] = False
 
     # ---- data (build side) -------------------------------------------------------------------
     @abstractmethod
@@ -173,6 +182,14 @@ class Domain(ABC):
         """Makes a version's optimised inference artifacts in its `model_dir` and measures them on
         the test split under `data_dir` (the registry record's `inference` entry); None: the
         domain serves its PyTorch model as it is."""
+        return None
+
+    def calibrate(self, model_dir: Path, data_dir: Path) -> dict[str, Any] | None:
+        """Fits, on the validation split under `data_dir`, how the version in `model_dir` turns its
+        outputs into the confidence it answers with (a classifier's temperature, a forecaster's
+        interval widths), saves it in `model_dir` (`domains.calibration.CALIBRATION_FILE`, which
+        `load_predictor` applies) and returns it for the registry record; None: nothing to fit.
+        Runs after `optimize`, so each optimised artifact is fitted as it serves."""
         return None
 
     @abstractmethod

@@ -7,14 +7,18 @@ loss of those quantiles (`domains.metrics.pinball` is the same loss in numpy, fo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from domains.metrics import QUANTILES
 
 QUANTILE_NAMES = ("p10", "p50", "p90")  # the JSON names of `QUANTILES`, in the same order
+# Each side of the P10-P90 interval should miss one outcome in ten.
+MISS = QUANTILES[0]
 
 
 class QuantileForecast(BaseModel):
@@ -40,3 +44,26 @@ def pinball_terms(target: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor
     taus = torch.tensor(QUANTILES, device=quantiles.device, dtype=torch.float32)
     diff = target.float()[..., None] - quantiles.float()
     return torch.maximum(taus * diff, (taus - 1) * diff)
+
+
+def interval_offsets(q: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Split-conformal widths for the P10-P90 interval (conformalized quantile regression, one side
+    at a time): how far to lower P10 and raise P90 so that, on the calibration set `y` (NaN: no
+    value) with quantiles `q` (..., 3) in the same units, each side misses `MISS` of the values.
+    A negative width narrows an interval that was too wide."""
+    seen = ~np.isnan(y)
+    below, above = (q[..., 0] - y)[seen], (y - q[..., 2])[seen]
+    if not below.size:
+        return 0.0, 0.0
+    # the ⌈(1 - MISS)(n + 1)⌉-th smallest of n residuals: the finite-sample guarantee's rank
+    rank = min(math.ceil((1 - MISS) * (below.size + 1)), below.size)
+    return float(np.sort(below)[rank - 1]), float(np.sort(above)[rank - 1])
+
+
+def widened(q: np.ndarray, lower: np.ndarray | float, upper: np.ndarray | float) -> np.ndarray:
+    """Quantiles (..., 3) with P10 lowered by `lower` and P90 raised by `upper` (broadcast over the
+    leading axes), never crossing the median."""
+    out = q.copy()
+    out[..., 0] = np.minimum(q[..., 0] - lower, q[..., 1])
+    out[..., 2] = np.maximum(q[..., 2] + upper, q[..., 1])
+    return out

@@ -20,18 +20,21 @@ from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from pydantic_core import PydanticCustomError
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from core.errors import InvalidInput
+from domains import language
 from domains.base import META_FILE, Batch, Domain, MetricRow, Predictor, SearchParam
+from domains.calibration import CALIBRATION_FILE, Calibration, ece, flagged, scaled
 from domains.metrics import accuracy, f1_per_class, macro_f1
 from domains.onnx_text import (
     AGREEMENT,
@@ -61,18 +64,58 @@ TOKENIZER_DIR = "tokenizer"
 # surrogates, which JSON's \uXXXX escapes can smuggle in, pydantic already refuses as not Unicode.)
 # Format characters, right-to-left marks or a zero-width joiner inside an emoji, are text and pass.
 CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-TEXT_RULE = "plain Unicode text: tabs and newlines are fine, other control characters are refused"
+TEXT_RULE = ("plain Unicode text in a language the model reads (English): tabs and newlines are fine, other "
+             "control characters are refused")
+
+
+EXPLAIN_WORDS = 8  # the words an explanation names
+# The two fields every text answer carries (`TextPredictor.judged`).
+Confidence = Annotated[float, Field(
+    ge=0.0, le=1.0, examples=[0.91],
+    description="The probability of `label` after temperature scaling fitted on the validation split: of "
+    "answers given with confidence 0.9, about 9 in 10 were right there. Text unlike the training data "
+    "(docs/models.md measures hand-written reports) is right less often than its confidence says.")]
+Uncertain = Annotated[bool, Field(
+    examples=[False],
+    description="True when `confidence` is below the version's threshold, chosen on the validation split "
+    "to separate wrong answers from right ones: worth a person's look before acting on it.")]
+
+
+class WordWeight(BaseModel):
+    """A word of the text and how much it moved the answer."""
+
+    word: str = Field(description="The word as written.", examples=["gushing"])
+    weight: float = Field(
+        description="How much the answer's probability falls when the model reads the text without "
+        "this word: positive, the word argued for the answer; negative, against it.", examples=[0.41])
+
+
+class Explanation(BaseModel):
+    """Why a text got its answer: the words that moved it most (only with `?explain=true`)."""
+
+    method: str = Field(description="How the weights were measured.",
+                        examples=["word ablation (Captum FeatureAblation) on the served model"])
+    words: list[WordWeight] = Field(description=f"Up to {EXPLAIN_WORDS} words, the largest weights (either sign) "
+                                    "first.")
+    forward_passes: int = Field(description="Texts the model read for this explanation: the text as sent, "
+                                "one variant per word and one without the special tokens.",
+                                examples=[12])
 
 
 def readable_text(value: str) -> str:
-    """A request text a model can read (the text fields' validator): not blank, and no control
-    characters but tab and newlines."""
+    """A request text a model can read (the text fields' validator): not blank, no control characters
+    but tab and newlines, and not in a language the models do not read (`domains.language`; its
+    refusal's error type is `language.CODE`, which the gateway answers as that 422's code)."""
     if not value.strip():
         raise ValueError(f"text must contain non-whitespace characters, got {value!r}")
     bad = CONTROL.search(value)
     if bad is not None:
         raise ValueError(f"text has a control character, U+{ord(bad.group()):04X}, at position {bad.start()}; "
                          f"send {TEXT_RULE}")
+    detected = language.unsupported(value)
+    if detected is not None:
+        raise PydanticCustomError(language.CODE, "the text reads as language {detected}; the model reads {served} "
+                                  "only", {"detected": detected, "served": ", ".join(language.SERVED)})
     return value
 
 
@@ -306,13 +349,14 @@ class TextPredictor(Predictor):
     output_names: ClassVar[tuple[str, str]]  # the two outputs an answer is made of (`outputs`)
 
     def __init__(self, version: str, model: TextClassifier | OnnxClassifier, tokenizer: Any, max_len: int, *,
-                 backend: str = "torch-fp32", device: str = "cpu") -> None:
+                 backend: str = "torch-fp32", device: str = "cpu", calibration: Calibration | None = None) -> None:
         super().__init__(version)
         self.model = model
         self.tokenizer = tokenizer
         self.max_len = max_len
         self.backend = backend
         self.device = device
+        self.calibration = calibration or Calibration()
 
     def texts(self, items: Sequence[BaseModel]) -> list[str]:
         """The texts of request items, refusing an item of another domain."""
@@ -328,10 +372,62 @@ class TextPredictor(Predictor):
         return run_text_model(self.model, self.tokenizer, list(texts), self.max_len, device=self.device)
 
     def outputs(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """The two `output_names` outputs for raw texts, in input order (heads as probabilities)."""
+        """The two `output_names` outputs for raw texts, in input order (heads as probabilities; the
+        first, the `label` head, calibrated)."""
         out = self.run(texts)
         first, second = self.output_names
-        return out[first], out[second]
+        return self.calibration.apply(out[first]), out[second]
+
+    def calibration_report(self, subsets: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+        """The evaluation report's `calibration`: the version's temperature and threshold and, on
+        each subset (name -> calibrated `label` probabilities and true classes), the expected
+        calibration error before and after scaling and what the `uncertain` flag picks out."""
+        fitted = self.calibration
+        return {**fitted.as_json(), "subsets": {
+            name: {"ece_before": ece(scaled(probs, 1 / fitted.temperature), y), "ece_after": ece(probs, y),
+                   **flagged(probs, y, fitted.uncertain_below)}
+            for name, (probs, y) in subsets.items()}}
+
+    def explain(self, items: Sequence[BaseModel]) -> list[BaseModel]:
+        """Answers as `predict` does, each with its `Explanation`: every word of the text (as far as
+        the model reads) taken out in turn, by masking its tokens from attention, and the answer's
+        calibrated probability measured again (Captum's FeatureAblation, the words as its feature
+        groups; a text's variants in one batch, or one by one on an int8 artifact). It runs the
+        served model itself, an ONNX artifact included: what is explained is what answered."""
+        from captum.attr import FeatureAblation
+
+        answers = self.predict(items)
+        for answer, text in zip(answers, self.texts(items), strict=True):
+            enc = self.tokenizer(text, truncation=True, max_length=self.max_len, return_tensors="pt")
+            word_of = enc.word_ids()
+            words = sorted({w for w in word_of if w is not None})
+            # feature 0 (the special tokens) is never removed: only the words' groups are ablated
+            groups = torch.tensor([[0 if w is None else 1 + words.index(w) for w in word_of]])
+            chosen = int(self.probabilities(enc["attention_mask"], enc["input_ids"])[0].argmax())
+            # An int8 graph scales its activations by each batch's range, so a variant batched with
+            # the others would differ from itself alone by more than a word's weight: each runs alone.
+            weights = FeatureAblation(self.probabilities).attribute(
+                enc["attention_mask"].float(), baselines=0.0, target=chosen, feature_mask=groups,
+                additional_forward_args=(enc["input_ids"],),
+                perturbations_per_eval=1 if "int8" in self.backend else max(1, len(words)))[0]
+            spans = [enc.word_to_chars(w) for w in words]
+            ranked = sorted(((text[sp.start:sp.end], float(weights[word_of.index(w)]))
+                             for w, sp in zip(words, spans, strict=True)), key=lambda pair: -abs(pair[1]))
+            answer.explanation = Explanation(  # type: ignore[attr-defined]
+                method="word ablation (Captum FeatureAblation) on the served model",
+                words=[WordWeight(word=word, weight=round(weight, 4)) for word, weight in ranked[:EXPLAIN_WORDS]],
+                forward_passes=len(words) + 2)  # the text, each word's variant, the special tokens' (unused)
+        return answers
+
+    @torch.no_grad()
+    def probabilities(self, attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The calibrated `label` probabilities of token rows (what `explain` ablates)."""
+        out = self.model(input_ids.to(self.device), attention_mask.long().to(self.device))[self.output_names[0]]
+        return torch.from_numpy(self.calibration.apply(torch.softmax(out.float(), -1).cpu().numpy()))
+
+    def judged(self, probs: np.ndarray) -> list[tuple[float, bool]]:
+        """(confidence, uncertain) of each row of calibrated `label` probabilities."""
+        return [(float(p), bool(p < self.calibration.uncertain_below)) for p in probs.max(axis=1)]
 
 
 @dataclass
@@ -373,6 +469,7 @@ class TextDomain(Domain):
     profiles: ClassVar[dict[str, dict[str, Any]]]  # per profile, over the defaults
     score_head: ClassVar[bool] = False
     backends = BACKEND_CHOICES
+    explains = True
 
     # ---- data --------------------------------------------------------------------------------
     def prepare(self, data_dir: Path, *, source: Path | None = None, smoke: bool = False) -> dict[str, Any]:
@@ -390,6 +487,18 @@ class TextDomain(Domain):
         templates or a training corpus, so it measures what the test split cannot."""
         lines = importlib.resources.files(f"domains.{self.name}").joinpath(f"{name}.jsonl").read_text("utf-8")
         return pd.DataFrame([json.loads(line) for line in lines.splitlines() if line.strip()])
+
+    def language_note(self, test: pd.DataFrame, hand: str) -> str:
+        """A report note: how many texts the language check (`domains.language`) refuses of the
+        test split, of the hand-written English set `hand`, of its Chinese twin (`hand`_zh) and of
+        the hand-written reports in twelve other languages (`domains/other_languages.jsonl`)."""
+        others = importlib.resources.files("domains").joinpath("other_languages.jsonl").read_text("utf-8")
+        sets = {"test": test["text"].tolist(), hand: self.written_by_hand(hand)["text"].tolist(),
+                f"{hand}_zh": self.written_by_hand(f"{hand}_zh")["text"].tolist(),
+                "other_languages": [json.loads(line)["text"] for line in others.splitlines() if line.strip()]}
+        refused = ", ".join(f"{name} {sum(language.unsupported(t) is not None for t in texts)}/{len(texts)}"
+                            for name, texts in sets.items())
+        return f"language check, texts refused as not {'/'.join(language.SERVED)}: {refused}"
 
     def training_rows(self, data_dir: Path, config: dict[str, Any]) -> pd.DataFrame:
         """The training split, or a uniform seeded sample of `train_limit` rows of it (which keeps
@@ -537,6 +646,19 @@ class TextDomain(Domain):
                 backends[name]["kept"] = False
         return {"metric": "macro_f1", "split": "test", "texts": len(texts), "backends": backends}
 
+    def calibrate(self, model_dir: Path, data_dir: Path) -> dict[str, Any]:
+        """Fits each stored backend's `Calibration` (the PyTorch model's, each artifact's) to the
+        validation split and saves them as `CALIBRATION_FILE`."""
+        (model_dir / CALIBRATION_FILE).unlink(missing_ok=True)  # fitted on uncalibrated answers
+        valid = load_table(data_dir, self.name, "valid")
+        texts, y = valid["text"].tolist(), self.targets(valid)["label"]
+        fitted = {}
+        for backend in ("torch-fp32", *(b for b, f in ARTIFACTS.items() if (model_dir / f).is_file())):
+            predictor = self.load_predictor(model_dir, "", backend="torch" if backend == "torch-fp32" else backend)
+            fitted[backend] = Calibration.fit(predictor.run(texts)["label"], y).as_json()
+        (model_dir / CALIBRATION_FILE).write_text(json.dumps(fitted))
+        return fitted
+
     def distill(self, teacher: TextClassifier, config: dict[str, Any], meta: dict[str, Any], data_dir: Path
                 ) -> tuple[TextClassifier, dict[str, Any]]:
         """A student of `teacher` with the encoder's `STUDENT_LAYERS` (every other layer, as
@@ -581,15 +703,19 @@ class TextDomain(Domain):
         tokenizer = load_tokenizer(model_dir / TOKENIZER_DIR)
         chosen = choose_backend(backend, device, stored=[b for b, f in ARTIFACTS.items() if (model_dir / f).is_file()],
                                 what=f"{self.name} {version}")
+        fitted = json.loads(path.read_text()) if (path := model_dir / CALIBRATION_FILE).is_file() else {}
         if chosen in ARTIFACTS:
             artifact = OnnxClassifier(model_dir / ARTIFACTS[chosen], threads=torch.get_num_threads())
-            return self.predictor_class(version, artifact, tokenizer, int(meta["max_len"]), backend=chosen)
+            return self.predictor_class(version, artifact, tokenizer, int(meta["max_len"]), backend=chosen,
+                                        calibration=Calibration(**fitted[chosen]) if chosen in fitted else None)
         model, _, _ = self.load_model_files(model_dir)
         assert isinstance(model, TextClassifier)
         dtype = dtype or inference_dtype(device)
         model = model.to(device=device, dtype=dtype)
+        # bf16 answers as fp32 does (tests/unit/test_devices.py): the fp32 model's calibration holds
         return self.predictor_class(version, model, tokenizer, int(meta["max_len"]), device=device,
-                                    backend="torch-bf16" if dtype == torch.bfloat16 else "torch-fp32")
+                                    backend="torch-bf16" if dtype == torch.bfloat16 else "torch-fp32",
+                                    calibration=Calibration(**fitted["torch-fp32"]) if "torch-fp32" in fitted else None)
 
 
 def teacher_key(key: str) -> str:

@@ -75,7 +75,8 @@ class UnsupportedMediaType(HttpError, status=415, code="unsupported_media_type")
 
 
 class Unprocessable(HttpError, status=422, code="invalid_input"):
-    """A body that is not JSON or does not validate, or items the model refuses (an unknown sensor, say)."""
+    """A body that is not JSON or does not validate, or items the model refuses (an unknown sensor, say);
+    a text in a language no model reads has the code `unsupported_language`."""
 
 
 class QuotaExceeded(HttpError, status=429, code="quota_exceeded"):

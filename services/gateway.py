@@ -28,7 +28,7 @@ from ray import serve
 
 from cluster.local import loopback_replica_grpc
 from core.errors import CityServeError
-from domains import get_domain
+from domains import DOMAINS, get_domain, language
 from domains.base import request_example
 from services.admission import Decision
 from services.coalesce import Coalescer
@@ -55,6 +55,7 @@ loopback_replica_grpc()  # imported by the replica before Serve starts its gRPC 
 
 logger = logging.getLogger("ray.serve")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+EXPLAIN_MAX_ITEMS = 8  # items an explained request may carry (each costs a model run per word)
 # A lease outlives the request's timeout by this much, so only a lost release ever expires one.
 LEASE_MARGIN_S = 5.0
 # Calls a domain's replicas get per model call: a lost replica's calls go to another one once.
@@ -83,8 +84,9 @@ class Backend(Protocol):
 
     async def release(self, lease: str, usage: Usage | None) -> None: ...
 
-    async def predict(self, domain: str, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """`{"version", "items"}`, or `{"status", "error"}` when the model refuses the items."""
+    async def predict(self, domain: str, items: list[dict[str, Any]], explain: bool = False) -> dict[str, Any]:
+        """`{"version", "items"}`, or `{"status", "error"}` when the model refuses the items; with
+        `explain`, each answer carries its explanation."""
 
     async def info(self, domain: str) -> dict[str, Any]: ...
 
@@ -187,7 +189,8 @@ def parse_items(model: type[BaseModel], raw: bytes, max_items: int) -> tuple[lis
         except ValidationError as exc:
             err = exc.errors()[0]
             path = field_path(tuple(err["loc"]))
-            raise Unprocessable(f"{err['msg']}", field=path if single else f"[{i}].{path}".rstrip(".")) from exc
+            raise Unprocessable(f"{err['msg']}", field=path if single else f"[{i}].{path}".rstrip("."),
+                                code=language.CODE if err["type"] == language.CODE else None) from exc
     return parsed, single
 
 
@@ -227,6 +230,7 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
     register_exception_handlers(api, request_id_header)
     metrics = Metrics()
     request_models = {d: get_domain(d).request_model for d in args.domains}
+    language.identifier()  # the text validators' language model, loaded now rather than on a first request
     inflight = dict.fromkeys(args.domains, 0)  # items waiting on each domain from this replica
     refused: Expiring[tuple[str, ...], Decision] = Expiring()  # (key id, digest[, domain]) -> its refusal
     limiter = AddressLimiter(args.unauthenticated_per_s)
@@ -290,6 +294,7 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
                 check_media_type(request.headers.get("content-type", ""))
                 parsed, single = parse_items(request_models[domain], raw, limits.max_items)
                 items = len(parsed)
+                explain = explain_flag(domain, request.query_params.get("explain"), items)
             except CityServeError as exc:  # told only to a caller whose key is good
                 problem = exc
             try:
@@ -312,7 +317,7 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
             inflight[domain] += items
             try:
                 answer = await predict(backend, domain, [p.model_dump(mode="json") for p in parsed],
-                                       limits.timeout_s)
+                                       limits.timeout_s, explain)
             finally:
                 inflight[domain] -= items
             version = answer["version"]
@@ -354,7 +359,8 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
             summary=f"{name}: {VERBS[name]} (one item, or a list of up to {limit})",
             description=(dom.request_model.__doc__ or "").strip(),
             response_model=dom.response_model | list[dom.response_model],  # type: ignore[name-defined]
-            responses=errors, openapi_extra=_request_body(dom.request_model, limit))
+            responses=errors, openapi_extra={**_request_body(dom.request_model, limit),
+                                             **(_EXPLAIN_PARAMETER if dom.explains else {})})
 
     # The public answers fan out to every model deployment (and the actor): each replica computes
     # them at most once a second, however many callers ask.
@@ -408,9 +414,28 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
     return api
 
 
-async def predict(backend: Backend, domain: str, items: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
+def explain_flag(domain: str, value: str | None, items: int) -> bool:
+    """The `explain` query parameter: absent, true or false (1/0, any case); true only for a domain
+    that explains (`Domain.explains`) and at most `EXPLAIN_MAX_ITEMS` items, each costing one model
+    run per word."""
+    if value is None or value.lower() in ("false", "0"):
+        return False
+    if value.lower() not in ("true", "1"):
+        raise Unprocessable(f"explain must be true or false, got {value[:20]!r}", field="explain")
+    if not get_domain(domain).explains:
+        explained = sorted(name for name in DOMAINS if get_domain(name).explains)
+        raise Unprocessable(f"{domain} gives no explanations; explain=true is offered on {', '.join(explained)}",
+                            field="explain")
+    if items > EXPLAIN_MAX_ITEMS:
+        raise TooLarge(f"{items} items to explain; explain=true takes at most {EXPLAIN_MAX_ITEMS} per request",
+                       field="explain")
+    return True
+
+
+async def predict(backend: Backend, domain: str, items: list[dict[str, Any]], timeout_s: float,
+                  explain: bool = False) -> dict[str, Any]:
     try:
-        answer = await asyncio.wait_for(backend.predict(domain, items), timeout_s)
+        answer = await asyncio.wait_for(backend.predict(domain, items, explain), timeout_s)
     except TimeoutError as exc:
         raise GatewayTimeout(f"{domain} did not answer within {timeout_s:g} s", field="timeout_s") from exc
     if "error" in answer:
@@ -427,6 +452,13 @@ async def _info(backend: Backend, domain: str) -> dict[str, Any]:
     except Exception as exc:  # not started, restarting or failing: reported, never raised
         logger.info("%s not ready: %s", domain, type(exc).__name__)  # the class only here: answers are public
         return {"domain": domain, "version": None, "ready": False, "error": "not answering"}
+
+
+_EXPLAIN_PARAMETER = {"parameters": [{
+    "name": "explain", "in": "query", "required": False, "schema": {"type": "boolean", "default": False},
+    "description": "true: each answer carries `explanation`, the words that moved it most. Each costs about "
+                   f"one model run per word of its text; at most {EXPLAIN_MAX_ITEMS} items per request.",
+}]}
 
 
 def _request_body(model: type[BaseModel], limit: int) -> dict[str, Any]:
@@ -470,11 +502,12 @@ class ServeBackend:
         # A model call carries at most about a model batch of items (bigger calls only queue
         # longer); 4 in flight keep 2 replicas busy, and let autoscaling see demand (its
         # target counts these calls: helm/serve/base.yaml).
-        self.models = {name: Coalescer(self._caller(name), max_size=64, max_inflight=4, weight=len)
+        self.models = {name: Coalescer(self._caller(name, "predict_many"), max_size=64, max_inflight=4, weight=len)
                        for name in handles}
 
-    def _caller(self, domain: str) -> Any:
-        async def call(groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    def _caller(self, domain: str, method: str) -> Any:
+        """`method` of the domain's deployment, called with one argument and retried once on a lost replica."""
+        async def call(payload: Any) -> Any:
             from ray.exceptions import RayActorError
             from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
@@ -483,8 +516,7 @@ class ServeBackend:
             attempt = 1
             while True:
                 try:
-                    answers: list[dict[str, Any]] = await self.handles[domain].predict_many.remote(groups)
-                    return answers
+                    return await getattr(self.handles[domain], method).remote(payload)
                 except (BackPressureError, DeploymentUnavailableError) as exc:
                     raise Unavailable(f"{domain} is at capacity; retry shortly", retry_after=1) from exc
                 except RayActorError as exc:
@@ -501,7 +533,10 @@ class ServeBackend:
     async def release(self, lease: str, usage: Usage | None) -> None:
         await self.releases.submit((lease, usage))
 
-    async def predict(self, domain: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    async def predict(self, domain: str, items: list[dict[str, Any]], explain: bool = False) -> dict[str, Any]:
+        if explain:  # costly and rare: one call of its own, not one of the coalesced batches
+            answer: dict[str, Any] = await self._caller(domain, "explain")(items)
+            return answer
         return await self.models[domain].submit(items)
 
     async def info(self, domain: str) -> dict[str, Any]:

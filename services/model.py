@@ -35,17 +35,22 @@ class ModelNotReady(CityServeError):
     code = "model_not_ready"
 
 
-def predict_groups(predictor: Predictor, groups: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
-    """Answers several requests' items in one `predict` call: per request `{"version", "items"}`,
-    or `{"status", "error"}` for a request the model refuses.
+def predict_groups(predictor: Predictor, groups: Sequence[Sequence[Any]], *, explain: bool = False
+                   ) -> list[dict[str, Any]]:
+    """Answers several requests' items in one `predict` (or, with `explain`, `explain`) call: per
+    request `{"version", "items"}`, or `{"status", "error"}` for a request the model refuses.
 
     A request whose items the model refuses (an unknown sensor, say) must fail alone, not take the
     other requests of its batch with it: on any error each request is retried on its own, so
     `InvalidInput` is that request's 422 and anything else (a model bug one input trips) its
     error alone.
     """
+    run = predictor.explain if explain else predictor.predict
+
     def answer(items: Sequence[Any]) -> dict[str, Any]:
-        return {"version": predictor.version, "items": [a.model_dump(mode="json") for a in predictor.predict(items)]}
+        # without None fields: an `explanation` is there only when asked for
+        answers = [a.model_dump(mode="json", exclude_none=True) for a in run(items)]
+        return {"version": predictor.version, "items": answers}
 
     if len(groups) == 1:
         try:
@@ -58,7 +63,7 @@ def predict_groups(predictor: Predictor, groups: Sequence[Sequence[Any]]) -> lis
     try:
         everything = answer([item for group in groups for item in group])
     except Exception:
-        return [predict_groups(predictor, [group])[0] for group in groups]
+        return [predict_groups(predictor, [group], explain=explain)[0] for group in groups]
     out, start = [], 0
     for group in groups:
         out.append({"version": predictor.version, "items": everything["items"][start:start + len(group)]})
@@ -174,6 +179,15 @@ class ModelServer:
         `{"version", "items"}`, or `{"status", "error"}` if refused. Calls from every gateway
         replica meet in `predict_batch`'s batches."""
         return list(await asyncio.gather(*(self.predict_batch(group) for group in groups)))
+
+    async def explain(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """One request's items answered with their explanations (`Predictor.explain`): outside the
+        batches, whose other requests should not wait for it."""
+        predictor = self.predictor
+        if predictor is None:
+            return refusal(ModelNotReady(f"{self.domain.name} has no model loaded yet"), 503)
+        parsed = [self.domain.request_model.model_validate(item) for item in items]
+        return (await asyncio.to_thread(predict_groups, predictor, [parsed], explain=True))[0]
 
     async def info(self) -> dict[str, Any]:
         return {"domain": self.domain.name, "version": self.predictor.version if self.predictor else None,

@@ -39,6 +39,7 @@ def build_report(domain: Domain, version: Version, evaluation: Evaluation) -> di
         "data": {"manifest_sha256": data.get("manifest_sha256", ""), "sources": list(data.get("sources", []))},
         "backend": evaluation.backend,
         "metrics": [row.as_json() for row in evaluation.rows],
+        **({"calibration": evaluation.calibration} if evaluation.calibration else {}),
     }
 
 

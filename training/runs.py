@@ -3,9 +3,11 @@ data, its `TorchTrainer`, and the registration of its best checkpoint as a candi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from core.errors import ConfigError, DataError
 from core.settings import Settings
 from core.storage import Location
 from domains.base import Domain
+from domains.calibration import CALIBRATION_FILE
 from domains.onnx_text import ARTIFACTS, ExportError
 from domains.tables import read_manifest
 from training.loop import TRAIN_STATE, train_loop_per_worker
@@ -78,34 +81,56 @@ def torch_trainer(domain: Domain, config: dict[str, Any], *, name: str, storage_
 
 
 def optimized(domain: Domain, model_dir: Path, data_dir: Path) -> dict[str, Any]:
-    """The record entries of a model directory's optimised inference artifacts, made in it
-    (`Domain.optimize`): `inference` with their test figures, or `inference_error` saying why there
-    are none (the version then serves its PyTorch model)."""
+    """The record entries of what a model directory serves with, made in it: `inference`, its
+    optimised artifacts with their test figures (`Domain.optimize`), or `inference_error` saying why
+    there are none (the version then serves its PyTorch model); and `calibration`, fitted to the
+    validation split (`Domain.calibrate`) for each of them."""
     try:
         inference = domain.optimize(model_dir, data_dir)
+        entries: dict[str, Any] = {"inference": inference} if inference is not None else {}
     except ExportError as exc:
         logger.warning("%s: no optimised artifacts (%s); the version serves PyTorch", domain.name, exc.message)
-        return {"inference_error": exc.message}
-    return {"inference": inference} if inference is not None else {}
+        entries = {"inference_error": exc.message}
+    calibration = domain.calibrate(model_dir, data_dir)
+    return {**entries, **({"calibration": calibration} if calibration is not None else {})}
 
 
 def optimize_version(domain: Domain, workspace: Workspace, ref: str) -> Version:
     """(Re)makes a registered version's optimised artifacts and their test figures (`cityserve
-    models optimize`), replacing any it had: for a version registered before they existed, or
-    after the gate or the export changed."""
+    models optimize`), and its calibration for each, replacing any it had: for a version registered
+    before they existed, or after the gate or the export changed."""
     if domain.backends == Domain.backends:
         raise ConfigError(f"{domain.name} has no optimised artifacts: its models serve with PyTorch",
                           field="domain")
+    made = [*ARTIFACTS.values(), CALIBRATION_FILE]
+    with _working_copy(workspace, domain, ref, without=made) as (version, work):
+        entries = optimized(domain, work, workspace.data_dir_of(version))
+        files = {name: work / name if (work / name).is_file() else None for name in made}
+        return workspace.registry.add_files(domain.name, version.version, files,
+                                            {"inference": None, "inference_error": None, "calibration": None,
+                                             **entries})
+
+
+def calibrate_version(domain: Domain, workspace: Workspace, ref: str) -> Version:
+    """(Re)fits a registered version's calibration on its validation split (`cityserve models
+    calibrate`): for a version registered before calibration existed."""
+    with _working_copy(workspace, domain, ref, without=[CALIBRATION_FILE]) as (version, work):
+        calibration = domain.calibrate(work, workspace.data_dir_of(version))
+        return workspace.registry.add_files(domain.name, version.version, {CALIBRATION_FILE: work / CALIBRATION_FILE},
+                                            {"calibration": calibration})
+
+
+@contextlib.contextmanager
+def _working_copy(workspace: Workspace, domain: Domain, ref: str, *, without: list[str]
+                  ) -> Iterator[tuple[Version, Path]]:
+    """A registered version and a local copy of its checked files, less those named `without`."""
     registry = workspace.registry
     version = registry.get(domain.name, ref)
     with tempfile.TemporaryDirectory() as tmp, registry.model_dir(domain.name, version.version) as path:
         check_files(version, path)
         work = Path(tmp) / "model"
-        shutil.copytree(path, work, ignore=shutil.ignore_patterns(*ARTIFACTS.values()))
-        entries = optimized(domain, work, workspace.data_dir_of(version))
-        files = {name: work / name if (work / name).is_file() else None for name in ARTIFACTS.values()}
-        return registry.add_files(domain.name, version.version, files,
-                                  {"inference": None, "inference_error": None, **entries})
+        shutil.copytree(path, work, ignore=shutil.ignore_patterns(*without))
+        yield version, work
 
 
 def register_checkpoint(domain: Domain, workspace: Workspace, checkpoint: Any, *, metrics: dict[str, Any],

@@ -240,13 +240,18 @@ def nasty_inputs(routes: list[Route]) -> list[Nasty]:
             Nasty("escape sequence in text", text, json.dumps({"text": "\x1b[2Jpothole"}).encode(), 422, "text"),
             Nasty("unpaired surrogate in text", text, b'{"text": "pothole \\ud800 on Main St"}', 422, "text"),
             Nasty("a number as text", text, b'{"text": 5}', 422, "text"),
-            # Accepted by design: bidi marks are part of real Arabic or Hebrew text, and a text is
-            # never echoed back or logged, so an override cannot spoof anything we display.
+            # Accepted by design: bidi marks are part of real text (a street name in Arabic or Hebrew
+            # inside an English report), and a text is never echoed back or logged, so an override
+            # cannot spoof anything we display.
             Nasty("right-to-left override in text", text,
                   json.dumps({"text": "\u202eteews si enil sub wen ehT"}).encode(), 200, None),
             Nasty("right-to-left marks in text", text,
-                  json.dumps({"text": "\u05d1\u05d5\u05e8 \u05d1\u05db\u05d1\u05d9\u05e9 \u200f(pothole)"}).encode(),
+                  json.dumps({"text": "pothole on \u200f\u05d4\u05e8\u05e6\u05dc\u200f street, deep"}).encode(),
                   200, None),
+            # A text the models cannot read is refused by name (422 unsupported_language), not guessed at.
+            Nasty("a report in Hebrew", text,
+                  json.dumps({"text": "\u05d1\u05d5\u05e8 \u05d1\u05db\u05d1\u05d9\u05e9 \u200f(pothole)"}).encode(),
+                  422, "text"),
         ]
     if "energy" in served:
         demand = _example("energy")["demand"]

@@ -9,6 +9,7 @@ day-ahead windows (midnight starts), the mean over series. Baselines: `domains.e
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
@@ -24,6 +25,7 @@ from torch import nn
 from core.errors import InvalidInput
 from domains import metrics
 from domains.base import Batch, Domain, Evaluation, MetricRow, Predictor, SearchParam
+from domains.calibration import CALIBRATION_FILE
 from domains.energy.baselines import (
     REGRESSION_STRIDE,
     RegressionBaseline,
@@ -43,6 +45,7 @@ from domains.energy.features import (
     windows_for_split,
 )
 from domains.energy.model import MODEL_INPUTS, EnergyModel, pinball_loss
+from domains.forecast import interval_offsets, widened
 from domains.tables import load_table, read_manifest
 
 EVAL_HORIZON = "day_ahead"
@@ -51,11 +54,14 @@ EVAL_HORIZON = "day_ahead"
 class EnergyPredictor(Predictor):
     """A loaded energy version: checks requests against the trained series and forecasts them."""
 
-    def __init__(self, model: nn.Module, meta: dict[str, Any], version: str, device: str = "cpu") -> None:
+    def __init__(self, model: nn.Module, meta: dict[str, Any], version: str, device: str = "cpu",
+                 intervals: dict[str, list[float]] | None = None) -> None:
         super().__init__(version)
         self.model = model.to(device)
         self.meta = meta
         self.device = torch.device(device)
+        # per series: (lower, upper) widths of the P10-P90 interval, in units of a window's mean demand
+        self.intervals = intervals or {}
 
     def _check(self, item: EnergyRequest) -> None:
         """Refuses what depends on the version: an untrained series, temperature given or missing
@@ -93,13 +99,18 @@ class EnergyPredictor(Predictor):
             target=np.full((len(items), HORIZON), np.nan),
         )
 
-    def quantiles(self, raw: RawWindows) -> np.ndarray:
-        """(N, HORIZON, 3) forecast quantiles in the series' units."""
+    def quantiles(self, raw: RawWindows, *, calibrated: bool = True) -> np.ndarray:
+        """(N, HORIZON, 3) forecast quantiles in the series' units; `calibrated`: the P10-P90
+        interval widened (or narrowed) as fitted on the validation split (`EnergyDomain.calibrate`)."""
         arrays = model_inputs(raw, self.meta)
         inputs = {k: torch.from_numpy(arrays[k]).to(self.device) for k in MODEL_INPUTS}
         with torch.no_grad():
             rel = self.model(**inputs).float().cpu().numpy()
-        out: np.ndarray = arrays["scale"][:, None, None] * (1.0 + rel)
+        scale = arrays["scale"][:, None]
+        out: np.ndarray = scale[..., None] * (1.0 + rel)
+        if calibrated and self.intervals:
+            widths = np.array([self.intervals.get(n, [0.0, 0.0]) for n in self.meta["series_names"]])[raw.series]
+            out = widened(out, widths[:, :1] * scale, widths[:, 1:] * scale)
         return out
 
     def predict(self, items: Sequence[BaseModel]) -> list[BaseModel]:
@@ -235,10 +246,26 @@ class EnergyDomain(Domain):
         out["val_coverage"] = metrics.coverage(y, q[..., 0], q[..., 2])
         return out
 
+    def calibrate(self, model_dir: Path, data_dir: Path) -> dict[str, Any]:
+        """Split-conformal widths of each series' P10-P90 interval on the validation split, in units
+        of a window's mean demand (`domains.forecast.interval_offsets`)."""
+        (model_dir / CALIBRATION_FILE).unlink(missing_ok=True)  # fitted on uncalibrated answers
+        predictor = self.load_predictor(model_dir, "")
+        splits = split_frames(data_dir)
+        intervals = {}
+        for name in predictor.meta["series_names"]:
+            valid = windows_for_split(splits, "valid", predictor.meta, series=name)
+            scale = valid.demand.mean(axis=1)[:, None, None]
+            intervals[name] = list(interval_offsets(predictor.quantiles(valid) / scale, valid.target / scale[..., 0]))
+        fitted = {"intervals": intervals, "unit": "a window's mean demand"}
+        (model_dir / CALIBRATION_FILE).write_text(json.dumps(fitted))
+        return fitted
+
     def load_predictor(self, model_dir: Path, version: str, device: str = "cpu",
                        backend: str = "auto") -> EnergyPredictor:
         model, _, meta = self.load_model_files(model_dir)
-        return EnergyPredictor(model, meta, version, device)
+        fitted = json.loads(path.read_text()) if (path := Path(model_dir) / CALIBRATION_FILE).is_file() else {}
+        return EnergyPredictor(model, meta, version, device, fitted.get("intervals"))
 
     def evaluate(self, predictor: Predictor, data_dir: Path, figure: Path) -> Evaluation:
         if not isinstance(predictor, EnergyPredictor):
@@ -273,9 +300,11 @@ class EnergyDomain(Domain):
                         baselines={b: scores[b][metric] for b in ("same_time_last_week", "regression")},
                     ))
                 ratio = scores["model"]["mape"] / scores["same_time_last_week"]["mape"]
+                raw_q = predictor.quantiles(test, calibrated=False)
                 notes.append(f"{subset}: {len(test.series)} test days; MAPE {scores['model']['mape']:.2%} = "
                              f"{ratio:.2f}x same_time_last_week; P10-P90 coverage "
-                             f"{scores['model']['coverage_p10_p90']:.2f}")
+                             f"{scores['model']['coverage_p10_p90']:.2f} (before calibration on valid "
+                             f"{metrics.coverage(test.target, raw_q[..., 0], raw_q[..., 2]):.2f})")
                 if not oracle:
                     shown[name] = (test, model_q, same_time_last_week(test))
         draw_figure(shown, {n: meta["series"][n]["unit"] for n in names}, figure)

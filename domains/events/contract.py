@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from domains.text import TEXT_RULE, readable_text
+from domains.text import TEXT_RULE, Confidence, Explanation, Uncertain, readable_text
 
 Label = Literal[
     "noise", "illegal_parking", "street_condition", "sanitation", "water_sewer",
@@ -77,7 +77,7 @@ class EventResponse(BaseModel):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"label": "water_sewer", "priority": "high",
+                {"label": "water_sewer", "priority": "high", "confidence": 0.93, "uncertain": False,
                  "top3": [{"label": "water_sewer", "probability": 0.93},
                           {"label": "street_condition", "probability": 0.03},
                           {"label": "heat_hot_water", "probability": 0.02}]}
@@ -92,10 +92,14 @@ class EventResponse(BaseModel):
         "water_sewer at least high).",
         examples=["high"],
     )
+    confidence: Confidence
+    uncertain: Uncertain
     top3: list[ClassProbability] = Field(
         min_length=TOP_K, max_length=TOP_K,
-        description="The three most probable classes, most probable first.",
+        description="The three most probable classes, most probable first (calibrated, as `confidence`).",
     )
+    explanation: Explanation | None = Field(None, description="Only with `?explain=true`: the words that moved "
+                                            "the answer most.")
 
 
 # Base priority of each class as an index into PRIORITIES (the floor of the served priority).

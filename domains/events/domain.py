@@ -65,11 +65,14 @@ class EventsPredictor(TextPredictor):
         label_probs, priority_probs = self.outputs(self.texts(items))
         labels, priorities = decide(label_probs, priority_probs)
         responses: list[BaseModel] = []
-        for probs, lab, pri in zip(label_probs, labels, priorities, strict=True):
+        for probs, lab, pri, (confidence, uncertain) in zip(label_probs, labels, priorities,
+                                                            self.judged(label_probs), strict=True):
             top = np.argsort(-probs, kind="stable")[:TOP_K]
             responses.append(EventResponse(
                 label=LABELS[int(lab)],
                 priority=PRIORITIES[int(pri)],
+                confidence=confidence,
+                uncertain=uncertain,
                 top3=[ClassProbability(label=LABELS[int(k)], probability=float(probs[k])) for k in top],
             ))
         return responses
@@ -146,9 +149,11 @@ class EventsDomain(TextDomain):
         baseline = TfidfBaseline.fit(tables["train"], tables["valid"])
         rows: list[MetricRow] = []
         scored: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        confidence: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # subset -> (label probabilities, classes)
         for split in ("test", "valid"):
             frame = tables[split]
             label_probs, priority_probs = predictor.outputs(frame["text"].tolist())
+            confidence[SUBSETS[split]] = (label_probs, encode_targets(frame)["label"])
             pred, pred_pri = decide(label_probs, priority_probs)
             base, base_pri = baseline.predict(frame["text"].tolist())
             scored[split] = {"model": (pred, pred_pri), "tfidf_logreg": (base, base_pri)}
@@ -159,6 +164,7 @@ class EventsDomain(TextDomain):
         by_hand = {"model": decide(label_probs, priority_probs),
                    "tfidf_logreg": baseline.predict(hand["text"].tolist())}
         truth = encode_targets(hand)
+        confidence[HANDWRITTEN] = (label_probs, truth["label"])
         rows += metric_rows(HANDWRITTEN, truth["label"], truth["priority"], by_hand, per_class=False)
         test = tables["test"]
         y_test = encode_targets(test)["label"]
@@ -172,11 +178,12 @@ class EventsDomain(TextDomain):
             f"{HANDWRITTEN}: {len(hand)} reports written by hand as residents write (typos, indirect wording, "
             "two problems in one, sarcasm, questions), never drawn from the generator "
             f"(domains/events/{HANDWRITTEN}.jsonl)",
+            self.language_note(test, HANDWRITTEN),
             f"two-problem reports ({int(two.sum())} in template_disjoint): accuracy model "
             f"{accuracy(y_test[two], scored['test']['model'][0][two]):.3f}, tfidf_logreg "
             f"{accuracy(y_test[two], scored['test']['tfidf_logreg'][0][two]):.3f}",
         ]
-        return Evaluation(rows=rows, figure=figure, notes=notes)
+        return Evaluation(rows=rows, figure=figure, notes=notes, calibration=predictor.calibration_report(confidence))
 
 
 def balancing_weights(targets: np.ndarray, n_classes: int, power: float) -> np.ndarray:

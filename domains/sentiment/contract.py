@@ -11,7 +11,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from domains.text import TEXT_RULE, readable_text
+from domains.text import TEXT_RULE, Confidence, Explanation, Uncertain, readable_text
 
 Label = Literal["negative", "neutral", "positive"]
 LABELS: tuple[str, ...] = get_args(Label)
@@ -49,7 +49,7 @@ class SentimentResponse(BaseModel):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"label": "positive", "score": 0.61,
+                {"label": "positive", "score": 0.61, "confidence": 0.91, "uncertain": False,
                  "probabilities": {"negative": 0.02, "neutral": 0.07, "positive": 0.91}}
             ]
         },
@@ -62,7 +62,11 @@ class SentimentResponse(BaseModel):
         "negative, 0 neutral, 1 very positive. Regressed separately from `label`.",
         examples=[0.61],
     )
+    confidence: Confidence
+    uncertain: Uncertain
     probabilities: dict[Label, float] = Field(
-        description="Probability of each class (they sum to 1).",
+        description="Probability of each class (they sum to 1; calibrated, as `confidence`).",
         examples=[{"negative": 0.02, "neutral": 0.07, "positive": 0.91}],
     )
+    explanation: Explanation | None = Field(None, description="Only with `?explain=true`: the words that moved "
+                                            "the answer most.")

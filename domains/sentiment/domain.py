@@ -61,9 +61,11 @@ class SentimentPredictor(TextPredictor):
             SentimentResponse(
                 label=LABELS[int(np.argmax(p))],
                 score=float(np.clip(s, -1.0, 1.0)),
+                confidence=confidence,
+                uncertain=uncertain,
                 probabilities={lab: float(v) for lab, v in zip(LABELS, p, strict=True)},
             )
-            for p, s in zip(probs, scores, strict=True)
+            for p, s, (confidence, uncertain) in zip(probs, scores, self.judged(probs), strict=True)
         ]
 
 
@@ -147,8 +149,10 @@ class SentimentDomain(TextDomain):
         rows = metric_rows(test["subset"].to_numpy(), y, predictions)
         comments = self.written_by_hand(CITY_COMMENTS)
         texts = comments["text"].tolist()
-        rows += classification_rows(CITY_COMMENTS, comments["label"].map(LABELS.index).to_numpy(np.int64),
-                                    {"model": predictor.outputs(texts)[0].argmax(-1),
+        y_comments = comments["label"].map(LABELS.index).to_numpy(np.int64)
+        comment_probs = predictor.outputs(texts)[0]
+        rows += classification_rows(CITY_COMMENTS, y_comments,
+                                    {"model": comment_probs.argmax(-1),
                                      "vader": vader_labels(vader_compound(texts), cut)},
                                     LABELS, per_class=True)
         draw_confusion(figure, test["subset"].to_numpy(), y, predictions["model"], predictor.version)
@@ -164,5 +168,7 @@ class SentimentDomain(TextDomain):
             f"{CITY_COMMENTS}: {len(comments)} comments on city services written by hand as residents write "
             f"(sarcasm, hedged praise, questions), never drawn from a training corpus "
             f"(domains/sentiment/{CITY_COMMENTS}.jsonl)",
+            self.language_note(test, CITY_COMMENTS),
         ]
-        return Evaluation(rows=rows, figure=figure, notes=notes)
+        calibration = predictor.calibration_report({"test": (probs, y), CITY_COMMENTS: (comment_probs, y_comments)})
+        return Evaluation(rows=rows, figure=figure, notes=notes, calibration=calibration)

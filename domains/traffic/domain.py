@@ -10,6 +10,7 @@ count, averaged over the six (network, horizon) pairs, so both networks weigh th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -24,7 +25,8 @@ from torch.utils.data import Dataset
 from core.errors import InvalidInput
 from domains import metrics
 from domains.base import Batch, Domain, Evaluation, MetricRow, Predictor, SearchParam
-from domains.forecast import QuantileForecast, pinball_terms
+from domains.calibration import CALIBRATION_FILE
+from domains.forecast import QuantileForecast, interval_offsets, pinball_terms, widened
 from domains.tables import load_table, read_manifest
 from domains.traffic.baselines import (
     draw_forecasts,
@@ -53,14 +55,20 @@ if TYPE_CHECKING:
 class TrafficPredictor(Predictor):
     """A loaded traffic model version."""
 
-    def __init__(self, model: TrafficNet, meta: dict[str, Any], version: str, device: str) -> None:
+    def __init__(self, model: TrafficNet, meta: dict[str, Any], version: str, device: str,
+                 intervals: dict[str, dict[str, list[float]]] | None = None) -> None:
         super().__init__(version)
         self.model = model.to(device)
         self.meta = meta
         self.device = device
+        # network -> horizon -> (lower, upper) widths of the P10-P90 interval, in units of a sensor's scale
+        self.intervals = intervals or {}
 
-    def forecast(self, network: str, counts: np.ndarray, hist_times: np.ndarray) -> np.ndarray:
-        """Raw-count quantiles, shape (windows, sensors, horizons, 3), for full-network windows."""
+    def forecast(self, network: str, counts: np.ndarray, hist_times: np.ndarray, *, calibrated: bool = True
+                 ) -> np.ndarray:
+        """Raw-count quantiles, shape (windows, sensors, horizons, 3), for full-network windows;
+        `calibrated`: the P10-P90 interval widened (or narrowed) as fitted on the validation split
+        (`TrafficDomain.calibrate`)."""
         net_id = list(self.meta["networks"]).index(network)
         net_meta = self.meta["networks"][network]
         x, target = encode(counts, hist_times, net_meta, NETWORKS[network])
@@ -70,8 +78,13 @@ class TrafficPredictor(Predictor):
                 q = self.model.forecast(net_id, torch.from_numpy(x[lo:lo + 256]).to(self.device),
                                         torch.from_numpy(target[lo:lo + 256]).to(self.device))
                 out.append(q.cpu().numpy())
-        scale = np.asarray(net_meta["scale"])[None, :, None, None]
-        return np.maximum(np.concatenate(out) * scale, 0.0)  # counts are never negative
+        scale = np.asarray(net_meta["scale"])[None, :, None]
+        quantiles = np.concatenate(out) * scale[..., None]
+        widths = self.intervals.get(network) if calibrated else None
+        if widths:
+            lower, upper = np.array([widths[h] for h in HORIZONS]).T  # (horizons,) each
+            quantiles = widened(quantiles, lower * scale, upper * scale)
+        return np.maximum(quantiles, 0.0)  # counts are never negative
 
     def predict(self, items: Sequence[BaseModel]) -> list[BaseModel]:
         return [self._predict_one(TrafficRequest.model_validate(item)) for item in items]
@@ -226,11 +239,31 @@ class TrafficDomain(Domain):
         out["val_coverage"] = float(inside.sum() / count.sum().clamp_min(1))
         return out
 
-    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu", backend: str = "auto") -> Predictor:
+    def calibrate(self, model_dir: Path, data_dir: Path) -> dict[str, Any]:
+        """Split-conformal widths of the P10-P90 interval per network and horizon on the validation
+        split, in units of a sensor's scale (`domains.forecast.interval_offsets`)."""
+        (model_dir / CALIBRATION_FILE).unlink(missing_ok=True)  # fitted on uncalibrated answers
+        predictor = self.load_predictor(model_dir, "")
+        valid = self._tables(data_dir, "valid")
+        intervals: dict[str, dict[str, list[float]]] = {}
+        for name, spec in NETWORKS.items():
+            net = predictor.meta["networks"][name]
+            win = make_windows(valid[name], net["sensors"], spec)
+            scale = np.asarray(net["scale"])[None, :]
+            q = predictor.forecast(name, win.counts, win.hist_times)
+            intervals[name] = {h: list(interval_offsets(q[:, :, k] / scale[..., None], win.actual[:, :, k] / scale))
+                               for k, h in enumerate(HORIZONS)}
+        fitted = {"intervals": intervals, "unit": "a sensor's scale (its mean training count + 1)"}
+        (model_dir / CALIBRATION_FILE).write_text(json.dumps(fitted))
+        return fitted
+
+    def load_predictor(self, model_dir: Path, version: str, device: str = "cpu",
+                       backend: str = "auto") -> TrafficPredictor:
         model, _, meta = self.load_model_files(Path(model_dir))
         if not isinstance(model, TrafficNet):
             raise TypeError(f"expected a TrafficNet, got {type(model).__name__}")
-        return TrafficPredictor(model, meta, version, device)
+        fitted = json.loads(path.read_text()) if (path := Path(model_dir) / CALIBRATION_FILE).is_file() else {}
+        return TrafficPredictor(model, meta, version, device, fitted.get("intervals"))
 
     def evaluate(self, predictor: Predictor, data_dir: Path, figure: Path) -> Evaluation:
         """METR-LA-style rows per subset and horizon on the test split, against the baselines."""
@@ -268,6 +301,10 @@ class TrafficDomain(Domain):
                 rows.append(MetricRow(spec.subset, "pinball", metrics.pinball(a, q[:, :, k]), {}, horizon=h))
                 rows.append(MetricRow(spec.subset, "coverage_p10_p90",
                                       metrics.coverage(a, q[:, :, k, 0], q[:, :, k, 2]), {}, horizon=h))
+            raw_q = predictor.forecast(name, win.counts, win.hist_times, calibrated=False)
+            notes.append(f"{spec.subset} P10-P90 coverage before calibration on valid: " + ", ".join(
+                f"{h} {metrics.coverage(actual[:, :, k], raw_q[:, :, k, 0], raw_q[:, :, k, 2]):.2f}"
+                for k, h in enumerate(HORIZONS)))
             plots[name] = (win, q, sensors)
         draw_forecasts(plots, figure)
         return Evaluation(rows=rows, figure=figure, notes=notes)

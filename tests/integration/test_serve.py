@@ -48,15 +48,18 @@ def test_batch_scoring_reports_a_bad_row_and_scores_the_rest(workspace: Workspac
     # First in the module: its scoring actor needs a whole CPU, which the app's replicas would hold.
     versions = ensure_versions(workspace, "events", 1)
     source = tmp_path / "reports.csv"
-    pd.DataFrame({"case": [10, 11, 12, 13],
-                  "text": ["Water main break on Fulton St", "", "loud party next door", "pothole on 5th ave"]},
+    pd.DataFrame({"case": [10, 11, 12, 13, 14],
+                  "text": ["Water main break on Fulton St", "", "loud party next door", "pothole on 5th ave",
+                           "小区门口的路灯坏了三天了"]},
                  ).to_csv(source, index=False)
     dest = tmp_path / "scored.parquet"
     report = score_file(get_domain("events"), workspace, source, dest, ref=versions[-1], batch_size=2)
-    assert (report.rows, report.scored, report.failed_count) == (4, 3, 1)
-    assert report.failed[0][0] == 1 and "text" in report.failed[0][1]
+    assert (report.rows, report.scored, report.failed_count) == (5, 3, 2)
+    assert [row for row, _ in report.failed] == [1, 4]
+    assert "text" in report.failed[0][1] and "language zh" in report.failed[1][1]
     out = pd.read_parquet(dest)
-    assert list(out["case"]) == [10, 11, 12, 13] and out["result"].isna().tolist() == [False, True, False, False]
+    assert list(out["case"]) == [10, 11, 12, 13, 14]
+    assert out["result"].isna().tolist() == [False, True, False, False, True]
     get_domain("events").response_model.model_validate(json.loads(out["result"][0]))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".scored")]  # no temporary left behind
 
@@ -108,15 +111,30 @@ def test_auth_matrix_and_errors_over_http(platform: Platform, keys: dict[str, st
         "invalid": http("POST", url, {"text": ""}, keys["hotline"]),
         "unknown route": http("POST", f"{platform.gateway_url}/v1/water/forecast", event, keys["hotline"]),
         "too many": http("POST", url, [event] * 65, keys["hotline"]),
+        "chinese": http("POST", url, {"text": "小区门口的路灯坏了三天了"}, keys["hotline"]),
     }
     traffic = {**request_example(get_domain("traffic").request_model), "sensors": ["L00-10", "nope"]}
     cases["unknown sensor"] = http("POST", f"{platform.gateway_url}/v1/traffic/forecast", traffic, keys["hotline"])
     expected = {"no key": 401, "unknown key": 401, "not granted": 403, "invalid": 422, "unknown route": 404,
-                "too many": 413, "unknown sensor": 422}
+                "too many": 413, "unknown sensor": 422, "chinese": 422}
     assert {k: v[0] for k, v in cases.items()} == expected
     for name, (_, _, body) in cases.items():
         assert set(body) <= {"code", "message", "field"} and body["message"], name
     assert cases["unknown sensor"][2]["field"] == "sensors[1]"
+    assert (cases["chinese"][2]["code"], cases["chinese"][2]["field"]) == ("unsupported_language", "text")
+
+
+def test_an_answer_says_how_sure_it_is_and_explains_itself_when_asked(platform: Platform,
+                                                                      keys: dict[str, str]) -> None:
+    text = "Water main break on Fulton St, water gushing into the street"
+    url = f"{platform.gateway_url}/v1/events/classify"
+    status, _, plain = http("POST", url, {"text": text}, keys["hotline"])
+    assert status == 200 and 0 < plain["confidence"] <= 1 and isinstance(plain["uncertain"], bool)
+    assert "explanation" not in plain
+    status, _, explained = http("POST", f"{url}?explain=true", {"text": text}, keys["hotline"])
+    assert status == 200 and explained["label"] == plain["label"]
+    words = explained["explanation"]["words"]
+    assert words and all(w["word"] in text for w in words) and explained["explanation"]["forward_passes"] > len(words)
 
 
 def test_a_response_carries_its_request_id_once(platform: Platform, keys: dict[str, str]) -> None:

@@ -37,6 +37,7 @@ class LocalBackend:
         self.clock = time.monotonic  # the admission actor's; a test may stop it
         self.asked = 0
         self.admission_down = False
+        self.explained = False  # whether the last predict asked for explanations
 
     async def admit(self, key_id: str, key_digest: str, domain: str, items: int, lease_ttl: float) -> Decision:
         self.asked += 1
@@ -46,7 +47,8 @@ class LocalBackend:
         self.keeper.release(lease, usage)
         self.released.append(usage)
 
-    async def predict(self, domain: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    async def predict(self, domain: str, items: list[dict[str, Any]], explain: bool = False) -> dict[str, Any]:
+        self.explained = explain
         return await self.answer(domain, items)
 
     async def info(self, domain: str) -> dict[str, Any]:
@@ -434,3 +436,26 @@ def test_a_tenant_sending_invalid_bodies_is_throttled_by_its_quota(
     assert statuses == [422] * 3
     over = post(client, "/v1/events/classify", {"text": "a"}, key)  # the quota is spent on refusals
     assert over.status_code == 429 and over.json()["code"] == "quota_exceeded"
+
+
+def test_explain_is_a_flag_of_the_text_domains_and_bounded(setup: tuple[TestClient, LocalBackend, dict[str, str]],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    client, backend, _ = setup
+    key = backend.keeper.store.create_tenant(Tenant("desk", ["events", "traffic"], 100, 1000, 4), 1)
+    assert post(client, "/v1/events/classify?explain=true", {"text": "a"}, key).status_code == 200
+    assert backend.explained
+    assert post(client, "/v1/events/classify?explain=0", {"text": "a"}, key).status_code == 200
+    assert not backend.explained
+    maybe = post(client, "/v1/events/classify?explain=maybe", {"text": "a"}, key)
+    assert maybe.status_code == 422 and maybe.json()["field"] == "explain" and "'maybe'" in maybe.json()["message"]
+    traffic = request_example(get_domain("traffic").request_model)
+    forecast = post(client, "/v1/traffic/forecast?explain=true", traffic, key)
+    assert forecast.status_code == 422 and "offered on events, sentiment" in forecast.json()["message"]
+    monkeypatch.setattr(gateway, "EXPLAIN_MAX_ITEMS", 2)
+    many = post(client, "/v1/events/classify?explain=true", [{"text": "a"}] * 3, key)
+    assert many.status_code == 413 and many.json()["field"] == "explain"
+    unknown_key = post(client, "/v1/events/classify?explain=maybe", {"text": "a"}, "csk_000000000000_" + "A" * 43)
+    assert unknown_key.status_code == 401  # a bad key learns nothing about the request
+    parameters = client.get("/openapi.json").json()["paths"]["/v1/events/classify"]["post"]["parameters"]
+    assert [p["name"] for p in parameters] == ["explain"]
+    assert "parameters" not in client.get("/openapi.json").json()["paths"]["/v1/traffic/forecast"]["post"]

@@ -17,8 +17,9 @@ from cityserve import cli
 from core.errors import ConfigError, RegistryError
 from core.settings import Settings, get_settings
 from domains import get_domain
+from domains.calibration import CALIBRATION_FILE
 from domains.onnx_text import AGREEMENT, ARTIFACTS, GATE, choose_backend, gate_failures, quantize
-from domains.text import TextDomain, teacher_key
+from domains.text import EXPLAIN_WORDS, TextDomain, TextPredictor, teacher_key
 from tests.schemas import validate
 from tests.unit.conftest import SmokeRun
 from training.registry import Registry, stored_artifacts
@@ -42,6 +43,19 @@ def optimized(run: SmokeRun, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     inference = run.domain.optimize(model_dir, run.data_dir)
     assert inference is not None
     return model_dir, inference
+
+
+def test_each_stored_backend_is_calibrated_on_the_validation_split(run: SmokeRun, domain: TextDomain,
+                                                                    optimized: tuple[Path, dict[str, Any]]) -> None:
+    model_dir, inference = optimized
+    fitted = domain.calibrate(model_dir, run.data_dir)
+    kept = {n for n in ("onnx-int8", "student-int8") if inference["backends"][n]["kept"]}
+    assert set(fitted) == {"torch-fp32", "onnx-fp32"} | kept
+    assert json.loads((model_dir / CALIBRATION_FILE).read_text()) == fitted
+    for name, calibration in fitted.items():
+        assert calibration["temperature"] > 0 and 0.3 <= calibration["uncertain_below"] <= 0.95, name
+        backend = "torch" if name == "torch-fp32" else name
+        assert domain.load_predictor(model_dir, "v1", backend=backend).calibration.as_json() == calibration
 
 
 def test_the_export_is_fused_and_labels_as_pytorch_does(optimized: tuple[Path, dict[str, Any]]) -> None:
@@ -188,7 +202,12 @@ def test_only_a_recorded_artifact_serves_and_models_optimize_records_them(
     assert set(rows) == {"torch-fp32", "onnx-fp32", "onnx-int8", "student-int8"} and rows["onnx-fp32"]["kept"] == "yes"
     remade = registry.get(DOMAIN, plain.version)
     assert remade.record["inference"]["texts"] == 80 and "onnx-fp32" in stored_artifacts(remade)
-    assert registry.load_predictor(run.domain, plain.version, backend="onnx-fp32").backend == "onnx-fp32"
+    served = registry.load_predictor(run.domain, plain.version, backend="onnx-fp32")
+    assert isinstance(served, TextPredictor) and served.backend == "onnx-fp32"
+    recorded = remade.record["calibration"]["onnx-fp32"]
+    assert served.calibration.as_json() == recorded and CALIBRATION_FILE in remade.record["files"]
+    answer = served.predict([run.domain.request_model(text="street light out on 5th ave")])[0]
+    assert answer.uncertain == (answer.confidence < recorded["uncertain_below"])  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match="traffic serves with backend auto or torch, not 'onnx-int8'"):
         registry.load_predictor(get_domain("traffic"), backend="onnx-int8")
 
@@ -217,3 +236,32 @@ def test_the_shipped_inference_results_fit_their_schema() -> None:
     document = json.loads((Path(__file__).resolve().parents[2] / "bench/results/inference.json").read_text())
     validate("inference", document)
     assert len(document["commit"]) == 40
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx-int8"])
+def test_an_explanation_weighs_the_words_of_the_text_on_the_served_model(
+        domain: TextDomain, optimized: tuple[Path, dict[str, Any]], backend: str) -> None:
+    model_dir, _ = optimized
+    if backend != "torch" and not (model_dir / ARTIFACTS[backend]).is_file():
+        pytest.skip(f"the smoke model's {backend} fell below the gate")
+    predictor = domain.load_predictor(model_dir, "v1", backend=backend)
+    text = "Water main break on Fulton St, water gushing into the street"
+    items = [domain.request_model(text=text), domain.request_model(text="loud party next door")]
+    plain, explained = predictor.predict(items), predictor.explain(items)
+    for answer, with_why, sent in zip(plain, explained, items, strict=True):
+        why = with_why.explanation  # type: ignore[attr-defined]
+        assert with_why.model_dump(exclude={"explanation"}) == answer.model_dump(exclude={"explanation"})
+        words = sent.text.split()  # type: ignore[attr-defined]
+        assert 0 < len(why.words) <= EXPLAIN_WORDS and all(w.word in sent.text for w in why.words)  # type: ignore[attr-defined]
+        assert [abs(w.weight) for w in why.words] == sorted((abs(w.weight) for w in why.words), reverse=True)
+        assert why.forward_passes >= len(words) + 2  # "St," is two words to the tokenizer
+    # a word's weight is the fall in the answer's probability when its tokens are hidden from attention
+    assert isinstance(predictor, TextPredictor)
+    enc = predictor.tokenizer(text, return_tensors="pt")
+    top = explained[0].explanation.words[0]  # type: ignore[attr-defined]
+    word = next(w for w in set(enc.word_ids()) - {None} if text[slice(*enc.word_to_chars(w))] == top.word)
+    hidden = enc["attention_mask"].clone()
+    hidden[0, [i for i, w in enumerate(enc.word_ids()) if w == word]] = 0
+    full, without = (predictor.probabilities(mask, enc["input_ids"])[0] for mask in (enc["attention_mask"], hidden))
+    chosen = int(full.argmax())
+    assert float(full[chosen] - without[chosen]) == pytest.approx(top.weight, abs=1e-4)

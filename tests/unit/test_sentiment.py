@@ -162,7 +162,7 @@ def test_an_empty_user_file_is_refused(tmp_path: Path) -> None:
 # ---- request contract ------------------------------------------------------------------------
 def test_a_score_outside_the_scale_is_refused() -> None:
     with pytest.raises(ValidationError, match="score"):
-        SentimentResponse(label="positive", score=1.2, probabilities={"positive": 1.0})
+        SentimentResponse(label="positive", score=1.2, confidence=1.0, uncertain=False, probabilities={"positive": 1.0})
 
 
 def test_the_labels_and_subsets_are_the_heads_and_reports_order() -> None:
