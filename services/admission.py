@@ -105,9 +105,12 @@ class Gatekeeper:
             self.load(self.store.tenants(), self.store.api_keys(), now)
 
     def _cached(self, key_id: str, key_digest: str) -> ApiKey | None:
-        """The cached key whose digest this is (one constant-time comparison), or None."""
+        """The cached key whose digest this is (one constant-time comparison), or None. A key whose
+        tenant is not cached counts as not cached: a re-read of tenants and then keys can straddle a
+        new tenant's creation, holding its key but not the tenant, and its calls would be refused
+        until the next re-read; its lookup brings both."""
         key = self.keys.get(key_id)
-        return key if key is not None and same_digest(key.digest, key_digest) else None
+        return key if key is not None and key.tenant in self.tenants and same_digest(key.digest, key_digest) else None
 
     def wants_lookup(self, key_id: str, key_digest: str, now: float) -> bool:
         """Whether a key must be read from the store: the cache does not match it (a tenant created

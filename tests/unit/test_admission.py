@@ -75,6 +75,19 @@ def test_unknown_ids_and_wrong_secrets_take_one_lookup_then_the_refusal_cache(ur
     assert keeper.admit(key_id, key_digest, "events", 1, 30, 2.0, time.time()).status == 200
 
 
+def test_a_read_holding_a_new_key_but_not_its_tenant_looks_the_key_up(url: str) -> None:
+    store = Store(url)
+    tenants_before = store.tenants()  # the re-read's first half, before the tenant exists
+    key_id, key_digest = key_of(store, "outage")
+    keeper = Gatekeeper(store, refresh_s=60.0)
+    keeper.load(tenants_before, store.api_keys(), 0.0)  # its second half sees the new key
+    asked = counting_lookups(store)
+    assert keeper.admit(key_id, key_digest, "events", 1, 30, 1.0, time.time()).status == 200
+    assert asked == [key_id]  # looked up once, and cached with its tenant from then on
+    assert keeper.admit(key_id, key_digest, "events", 1, 30, 1.5, time.time()).status == 200
+    assert asked == [key_id]
+
+
 def test_the_unknown_key_cache_is_bounded(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(admission, "MAX_UNKNOWN", 3)
     keeper = Gatekeeper(Store(url), refresh_s=60.0)
