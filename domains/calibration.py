@@ -11,7 +11,9 @@ logits by a constant per row, which the softmax drops.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,20 @@ import numpy as np
 # A text version's file of each backend's `Calibration` ({backend: fields}), fitted when its artifacts
 # are made (`TextDomain.optimize`); a version without it answers uncalibrated, never uncertain.
 CALIBRATION_FILE = "calibration.json"
+
+
+def read_calibration(model_dir: Path) -> dict[str, Any]:
+    """A model directory's `CALIBRATION_FILE`, or {} for a version without one."""
+    path = Path(model_dir) / CALIBRATION_FILE
+    return dict(json.loads(path.read_text())) if path.is_file() else {}
+
+
+def save_calibration(model_dir: Path, fitted: dict[str, Any]) -> dict[str, Any]:
+    """Writes `fitted` as the model directory's `CALIBRATION_FILE`; returns it (the record's entry)."""
+    (Path(model_dir) / CALIBRATION_FILE).write_text(json.dumps(fitted))
+    return fitted
+
+
 # Temperatures tried, log-spaced: a fine-tuned model's lies between 0.5 and 4 (a grid, not an
 # optimiser: the same split always gives the same temperature).
 TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8.0), 241))

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from core.errors import InvalidInput
 from domains import language
 from domains.base import META_FILE, Batch, Domain, MetricRow, Predictor, SearchParam
-from domains.calibration import CALIBRATION_FILE, Calibration, ece, flagged, scaled
+from domains.calibration import Calibration, ece, flagged, read_calibration, save_calibration, scaled
 from domains.metrics import accuracy, f1_per_class, macro_f1
 from domains.onnx_text import (
     AGREEMENT,
@@ -649,15 +649,13 @@ class TextDomain(Domain):
     def calibrate(self, model_dir: Path, data_dir: Path) -> dict[str, Any]:
         """Fits each stored backend's `Calibration` (the PyTorch model's, each artifact's) to the
         validation split and saves them as `CALIBRATION_FILE`."""
-        (model_dir / CALIBRATION_FILE).unlink(missing_ok=True)  # fitted on uncalibrated answers
         valid = load_table(data_dir, self.name, "valid")
         texts, y = valid["text"].tolist(), self.targets(valid)["label"]
         fitted = {}
         for backend in ("torch-fp32", *(b for b, f in ARTIFACTS.items() if (model_dir / f).is_file())):
             predictor = self.load_predictor(model_dir, "", backend="torch" if backend == "torch-fp32" else backend)
-            fitted[backend] = Calibration.fit(predictor.run(texts)["label"], y).as_json()
-        (model_dir / CALIBRATION_FILE).write_text(json.dumps(fitted))
-        return fitted
+            fitted[backend] = Calibration.fit(predictor.run(texts)["label"], y).as_json()  # `run`: uncalibrated
+        return save_calibration(model_dir, fitted)
 
     def distill(self, teacher: TextClassifier, config: dict[str, Any], meta: dict[str, Any], data_dir: Path
                 ) -> tuple[TextClassifier, dict[str, Any]]:
@@ -703,7 +701,7 @@ class TextDomain(Domain):
         tokenizer = load_tokenizer(model_dir / TOKENIZER_DIR)
         chosen = choose_backend(backend, device, stored=[b for b, f in ARTIFACTS.items() if (model_dir / f).is_file()],
                                 what=f"{self.name} {version}")
-        fitted = json.loads(path.read_text()) if (path := model_dir / CALIBRATION_FILE).is_file() else {}
+        fitted = read_calibration(model_dir)
         if chosen in ARTIFACTS:
             artifact = OnnxClassifier(model_dir / ARTIFACTS[chosen], threads=torch.get_num_threads())
             return self.predictor_class(version, artifact, tokenizer, int(meta["max_len"]), backend=chosen,

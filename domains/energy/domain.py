@@ -9,7 +9,6 @@ day-ahead windows (midnight starts), the mean over series. Baselines: `domains.e
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
@@ -25,7 +24,7 @@ from torch import nn
 from core.errors import InvalidInput
 from domains import metrics
 from domains.base import Batch, Domain, Evaluation, MetricRow, Predictor, SearchParam
-from domains.calibration import CALIBRATION_FILE
+from domains.calibration import read_calibration, save_calibration
 from domains.energy.baselines import (
     REGRESSION_STRIDE,
     RegressionBaseline,
@@ -249,23 +248,20 @@ class EnergyDomain(Domain):
     def calibrate(self, model_dir: Path, data_dir: Path) -> dict[str, Any]:
         """Split-conformal widths of each series' P10-P90 interval on the validation split, in units
         of a window's mean demand (`domains.forecast.interval_offsets`)."""
-        (model_dir / CALIBRATION_FILE).unlink(missing_ok=True)  # fitted on uncalibrated answers
         predictor = self.load_predictor(model_dir, "")
         splits = split_frames(data_dir)
         intervals = {}
         for name in predictor.meta["series_names"]:
             valid = windows_for_split(splits, "valid", predictor.meta, series=name)
             scale = valid.demand.mean(axis=1)[:, None, None]
-            intervals[name] = list(interval_offsets(predictor.quantiles(valid) / scale, valid.target / scale[..., 0]))
-        fitted = {"intervals": intervals, "unit": "a window's mean demand"}
-        (model_dir / CALIBRATION_FILE).write_text(json.dumps(fitted))
-        return fitted
+            quantiles = predictor.quantiles(valid, calibrated=False)
+            intervals[name] = list(interval_offsets(quantiles / scale, valid.target / scale[..., 0]))
+        return save_calibration(model_dir, {"intervals": intervals, "unit": "a window's mean demand"})
 
     def load_predictor(self, model_dir: Path, version: str, device: str = "cpu",
                        backend: str = "auto") -> EnergyPredictor:
         model, _, meta = self.load_model_files(model_dir)
-        fitted = json.loads(path.read_text()) if (path := Path(model_dir) / CALIBRATION_FILE).is_file() else {}
-        return EnergyPredictor(model, meta, version, device, fitted.get("intervals"))
+        return EnergyPredictor(model, meta, version, device, read_calibration(model_dir).get("intervals"))
 
     def evaluate(self, predictor: Predictor, data_dir: Path, figure: Path) -> Evaluation:
         if not isinstance(predictor, EnergyPredictor):

@@ -10,7 +10,6 @@ count, averaged over the six (network, horizon) pairs, so both networks weigh th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,7 +24,7 @@ from torch.utils.data import Dataset
 from core.errors import InvalidInput
 from domains import metrics
 from domains.base import Batch, Domain, Evaluation, MetricRow, Predictor, SearchParam
-from domains.calibration import CALIBRATION_FILE
+from domains.calibration import read_calibration, save_calibration
 from domains.forecast import QuantileForecast, interval_offsets, pinball_terms, widened
 from domains.tables import load_table, read_manifest
 from domains.traffic.baselines import (
@@ -242,7 +241,6 @@ class TrafficDomain(Domain):
     def calibrate(self, model_dir: Path, data_dir: Path) -> dict[str, Any]:
         """Split-conformal widths of the P10-P90 interval per network and horizon on the validation
         split, in units of a sensor's scale (`domains.forecast.interval_offsets`)."""
-        (model_dir / CALIBRATION_FILE).unlink(missing_ok=True)  # fitted on uncalibrated answers
         predictor = self.load_predictor(model_dir, "")
         valid = self._tables(data_dir, "valid")
         intervals: dict[str, dict[str, list[float]]] = {}
@@ -250,20 +248,18 @@ class TrafficDomain(Domain):
             net = predictor.meta["networks"][name]
             win = make_windows(valid[name], net["sensors"], spec)
             scale = np.asarray(net["scale"])[None, :]
-            q = predictor.forecast(name, win.counts, win.hist_times)
+            q = predictor.forecast(name, win.counts, win.hist_times, calibrated=False)
             intervals[name] = {h: list(interval_offsets(q[:, :, k] / scale[..., None], win.actual[:, :, k] / scale))
                                for k, h in enumerate(HORIZONS)}
-        fitted = {"intervals": intervals, "unit": "a sensor's scale (its mean training count + 1)"}
-        (model_dir / CALIBRATION_FILE).write_text(json.dumps(fitted))
-        return fitted
+        return save_calibration(model_dir, {"intervals": intervals,
+                                            "unit": "a sensor's scale (its mean training count + 1)"})
 
     def load_predictor(self, model_dir: Path, version: str, device: str = "cpu",
                        backend: str = "auto") -> TrafficPredictor:
         model, _, meta = self.load_model_files(Path(model_dir))
         if not isinstance(model, TrafficNet):
             raise TypeError(f"expected a TrafficNet, got {type(model).__name__}")
-        fitted = json.loads(path.read_text()) if (path := Path(model_dir) / CALIBRATION_FILE).is_file() else {}
-        return TrafficPredictor(model, meta, version, device, fitted.get("intervals"))
+        return TrafficPredictor(model, meta, version, device, read_calibration(model_dir).get("intervals"))
 
     def evaluate(self, predictor: Predictor, data_dir: Path, figure: Path) -> Evaluation:
         """METR-LA-style rows per subset and horizon on the test split, against the baselines."""
