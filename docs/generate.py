@@ -43,6 +43,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "eval-events": results.eval_events,
     "eval-sentiment": results.eval_sentiment,
     "eval-energy-sweep": results.eval_energy_sweep,
+    "explained-events": results.explained_events,
+    "explained-sentiment": results.explained_sentiment,
     "train-throughput": results.train_throughput,
     "tune-efficiency": results.tune_efficiency,
     "inference": results.inference,

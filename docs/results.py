@@ -181,6 +181,31 @@ def eval_sentiment(report: Json, rel: str) -> str:
     return "\n\n".join(out)
 
 
+def explained(report: Json, rel: str, subset: str) -> str:
+    """The report's `explained` answers as a list: class, confidence, the text and its four
+    weightiest words (a text is too long for a table at 80 columns)."""
+    if not report.get("explained"):
+        return wrap(f"*`{rel}` has no explained answers: `cityserve evaluate {report['domain']}` adds them.*")
+    items = []
+    for answer in report["explained"]:
+        words = ", ".join(f"`{w['word']}` {w['weight']:+.2f}" for w in answer["words"][:4])
+        items.append(wrap(f"- **{answer['label']}** ({answer['confidence']:.2f}): “{answer['text']}” — {words}",
+                          indent="  "))
+    return "\n".join(items) + "\n\n" + report_caption(
+        report, rel, f"per class, the first `{subset}` text the model answers right; a word's weight is the "
+        "fall in the answer's calibrated probability without it")
+
+
+@from_result("reports/events.json", "cityserve evaluate events")
+def explained_events(report: Json, rel: str) -> str:
+    return explained(report, rel, "handwritten")
+
+
+@from_result("reports/sentiment.json", "cityserve evaluate sentiment")
+def explained_sentiment(report: Json, rel: str) -> str:
+    return explained(report, rel, "city_comments")
+
+
 def eval_energy_sweep(root: Path) -> str:
     rel = "reports/energy.json"
     report = load(root, rel)

@@ -68,6 +68,8 @@ class Evaluation:
     backend: str = ""  # the predictor's (`Predictor.backend`): what was scored is what serves
     # How far the answers' confidence can be trusted, per subset (the report's `calibration`)
     calibration: dict[str, Any] = field(default_factory=dict)
+    # Answers with their explanations, one per class (the report's `explained`)
+    explained: list[dict[str, Any]] = field(default_factory=list)
 
 
 def request_example(model: type[BaseModel]) -> dict[str, Any]:
@@ -96,10 +98,9 @@ class Predictor(ABC):
                 (an unknown sensor, a series of the wrong length); names the field.
         """
 
+    @abstractmethod
     def explain(self, items: Sequence[BaseModel]) -> list[BaseModel]:
-        """Answers as `predict` does, each with what moved it most (`?explain=true`; a domain whose
-        `Domain.explains` is False is refused at the gateway and never gets here)."""
-        raise NotImplementedError(f"{type(self).__name__} gives no explanations")
+        """Answers as `predict` does, each with what moved it most (`?explain=true`)."""
 
 
 class Domain(ABC):
@@ -118,8 +119,6 @@ class Domain(ABC):
     # The serving backends a config may name (`domains.onnx_text.choose_backend`): a domain without
     # optimised artifacts serves its PyTorch model.
     backends: ClassVar[tuple[str, ...]] = ("auto", "torch")
-    # Whether its predictor explains answers (`Predictor.explain`, `?explain=true`).
-    explains: ClassVar[bool] = False
 
     # ---- data (build side) -------------------------------------------------------------------
     @abstractmethod

@@ -67,3 +67,36 @@ def widened(q: np.ndarray, lower: np.ndarray | float, upper: np.ndarray | float)
     out[..., 0] = np.minimum(q[..., 0] - lower, q[..., 1])
     out[..., 2] = np.maximum(q[..., 2] + upper, q[..., 1])
     return out
+
+
+OCCLUSION = "input-group occlusion on the served model"
+
+
+class InputWeight(BaseModel):
+    """One group of a forecast's inputs and how much it moved the forecast."""
+
+    input: str = Field(description="The inputs taken away together.", examples=["demand, last 24 hours"])
+    weight: float = Field(
+        description="Mean absolute change of the median (P50) over the forecast when the forecast is made "
+        "again without these inputs (each replaced by a neutral value: counts by 'missing', a series "
+        "by its own mean, time by a day's or week's average), in the forecast's unit.", examples=[0.31])
+
+
+class ForecastExplanation(BaseModel):
+    """Why a forecast came out as it did: the groups of inputs that moved it most (only with
+    `?explain=true`)."""
+
+    method: str = Field(description="How the weights were measured.", examples=[OCCLUSION])
+    inputs: list[InputWeight] = Field(description="Every group of inputs, the largest weight first.")
+    forward_passes: int = Field(description="Forecasts the model made for this explanation: the forecast as "
+                                "sent and one per group.", examples=[7])
+
+
+def occlusion_explanation(median: np.ndarray, occluded: dict[str, np.ndarray]) -> ForecastExplanation:
+    """The explanation of one forecast from its median (any shape) and, per group of inputs, the
+    median forecast without that group (same shape)."""
+    weights = {name: float(np.mean(np.abs(median - other))) for name, other in occluded.items()}
+    return ForecastExplanation(
+        method=OCCLUSION, forward_passes=1 + len(occluded),
+        inputs=[InputWeight(input=name, weight=round(w, 4))
+                for name, w in sorted(weights.items(), key=lambda pair: -pair[1])])

@@ -419,6 +419,17 @@ class TextPredictor(Predictor):
                 forward_passes=len(words) + 2)  # the text, each word's variant, the special tokens' (unused)
         return answers
 
+    def explained_examples(self, texts: Sequence[str], classes: np.ndarray, labels: Sequence[str]
+                           ) -> list[dict[str, Any]]:
+        """The report's `explained`: per class (index into `labels`), the first of `texts` of that
+        class that the model answers right, with its answer's confidence and explanation."""
+        answered = self.outputs(texts)[0].argmax(-1)
+        firsts = {int(c): i for i, c in reversed(list(enumerate(classes))) if answered[i] == c}
+        chosen = [firsts[c] for c in sorted(firsts)]
+        answers = [a.model_dump() for a in self.explain([self.request_type(text=texts[i]) for i in chosen])]
+        return [{"label": labels[int(classes[i])], "text": texts[i], "confidence": answer["confidence"],
+                 "words": answer["explanation"]["words"]} for i, answer in zip(chosen, answers, strict=True)]
+
     @torch.no_grad()
     def probabilities(self, attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The calibrated `label` probabilities of token rows (what `explain` ablates)."""
@@ -469,7 +480,6 @@ class TextDomain(Domain):
     profiles: ClassVar[dict[str, dict[str, Any]]]  # per profile, over the defaults
     score_head: ClassVar[bool] = False
     backends = BACKEND_CHOICES
-    explains = True
 
     # ---- data --------------------------------------------------------------------------------
     def prepare(self, data_dir: Path, *, source: Path | None = None, smoke: bool = False) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from ray import serve
 
 from cluster.local import loopback_replica_grpc
 from core.errors import CityServeError
-from domains import DOMAINS, get_domain, language
+from domains import get_domain, language
 from domains.base import request_example
 from services.admission import Decision
 from services.coalesce import Coalescer
@@ -55,7 +55,7 @@ loopback_replica_grpc()  # imported by the replica before Serve starts its gRPC 
 
 logger = logging.getLogger("ray.serve")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-EXPLAIN_MAX_ITEMS = 8  # items an explained request may carry (each costs a model run per word)
+EXPLAIN_MAX_ITEMS = 8  # items an explained request may carry (each costs several model runs)
 # A lease outlives the request's timeout by this much, so only a lost release ever expires one.
 LEASE_MARGIN_S = 5.0
 # Calls a domain's replicas get per model call: a lost replica's calls go to another one once.
@@ -294,7 +294,7 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
                 check_media_type(request.headers.get("content-type", ""))
                 parsed, single = parse_items(request_models[domain], raw, limits.max_items)
                 items = len(parsed)
-                explain = explain_flag(domain, request.query_params.get("explain"), items)
+                explain = explain_flag(request.query_params.get("explain"), items)
             except CityServeError as exc:  # told only to a caller whose key is good
                 problem = exc
             try:
@@ -360,7 +360,7 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
             description=(dom.request_model.__doc__ or "").strip(),
             response_model=dom.response_model | list[dom.response_model],  # type: ignore[name-defined]
             responses=errors, openapi_extra={**_request_body(dom.request_model, limit),
-                                             **(_EXPLAIN_PARAMETER if dom.explains else {})})
+                                             **_EXPLAIN_PARAMETER})
 
     # The public answers fan out to every model deployment (and the actor): each replica computes
     # them at most once a second, however many callers ask.
@@ -414,18 +414,14 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
     return api
 
 
-def explain_flag(domain: str, value: str | None, items: int) -> bool:
-    """The `explain` query parameter: absent, true or false (1/0, any case); true only for a domain
-    that explains (`Domain.explains`) and at most `EXPLAIN_MAX_ITEMS` items, each costing one model
-    run per word."""
+def explain_flag(value: str | None, items: int) -> bool:
+    """The `explain` query parameter: absent, true or false (1/0, any case); true for at most
+    `EXPLAIN_MAX_ITEMS` items, each costing several model runs (one per word of a text, one per group
+    of a forecast's inputs)."""
     if value is None or value.lower() in ("false", "0"):
         return False
     if value.lower() not in ("true", "1"):
         raise Unprocessable(f"explain must be true or false, got {value[:20]!r}", field="explain")
-    if not get_domain(domain).explains:
-        explained = sorted(name for name in DOMAINS if get_domain(name).explains)
-        raise Unprocessable(f"{domain} gives no explanations; explain=true is offered on {', '.join(explained)}",
-                            field="explain")
     if items > EXPLAIN_MAX_ITEMS:
         raise TooLarge(f"{items} items to explain; explain=true takes at most {EXPLAIN_MAX_ITEMS} per request",
                        field="explain")
@@ -456,8 +452,9 @@ async def _info(backend: Backend, domain: str) -> dict[str, Any]:
 
 _EXPLAIN_PARAMETER = {"parameters": [{
     "name": "explain", "in": "query", "required": False, "schema": {"type": "boolean", "default": False},
-    "description": "true: each answer carries `explanation`, the words that moved it most. Each costs about "
-                   f"one model run per word of its text; at most {EXPLAIN_MAX_ITEMS} items per request.",
+    "description": "true: each answer carries `explanation`, what moved it most: the words of a text (each "
+                   "costs about one model run per word), the groups of a forecast's inputs (one run per "
+                   f"group, 3 to 7); at most {EXPLAIN_MAX_ITEMS} items per request.",
 }]}
 
 

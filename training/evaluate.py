@@ -16,7 +16,7 @@ from typing import Any
 from core.errors import RegistryError
 from core.storage import Location
 from domains.base import Domain, Evaluation
-from training.registry import Version
+from training.registry import Version, code_revision
 from training.workspace import Workspace
 
 
@@ -36,10 +36,12 @@ def build_report(domain: Domain, version: Version, evaluation: Evaluation) -> di
         "version": version.version,
         "profile": "full" if version.record.get("profile") == "full" else "quick",
         "command": reproduce_command(domain, version),
+        "commit": code_revision(),
         "data": {"manifest_sha256": data.get("manifest_sha256", ""), "sources": list(data.get("sources", []))},
         "backend": evaluation.backend,
         "metrics": [row.as_json() for row in evaluation.rows],
         **({"calibration": evaluation.calibration} if evaluation.calibration else {}),
+        **({"explained": evaluation.explained} if evaluation.explained else {}),
     }
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from domains.forecast import QuantileForecast
+from domains.forecast import ForecastExplanation, QuantileForecast
 
 STEPS_PER_DAY = 48  # half-hours
 DAY = STEPS_PER_DAY
@@ -104,3 +104,6 @@ class EnergyResponse(BaseModel):
     unit: str = Field(description="Unit of demand (empty for a user's own series).", examples=["GW"])
     version: str = Field(description="Registry version that answered.", examples=["energy-20261127-1"])
     steps: list[ForecastStep] = Field(description=f"The {HORIZON} forecast half-hours, in order.")
+    explanation: ForecastExplanation | None = Field(
+        None, description="Only with `?explain=true`: the inputs that moved the forecast most (weights in "
+        "the series' unit).")

@@ -36,6 +36,7 @@ from domains.energy.baselines import (
 )
 from domains.energy.contract import HISTORY, HORIZON, EnergyRequest, EnergyResponse, ForecastStep
 from domains.energy.features import (
+    OCCLUDED,
     RawWindows,
     WindowDataset,
     add_forecast_error,
@@ -44,7 +45,7 @@ from domains.energy.features import (
     windows_for_split,
 )
 from domains.energy.model import MODEL_INPUTS, EnergyModel, pinball_loss
-from domains.forecast import interval_offsets, widened
+from domains.forecast import interval_offsets, occlusion_explanation, widened
 from domains.tables import load_table, read_manifest
 
 EVAL_HORIZON = "day_ahead"
@@ -102,15 +103,35 @@ class EnergyPredictor(Predictor):
         """(N, HORIZON, 3) forecast quantiles in the series' units; `calibrated`: the P10-P90
         interval widened (or narrowed) as fitted on the validation split (`EnergyDomain.calibrate`)."""
         arrays = model_inputs(raw, self.meta)
+        out = self.forecast(arrays)
+        if calibrated and self.intervals:
+            widths = np.array([self.intervals.get(n, [0.0, 0.0]) for n in self.meta["series_names"]])[raw.series]
+            scale = arrays["scale"][:, None]
+            out = widened(out, widths[:, :1] * scale, widths[:, 1:] * scale)
+        return out
+
+    def forecast(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """(N, HORIZON, 3) uncalibrated quantiles in the series' units from the model's inputs."""
         inputs = {k: torch.from_numpy(arrays[k]).to(self.device) for k in MODEL_INPUTS}
         with torch.no_grad():
             rel = self.model(**inputs).float().cpu().numpy()
-        scale = arrays["scale"][:, None]
-        out: np.ndarray = scale[..., None] * (1.0 + rel)
-        if calibrated and self.intervals:
-            widths = np.array([self.intervals.get(n, [0.0, 0.0]) for n in self.meta["series_names"]])[raw.series]
-            out = widened(out, widths[:, :1] * scale, widths[:, 1:] * scale)
+        out: np.ndarray = arrays["scale"][:, None, None] * (1.0 + rel)
         return out
+
+    def explain(self, items: Sequence[BaseModel]) -> list[BaseModel]:
+        """Answers as `predict` does, each with a `ForecastExplanation`: the forecast made again
+        with each group of `OCCLUDED` inputs replaced by a neutral value (temperature groups only
+        for series that read temperature), all items' variants in one model call per group."""
+        answers = self.predict(items)
+        requests = [EnergyRequest.model_validate(item) for item in items]
+        arrays = model_inputs(self.raw_windows(requests), self.meta)
+        median = self.forecast(arrays)[..., 1]
+        occluded = {name: self.forecast(occlude(dict(arrays)))[..., 1] for name, occlude in OCCLUDED.items()}
+        for i, (answer, item) in enumerate(zip(answers, requests, strict=True)):
+            temperature = self.meta["series"][item.series]["has_temperature"]
+            answer.explanation = occlusion_explanation(  # type: ignore[attr-defined]
+                median[i], {name: m[i] for name, m in occluded.items() if temperature or "temperature" not in name})
+        return answers
 
     def predict(self, items: Sequence[BaseModel]) -> list[BaseModel]:
         requests = [EnergyRequest.model_validate(item) for item in items]

@@ -15,6 +15,7 @@ What the model sees for a forecast starting at time t (the window's inputs):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,37 @@ def model_inputs(raw: RawWindows, meta: dict[str, Any]) -> dict[str, np.ndarray]
         "scale": scale.astype(np.float32),
         "target": np.nan_to_num(raw.target / scale[:, None] - 1.0).astype(np.float32),
     }
+
+
+def _flatten_demand(arrays: dict[str, np.ndarray], days: slice, lag: int) -> dict[str, np.ndarray]:
+    """`arrays` with the window's demand in `days` (a slice of HISTORY) replaced by its own mean,
+    and the lag that reads those days (0: yesterday, 1: last week) with it."""
+    history, lags = arrays["history"].copy(), arrays["lags"].copy()
+    mean = history[:, days].mean(axis=1, keepdims=True)
+    history[:, days] = mean
+    lags[..., lag] = mean
+    return {**arrays, "history": history, "lags": lags}
+
+
+def _with(arrays: dict[str, np.ndarray], name: str, columns: slice, value: float | None = None
+          ) -> dict[str, np.ndarray]:
+    """`arrays` with `name`'s last-axis `columns` set to `value` (None: each window's own mean)."""
+    out = arrays[name].copy()
+    out[..., columns] = out[..., columns].mean(axis=-1, keepdims=True) if value is None else value
+    return {**arrays, name: out}
+
+
+# `EnergyPredictor.explain`'s groups of model inputs, each with how to take it away: a series
+# becomes its own mean (level kept, shape gone), a time feature a day's or a week's average.
+OCCLUDED: dict[str, Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]] = {
+    "demand, last 24 hours": lambda a: _flatten_demand(a, slice(HISTORY - DAY, HISTORY), 0),
+    "demand, 2 to 7 days before": lambda a: _flatten_demand(a, slice(0, HISTORY - DAY), 1),
+    "time of day": lambda a: _with(a, "calendar", slice(0, 2), 0.0),
+    "day of week": lambda a: _with(a, "calendar", slice(2, 9), 1 / 7),
+    "work day or holiday": lambda a: _with(a, "calendar", slice(9, 10), 5 / 7),
+    "temperature, past week": lambda a: _with(a, "temp_history", slice(None)),
+    "temperature forecast": lambda a: _with(a, "temp_forecast", slice(None)),
+}
 
 
 def split_frames(data_dir: Path) -> dict[str, pd.DataFrame]:

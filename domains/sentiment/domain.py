@@ -171,4 +171,5 @@ class SentimentDomain(TextDomain):
             self.language_note(test, CITY_COMMENTS),
         ]
         calibration = predictor.calibration_report({"test": (probs, y), CITY_COMMENTS: (comment_probs, y_comments)})
-        return Evaluation(rows=rows, figure=figure, notes=notes, calibration=calibration)
+        return Evaluation(rows=rows, figure=figure, notes=notes, calibration=calibration,
+                          explained=predictor.explained_examples(texts, y_comments, LABELS))

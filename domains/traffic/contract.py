@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from domains.forecast import QuantileForecast
+from domains.forecast import ForecastExplanation, QuantileForecast
 
 HORIZONS = ("15min", "30min", "60min")
 HORIZON_MINUTES = (15, 30, 60)
@@ -132,3 +132,6 @@ class TrafficResponse(BaseModel):
     network: str = Field(description="the network forecast", examples=["intersection"])
     version: str = Field(description="model version that answered", examples=["traffic-v3"])
     forecasts: list[SensorForecast] = Field(description="one entry per requested sensor")
+    explanation: ForecastExplanation | None = Field(
+        None, description="Only with `?explain=true`: the inputs that moved the requested sensors' forecasts "
+        "most (weights in vehicles per step, averaged over the sensors and horizons).")

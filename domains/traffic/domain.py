@@ -25,7 +25,7 @@ from core.errors import InvalidInput
 from domains import metrics
 from domains.base import Batch, Domain, Evaluation, MetricRow, Predictor, SearchParam
 from domains.calibration import read_calibration, save_calibration
-from domains.forecast import QuantileForecast, interval_offsets, pinball_terms, widened
+from domains.forecast import QuantileForecast, interval_offsets, occlusion_explanation, pinball_terms, widened
 from domains.tables import load_table, read_manifest
 from domains.traffic.baselines import (
     draw_forecasts,
@@ -44,11 +44,16 @@ from domains.traffic.features import (
     model_inputs,
     slot_keys,
     to_matrix,
+    without_time,
 )
 from domains.traffic.model import TrafficNet
 
 if TYPE_CHECKING:
     from domains.traffic.simulation import SimSize
+
+
+# What `TrafficPredictor.explain` calls the latest counts: one step of the intersection, three of the grid.
+RECENT_MINUTES = 15
 
 
 class TrafficPredictor(Predictor):
@@ -68,27 +73,34 @@ class TrafficPredictor(Predictor):
         """Raw-count quantiles, shape (windows, sensors, horizons, 3), for full-network windows;
         `calibrated`: the P10-P90 interval widened (or narrowed) as fitted on the validation split
         (`TrafficDomain.calibrate`)."""
-        net_id = list(self.meta["networks"]).index(network)
         net_meta = self.meta["networks"][network]
-        x, target = encode(counts, hist_times, net_meta, NETWORKS[network])
+        quantiles = self.run(network, *encode(counts, hist_times, net_meta, NETWORKS[network]))
+        widths = self.intervals.get(network) if calibrated else None
+        if widths:
+            scale = np.asarray(net_meta["scale"])[None, :, None]
+            lower, upper = np.array([widths[h] for h in HORIZONS]).T  # (horizons,) each
+            quantiles = widened(quantiles, lower * scale, upper * scale)
+        return np.maximum(quantiles, 0.0)  # counts are never negative
+
+    def run(self, network: str, x: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """Uncalibrated raw-count quantiles (windows, sensors, horizons, 3) of `encode`d windows."""
+        net_id = list(self.meta["networks"]).index(network)
         out = []
         with torch.no_grad():
             for lo in range(0, len(x), 256):
                 q = self.model.forecast(net_id, torch.from_numpy(x[lo:lo + 256]).to(self.device),
                                         torch.from_numpy(target[lo:lo + 256]).to(self.device))
                 out.append(q.cpu().numpy())
-        scale = np.asarray(net_meta["scale"])[None, :, None]
-        quantiles = np.concatenate(out) * scale[..., None]
-        widths = self.intervals.get(network) if calibrated else None
-        if widths:
-            lower, upper = np.array([widths[h] for h in HORIZONS]).T  # (horizons,) each
-            quantiles = widened(quantiles, lower * scale, upper * scale)
-        return np.maximum(quantiles, 0.0)  # counts are never negative
+        scale = np.asarray(self.meta["networks"][network]["scale"])[None, :, None]
+        quantiles: np.ndarray = np.concatenate(out) * scale[..., None]
+        return quantiles
 
     def predict(self, items: Sequence[BaseModel]) -> list[BaseModel]:
         return [self._predict_one(TrafficRequest.model_validate(item)) for item in items]
 
-    def _predict_one(self, req: TrafficRequest) -> TrafficResponse:
+    def window(self, req: TrafficRequest) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """A request as one full-network window: counts (1, sensors, W) with NaN for a sensor left
+        out, the steps' times (1, W), and the rows of the requested sensors in request order."""
         if req.network not in self.meta["networks"]:
             raise InvalidInput(f"unknown network {req.network!r}; choose one of {sorted(self.meta['networks'])}",
                                field="network")
@@ -104,12 +116,41 @@ class TrafficPredictor(Predictor):
             rows.append(index[sensor])
         last = np.datetime64(req.last_timestamp.replace(tzinfo=None), "ns")
         hist_times = last - np.arange(spec.window - 1, -1, -1) * np.timedelta64(spec.step_minutes, "m")
-        q = self.forecast(req.network, counts, hist_times[None, :])[0]
+        return counts, hist_times[None, :], rows
+
+    def _predict_one(self, req: TrafficRequest) -> TrafficResponse:
+        counts, hist_times, rows = self.window(req)
+        sensors: list[str] = self.meta["networks"][req.network]["sensors"]
+        q = self.forecast(req.network, counts, hist_times)[0]
         return TrafficResponse(network=req.network, version=self.version, forecasts=[
             SensorForecast(sensor=sensors[r], horizons={
                 h: QuantileForecast(**QuantileForecast.fields_of(q[r, k])) for k, h in enumerate(HORIZONS)
             }) for r in rows
         ])
+
+    def explain(self, items: Sequence[BaseModel]) -> list[BaseModel]:
+        """Answers as `predict` does, each with a `ForecastExplanation` over the requested sensors'
+        medians: the forecast made again with the counts of the last `RECENT_MINUTES` missing, with
+        the earlier counts missing (as a detector dropout is), and without the time (`without_time`)."""
+        answers = self.predict(items)
+        for answer, item in zip(answers, items, strict=True):
+            req = TrafficRequest.model_validate(item)
+            counts, hist_times, rows = self.window(req)
+            spec, net_meta = NETWORKS[req.network], self.meta["networks"][req.network]
+            recent = RECENT_MINUTES // spec.step_minutes
+            latest, earlier = counts.copy(), counts.copy()
+            latest[..., -recent:] = np.nan
+            earlier[..., :-recent] = np.nan
+            x, target = encode(counts, hist_times, net_meta, spec)
+            inputs = {
+                f"counts, last {RECENT_MINUTES} min": encode(latest, hist_times, net_meta, spec),
+                "counts, earlier in the window": encode(earlier, hist_times, net_meta, spec),
+                "time of day and day of week (the sensors' daily profile)": without_time(x, target, net_meta),
+            }
+            median = self.run(req.network, x, target)[0, rows, :, 1]
+            answer.explanation = occlusion_explanation(  # type: ignore[attr-defined]
+                median, {name: self.run(req.network, *occluded)[0, rows, :, 1] for name, occluded in inputs.items()})
+        return answers
 
 
 class TrafficDomain(Domain):

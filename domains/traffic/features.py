@@ -71,6 +71,19 @@ def encode(counts: np.ndarray, hist_times: np.ndarray, net_meta: dict[str, Any],
     return x.reshape(n, s, W_MAX * N_FEATURES), target.astype(np.float32)
 
 
+def without_time(x: np.ndarray, target: np.ndarray, net_meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """`encode`'s output with what the clock tells the model taken away: each sensor's profile
+    (history steps and targets) replaced by its mean over the week's slots, and time of day and day of
+    week by their average (0). Padding steps stay zero."""
+    profile = np.asarray(net_meta["profile"], dtype=np.float32) / np.asarray(net_meta["scale"])[None, :, None]
+    flat = profile.mean(axis=(0, 2))  # (sensors,)
+    steps = x.reshape(*x.shape[:2], W_MAX, N_FEATURES).copy()
+    window = steps[..., 1:].any(axis=-1)  # steps that are not padding (a time feature is never all zero)
+    steps[..., 2] = np.where(window, flat[None, :, None], 0.0)
+    steps[..., 3:] = 0.0
+    return steps.reshape(x.shape), np.broadcast_to(flat[None, :, None], target.shape).astype(np.float32)
+
+
 @dataclass
 class Windows:
     """Every forecast origin of one network's split: inputs, actuals and times."""

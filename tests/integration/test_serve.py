@@ -135,6 +135,11 @@ def test_an_answer_says_how_sure_it_is_and_explains_itself_when_asked(platform: 
     assert status == 200 and explained["label"] == plain["label"]
     words = explained["explanation"]["words"]
     assert words and all(w["word"] in text for w in words) and explained["explanation"]["forward_passes"] > len(words)
+    forecast = f"{platform.gateway_url}/v1/energy/forecast?explain=true"
+    status, _, why = http("POST", forecast, request_example(get_domain("energy").request_model), keys["hotline"])
+    inputs = why["explanation"]["inputs"]
+    assert status == 200 and len(why["steps"]) == 48 and why["explanation"]["forward_passes"] == len(inputs) + 1
+    assert {"demand, last 24 hours", "temperature forecast"} <= {i["input"] for i in inputs}
 
 
 def test_a_response_carries_its_request_id_once(platform: Platform, keys: dict[str, str]) -> None:

@@ -59,11 +59,18 @@ def test_ece_is_zero_when_confidence_matches_accuracy_and_the_gap_otherwise() ->
     assert ece(np.tile([0.95, 0.05], (4, 1)), y) == pytest.approx(0.20)
 
 
-def test_the_threshold_separates_wrong_answers_from_right_ones() -> None:
+def test_the_threshold_leaves_answers_right_nine_times_in_ten() -> None:
+    confidence = np.linspace(0.31, 0.95, 20)
+    correct = np.ones(20, bool)
+    correct[[0, 1, 2, 3, 4, 5, 6, 12]] = False  # wrong: the seven least sure and one in the middle
+    threshold = uncertain_below(confidence, correct)
+    kept = confidence >= threshold
+    assert correct[kept].mean() >= 0.9 and not correct[confidence >= threshold - 0.01].mean() >= 0.9
+    assert threshold == 0.52  # the 13 answers from 0.546 up are right 12 times
+    assert uncertain_below(confidence, np.ones(20, bool)) == 0.0  # nothing to flag
+    assert uncertain_below(confidence, np.zeros(20, bool)) == 0.95  # nothing trustworthy: the highest cut-off
     confidence = np.array([0.35, 0.4, 0.45, 0.5, 0.8, 0.85, 0.9, 0.95])
     correct = np.array([False, False, False, True, True, True, True, True])
-    assert 0.45 < uncertain_below(confidence, correct) <= 0.5
-    assert uncertain_below(confidence, np.ones(8, bool)) == 0.5  # nothing to separate
     probs = np.stack([confidence, (1 - confidence) / 2, (1 - confidence) / 2], axis=1)  # class 0 most probable
     picked = flagged(probs, np.where(correct, 0, 1), 0.5)
     assert picked == {"share": 0.375, "accuracy_flagged": 0.0, "accuracy_rest": 1.0}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from docs import chart, generate, markdown
+from docs import chart, generate, markdown, results
 
 ROOT = generate.ROOT
 README = ROOT / "README.md"
@@ -73,6 +73,19 @@ def test_a_broken_marker_is_an_error_not_a_silent_pass() -> None:
 def test_a_figure_without_a_commit_says_so_and_one_with_a_commit_shows_it() -> None:
     assert markdown.commit_of({}) == "not recorded"
     assert markdown.commit_of({"commit": "0123456789abcdef"}, {"commit": "ffff"}) == "`0123456789`"
+
+
+def test_explained_answers_are_listed_per_class_within_80_columns() -> None:
+    report = {"domain": "events", "version": "v3", "profile": "full", "commit": "0123456789abcdef",
+              "explained": [{"label": "water_sewer", "confidence": 0.934, "words": [
+                  {"word": "gushing", "weight": 0.41}, {"word": "hydrant", "weight": -0.052}],
+                  "text": "hydrant on the corner of 5th and Main has been gushing water since this morning, the "
+                          "whole street is flooded and cars are driving through it"}]}
+    block = results.explained(report, "reports/events.json", "handwritten")
+    assert block.startswith("- **water_sewer** (0.93): “hydrant on the corner")
+    assert "`gushing` +0.41, `hydrant` -0.05" in block and "`0123456789`" in block
+    assert max(len(line) for line in block.splitlines()) <= 80
+    assert "cityserve evaluate events" in results.explained({**report, "explained": []}, "r.json", "handwritten")
 
 
 def test_generated_tables_fit_80_columns() -> None:

@@ -331,6 +331,27 @@ def test_workday_override_changes_the_forecast(predictor: EnergyPredictor) -> No
     assert usual != holiday
 
 
+def test_an_explanation_weighs_each_group_of_inputs_by_what_taking_it_away_changes(
+        predictor: EnergyPredictor) -> None:
+    """A flat input has nothing to take away (weight 0); a shaped one moves the forecast. Series
+    without temperature are not told about temperature."""
+    shaped = [4.0 + math.sin(2 * math.pi * i / 48) for i in range(HISTORY)]
+    flat_yesterday = shaped[:-48] + [4.0] * 48
+    items = [EnergyRequest(**_request(demand=shaped)), EnergyRequest(**_request(demand=flat_yesterday)),
+             EnergyRequest(**_request(series="england_wales", demand=shaped, temperature=None,
+                                      temperature_forecast=None))]
+    explained = predictor.explain(items)
+    assert [a.steps for a in explained] == [a.steps for a in predictor.predict(items)]  # type: ignore[attr-defined]
+    weights = [{w.input: w.weight for w in a.explanation.inputs} for a in explained]  # type: ignore[attr-defined]
+    assert len(weights[0]) == 7 and explained[0].explanation.forward_passes == 8  # type: ignore[attr-defined]
+    assert list(weights[0].values()) == sorted(weights[0].values(), reverse=True)
+    assert weights[0]["demand, last 24 hours"] > 0 and weights[1]["demand, last 24 hours"] == pytest.approx(0, abs=1e-4)
+    # the request's temperatures are constant: taking them away changes nothing
+    assert weights[0]["temperature, past week"] == pytest.approx(0, abs=1e-4)
+    assert weights[0]["time of day"] > 0
+    assert not any("temperature" in name for name in weights[2]) and len(weights[2]) == 5
+
+
 # ---- smoke train and evaluation ------------------------------------------------------------------
 def test_smoke_training_saves_its_config_and_series(run: SmokeRun) -> None:
     assert run.history and all("val_mape" in h for h in run.history)

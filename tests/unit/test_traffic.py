@@ -305,6 +305,21 @@ def test_smoke_training_serves_ordered_non_negative_quantiles(predictor: Traffic
     assert isinstance(sim, TrafficResponse) and len(sim.forecasts) == 3
 
 
+def test_an_explanation_weighs_recent_counts_earlier_counts_and_the_clock(predictor: TrafficPredictor) -> None:
+    request = TrafficRequest(**_request(history=[[5.0] * 12 + [40.0] * 4, [3.0] * 15 + [None]]))
+    [explained] = predictor.explain([request])
+    assert isinstance(explained, TrafficResponse) and explained.explanation is not None
+    assert explained.forecasts == predictor.predict([request])[0].forecasts  # type: ignore[attr-defined]
+    weights = {w.input: w.weight for w in explained.explanation.inputs}
+    assert list(weights) == sorted(weights, key=lambda name: -weights[name]) and len(weights) == 3
+    assert weights["counts, last 15 min"] > 0 and explained.explanation.forward_passes == 4
+    # counts that are all missing already: taking them away changes nothing, the clock still does
+    [blind] = predictor.explain([TrafficRequest(**_request(history=[[None] * 16, [None] * 16]))])
+    blind_weights = {w.input: w.weight for w in blind.explanation.inputs}  # type: ignore[attr-defined]
+    assert blind_weights["counts, last 15 min"] == blind_weights["counts, earlier in the window"] == 0
+    assert blind_weights["time of day and day of week (the sensors' daily profile)"] > 0
+
+
 def test_loss_ignores_missing_targets() -> None:
     domain = get_domain("traffic")
     meta = {"networks": {n: {"sensors": ["a", "b"], "scale": [1.0, 1.0]} for n in NETWORKS}}
