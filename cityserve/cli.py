@@ -164,6 +164,12 @@ def evaluate(domain: str, ref: str, out: str | None, sweep_ref: str | None, as_j
     columns = ["subset", "horizon", "label", "metric", report["version"]]
     columns += [f"{swept['version']} (swept)"] if swept else []
     print_table(f"{domain} on the test split", [*columns, "baselines"], rows, False)
+    fitted = evaluation.calibration
+    if fitted:
+        print_table(f"confidence: temperature {fitted['temperature']:g}, uncertain below {fitted['uncertain_below']:g}",
+                    ["subset", "ECE before", "ECE after", "flagged", "accuracy flagged", "accuracy rest"],
+                    [(name, c["ece_before"], c["ece_after"], f"{c['share']:.0%}", c["accuracy_flagged"],
+                      c["accuracy_rest"]) for name, c in fitted["subsets"].items()], False)
     for note in evaluation.notes:
         console.print(f"- {note}")
     console.print(f"report: {join(out, domain + '.json')}; figure: {evaluation.figure or join(out, domain + '.png')}")

@@ -101,3 +101,21 @@ def test_the_cli_refuses_to_change_a_tenant_the_tenants_file_manages(
     listed = json.loads(CliRunner().invoke(cli.main, ["tenants", "list", "--json"]).output)
     assert [(t["tenant"], t["state"], t["managed by"]) for t in listed] == [("grid", "active", "file")]
     get_settings.cache_clear()
+
+
+def test_evaluate_prints_how_far_the_confidence_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from domains.base import Evaluation, MetricRow
+    from training import evaluate
+
+    calibration = {"temperature": 0.78, "uncertain_below": 0.61, "subsets": {
+        "handwritten": {"ece_before": 0.098, "ece_after": 0.047, "share": 0.12, "accuracy_flagged": 0.57,
+                        "accuracy_rest": 0.965}}}
+    evaluation = Evaluation(rows=[MetricRow("handwritten", "macro_f1", 0.84, {"tfidf_logreg": 0.79})],
+                            calibration=calibration)
+    monkeypatch.setattr(evaluate, "evaluate", lambda *args: ({"version": "v1"}, evaluation))
+    out = CliRunner().invoke(cli.main, ["evaluate", "events"], env={"COLUMNS": "80"})
+    assert out.exit_code == 0, out.output
+    assert "temperature 0.78, uncertain below 0.61" in out.output
+    assert all(len(line) <= 80 for line in out.output.splitlines())
+    row = next(line for line in out.output.splitlines() if "12%" in line)
+    assert row.split() == ["handwritten", "0.098", "0.047", "12%", "0.57", "0.965"]
