@@ -45,6 +45,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "eval-energy-sweep": results.eval_energy_sweep,
     "explained-events": results.explained_events,
     "explained-sentiment": results.explained_sentiment,
+    "chinese-path": results.chinese_path,
     "train-throughput": results.train_throughput,
     "tune-efficiency": results.tune_efficiency,
     "inference": results.inference,

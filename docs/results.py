@@ -206,6 +206,25 @@ def explained_sentiment(report: Json, rel: str) -> str:
     return explained(report, rel, "city_comments")
 
 
+@from_result("bench/results/chinese_path.json", "python -m bench.chinese_path")
+def chinese_path(document: Json, rel: str) -> str:
+    rows = []
+    for domain, (subset, name, target) in {"events": ("handwritten", "macro_f1", "events_macro_f1"),
+                                           "sentiment": ("city_comments", "accuracy", "sentiment_accuracy")}.items():
+        for variant, scored in document[domain].items():
+            chinese, english = scored[f"{subset}_zh"][name], scored[subset][name]
+            judged = variant == document["decision_variants"][domain]
+            bound = document["thresholds"][target]
+            rows.append([domain, variant, name.replace("_", "-"),
+                         f"{chinese:.3f}" + (f" {mark(chinese >= bound)} (≥ {bound:g})" if judged else ""),
+                         f"{english:.3f}"])
+    return "\n\n".join([
+        table(["domain", "heads trained on", "metric", "Chinese, by hand", "English, by hand"], rows, "lllrr"),
+        source([rel], commit_of(document), f"decision: **{document['decision']}** Chinese",
+               f"encoder {document['encoder']['package']} {document['encoder']['version']}",
+               f"{document['throughput']['texts_per_s']['all']:g} texts/s on one thread")])
+
+
 def eval_energy_sweep(root: Path) -> str:
     rel = "reports/energy.json"
     report = load(root, rel)
