@@ -46,6 +46,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "explained-events": results.explained_events,
     "explained-sentiment": results.explained_sentiment,
     "chinese-path": results.chinese_path,
+    "pii": results.pii,
     "train-throughput": results.train_throughput,
     "tune-efficiency": results.tune_efficiency,
     "inference": results.inference,

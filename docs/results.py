@@ -225,6 +225,28 @@ def chinese_path(document: Json, rel: str) -> str:
                f"{document['throughput']['texts_per_s']['all']:g} texts/s on one thread")])
 
 
+@from_result("bench/results/pii.json", "python -m bench.pii")
+def pii(document: Json, rel: str) -> str:
+    rows = []
+    for name, figures in document["sets"].items():
+        for kind in (*figures["by_type"], "structured"):
+            cells = [figures] + [figures["by_language"][lang] for lang in ("en", "zh")]
+            picked = [c["by_type"][kind] if kind in figures["by_type"] else c[kind] for c in cells]
+            rows.append([name.replace("_", "-") if kind == "EMAIL" else "", kind.lower(),
+                         *[f"{num(p['recall'], 3)} / {num(p['precision'], 3)}" for p in picked]])
+    leaks = "; ".join(f"{name.replace('_', '-')} {f['leaks']['texts']} of {f['texts']} texts"
+                      for name, f in document["sets"].items())
+    timing = document["timing"]
+    return "\n\n".join([
+        table(["set", "type", "all: R / P", "English", "Chinese"], rows, "llrrr"),
+        source([rel], commit_of(document), "R recall, P precision; a found span counts when it overlaps a labelled "
+               f"one of its type; texts still holding a labelled value after masking: {leaks}",
+               f"{timing['ms_per_text']:g} ms a text on one thread after a first pass of {timing['first_pass_s']:g} s "
+               "that loads the libraries",
+               f"target recall ≥ {document['target']['recall']:g} on each structured type: "
+               f"{'met' if document['passed'] else 'missed'} on the held-out set")])
+
+
 def eval_energy_sweep(root: Path) -> str:
     rel = "reports/energy.json"
     report = load(root, rel)

@@ -75,14 +75,20 @@ def file_digests(model_dir: Path) -> dict[str, str]:
             if p.is_file() and p.name != VERSION_FILE}
 
 
-def code_revision() -> str:
-    """The git commit of this checkout (+dirty when it has uncommitted changes), or 'unknown'."""
-    here = Path(__file__).resolve().parent
+# The packages whose code a model or a report depends on: a report or figure written into the
+# checkout does not make its code dirty.
+CODE_PACKAGES = ("core", "cityserve", "domains", "services", "training", "cluster")
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def code_revision(root: Path = CHECKOUT) -> str:
+    """The git commit of the checkout at `root` (+dirty when its code has uncommitted changes), or
+    'unknown'."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PACKAGES],
+                               cwd=root, capture_output=True, text=True, check=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return rev + ("+dirty" if dirty else "")

@@ -255,13 +255,13 @@ def test_an_explanation_weighs_the_words_of_the_text_on_the_served_model(
         assert 0 < len(why.words) <= EXPLAIN_WORDS and all(w.word in sent.text for w in why.words)  # type: ignore[attr-defined]
         assert [abs(w.weight) for w in why.words] == sorted((abs(w.weight) for w in why.words), reverse=True)
         assert why.forward_passes >= len(words) + 2  # "St," is two words to the tokenizer
-    # a word's weight is the fall in the answer's probability when its tokens are hidden from attention
+    # a word's weight is the fall in the answer's log-odds when its tokens are hidden from attention
     assert isinstance(predictor, TextPredictor)
     enc = predictor.tokenizer(text, return_tensors="pt")
     top = explained[0].explanation.words[0]  # type: ignore[attr-defined]
     word = next(w for w in set(enc.word_ids()) - {None} if text[slice(*enc.word_to_chars(w))] == top.word)
     hidden = enc["attention_mask"].clone()
     hidden[0, [i for i, w in enumerate(enc.word_ids()) if w == word]] = 0
-    full, without = (predictor.probabilities(mask, enc["input_ids"])[0] for mask in (enc["attention_mask"], hidden))
+    full, without = (predictor.log_odds(mask, enc["input_ids"])[0] for mask in (enc["attention_mask"], hidden))
     chosen = int(full.argmax())
     assert float(full[chosen] - without[chosen]) == pytest.approx(top.weight, abs=1e-4)

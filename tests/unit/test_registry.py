@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from core.errors import RegistryError
 from core.storage import Location
-from training.registry import Registry, check_files
+from training.registry import Registry, check_files, code_revision
 
 
 @pytest.fixture
@@ -288,3 +289,21 @@ def test_added_files_get_checksums_and_replaced_ones_leave_the_record_before_the
     assert "inference" not in replaced.record
     removed = registry.add_files("energy", "v1", {"extra.bin": None}, {})
     assert "extra.bin" not in removed.record["files"] and not _file(registry, "energy", "v1", "extra.bin").is_file()
+
+
+def test_a_report_written_into_the_checkout_leaves_its_code_clean(tmp_path: Path) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    for rel in ("domains/model.py", "reports/events.json"):
+        (tmp_path / rel).parent.mkdir(parents=True)
+        (tmp_path / rel).write_text("1")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    (tmp_path / "reports/events.json").write_text("2")
+    clean = code_revision(tmp_path)
+    assert len(clean) == 40 and not clean.endswith("+dirty")
+    (tmp_path / "domains/model.py").write_text("2")
+    assert code_revision(tmp_path) == clean + "+dirty"
