@@ -39,28 +39,41 @@ def data() -> None:
 @click.option("--smoke-test", is_flag=True, help="A tiny set for tests, under DATA_DIR/_smoke.")
 @click.option("--full-sim", is_flag=True,
               help="traffic only: simulate (once, cached) the full 10-day network set; ~3 CPU-minutes.")
+@click.option("--keep-personal-data", is_flag=True,
+              help="events and sentiment: keep the --source texts as they are (default: phone numbers, e-mails, "
+                   "IDs, plates, addresses and names masked as <PHONE>, <EMAIL>, ... before anything is written).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def data_prepare(domain: str, source: Path | None, smoke_test: bool, full_sim: bool, as_json: bool) -> None:
+def data_prepare(domain: str, source: Path | None, smoke_test: bool, full_sim: bool, keep_personal_data: bool,
+                 as_json: bool) -> None:
     """Prepare DOMAIN's splits from its packaged source (or --source)."""
     from core.errors import ConfigError
     from domains import get_domain
+    from domains.text import TextDomain
     from training.trainer import smoke_data_dir
 
     settings = get_settings()
     data_dir = smoke_data_dir(settings) if smoke_test else settings.data_dir
+    dom = get_domain(domain)
+    if keep_personal_data and not isinstance(dom, TextDomain):
+        raise ConfigError("--keep-personal-data applies to the text domains (events, sentiment)",
+                          field="keep_personal_data")
     if full_sim:
         if domain != "traffic" or smoke_test:
             raise ConfigError("--full-sim applies to `data prepare traffic` without --smoke-test", field="full_sim")
         from domains.traffic import TrafficDomain
 
         manifest = TrafficDomain().prepare(data_dir, source=source, sim="full")
+    elif isinstance(dom, TextDomain):
+        manifest = dom.prepare(data_dir, source=source, smoke=smoke_test, mask=not keep_personal_data)
     else:
-        manifest = get_domain(domain).prepare(data_dir, source=source, smoke=smoke_test)
+        manifest = dom.prepare(data_dir, source=source, smoke=smoke_test)
     rows = [(name, f["rows"], " → ".join(f["time_range"] or []), f["sha256"][:12])
             for name, f in manifest["files"].items()]
     print_table(f"{domain} data ({manifest['sha256'][:12]})", ["table", "rows", "time range", "sha256"],
                 rows, as_json)
+    if manifest.get("masked") and not as_json:
+        console.print("personal data masked: " + ", ".join(f"{n} {kind}" for kind, n in manifest["masked"].items()))
 
 
 # ---- train / evaluate ------------------------------------------------------------------------

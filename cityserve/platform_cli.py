@@ -308,17 +308,20 @@ def usage(tenant: str | None, since: str | None, detail: bool, as_json: bool, as
 @click.option("--concurrency", type=int, default=1, show_default=True, help="Scoring actors (each loads the model).")
 @click.option("--gpus-per-actor", type=float, default=0.0, show_default=True,
               help="GPUs each scoring actor holds (0.5: two share one); it runs the model there. 0: CPU.")
+@click.option("--keep-personal-data", is_flag=True,
+              help="Write text cells as they are (default: phone numbers, e-mails, IDs, plates, addresses and "
+                   "names masked as <PHONE>, <EMAIL>, ...).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def batch(domain: str, source: str, dest: str, ref: str, batch_size: int, concurrency: int, gpus_per_actor: float,
-          as_json: bool) -> None:
+          keep_personal_data: bool, as_json: bool) -> None:
     """Score SOURCE (Parquet or CSV, one request item per row) into the Parquet file DEST; each a local
-    path or a URI such as s3://bucket/scored.parquet."""
+    path or a URI such as s3://bucket/scored.parquet. Personal data in DEST's text cells is masked."""
     from domains import get_domain
     from services.batch import score_file
 
     report = score_file(get_domain(domain), workspace(), source, dest, ref=ref, batch_size=batch_size,
-                        concurrency=concurrency, gpus=gpus_per_actor)
+                        concurrency=concurrency, gpus=gpus_per_actor, mask=not keep_personal_data)
     if as_json:
         click.echo(json.dumps(report.__dict__, indent=2))
         return

@@ -49,7 +49,7 @@ import importlib.resources
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -105,6 +105,16 @@ def masked(text: str) -> Masked:
 def mask(text: str) -> str:
     """`text` with its personal data replaced by `<PHONE>`, `<EMAIL>`, `<ID>`, ... (see `masked`)."""
     return masked(text).text
+
+
+def mask_all(texts: Iterable[str]) -> tuple[list[str], dict[PiiType, int]]:
+    """Each of `texts` masked (`mask`), and the spans masked per type over all of them."""
+    out, counts = [], Counter[PiiType]()
+    for text in texts:
+        done = masked(text)
+        out.append(done.text)
+        counts.update(done.counts)
+    return out, dict(counts)
 
 
 def resolve(candidates: list[Span]) -> list[Span]:

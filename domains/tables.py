@@ -12,7 +12,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core import pii
 from core.errors import DataError
 from core.io import sha256_file
 
@@ -123,6 +125,16 @@ def _time_range(frame: pd.DataFrame) -> list[str] | None:
         if col in frame.columns and len(frame):
             return [str(frame[col].min()), str(frame[col].max())]
     return None
+
+
+def masked_in(frames: Iterable[pd.DataFrame]) -> dict[str, int]:
+    """Masks personal data in the `text` column of each frame, in place (`core.pii`: a user's own
+    texts are masked before anything is written); returns the spans masked per type."""
+    total: Counter[str] = Counter()
+    for frame in frames:
+        frame["text"], counts = pii.mask_all(frame["text"].tolist())
+        total.update(counts)
+    return dict(total)
 
 
 def write_splits(

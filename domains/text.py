@@ -487,9 +487,12 @@ class TextDomain(Domain):
     backends = BACKEND_CHOICES
 
     # ---- data --------------------------------------------------------------------------------
-    def prepare(self, data_dir: Path, *, source: Path | None = None, smoke: bool = False) -> dict[str, Any]:
+    def prepare(self, data_dir: Path, *, source: Path | None = None, smoke: bool = False,
+                mask: bool = True) -> dict[str, Any]:
+        """As `Domain.prepare`; `mask`: personal data in a user's texts (`source`) is masked before
+        anything is written (`core.pii`), and the manifest's `masked` counts it per type."""
         manifest: dict[str, Any] = importlib.import_module(self.data_module).prepare(
-            data_dir, source=source, smoke=smoke)
+            data_dir, source=source, smoke=smoke, mask=mask)
         return manifest
 
     def splits(self, data_dir: Path) -> dict[str, pd.DataFrame]:

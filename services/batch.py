@@ -7,6 +7,10 @@ Parquet file with the input's columns plus `row`, `error` and `result` (the resp
 Source and destination are local paths or URIs (`s3://bucket/in.csv`); the output is written
 whole or not at all (locally renamed into place, on an object store one PUT).
 
+Personal data in the output's text cells (the input's columns and the refusal reasons, which may
+quote a cell) is masked by type (`core.pii`: `<PHONE>`, `<ADDRESS>`, ...) unless the caller keeps it;
+the model reads the text as given.
+
 Each scoring actor may hold GPUs (`gpus`, a fraction shares one): it then loads the version on the
 GPU Ray gave it, as a serving replica does (`services.model.replica_device`), and the text models
 answer in bf16 there.
@@ -29,6 +33,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
+from core import pii
 from core.errors import ConfigError, DataError
 from core.storage import Location
 from domains import get_domain
@@ -101,10 +106,11 @@ class Scorer:
     """A Ray Data callable class: each actor loads the version once, on the GPU Ray assigned it
     (`map_batches(num_gpus=...)`) or else the CPU, and scores batches."""
 
-    def __init__(self, domain: str, registry_uri: str, version: str, torch_threads: int) -> None:
+    def __init__(self, domain: str, registry_uri: str, version: str, torch_threads: int, mask: bool) -> None:
         import torch
 
         torch.set_num_threads(torch_threads)
+        self.mask = mask
         self.domain = get_domain(domain)
         self.device = replica_device("auto")
         self.predictor = Registry(registry_uri).load_predictor(self.domain, version, self.device)
@@ -128,12 +134,17 @@ class Scorer:
                 errors[i] = f"{answer['error'].get('field') or ''}: {answer['error']['message']}".lstrip(": ")
             else:
                 results[i] = json.dumps(answer["items"][0])
-        return batch.assign(error=errors, result=results)
+        out = batch.assign(error=errors, result=results)
+        if self.mask:
+            for column in out.columns.drop("result"):
+                if out[column].dtype == object:
+                    out[column] = [pii.mask(v) if isinstance(v, str) else v for v in out[column]]
+        return out
 
 
 def score_file(domain: Domain, workspace: Workspace, source: str | os.PathLike[str], dest: str | os.PathLike[str],
                *, ref: str = "production", batch_size: int = 64, concurrency: int = 1,
-               torch_threads: int = 1, gpus: float = 0.0) -> BatchReport:
+               torch_threads: int = 1, gpus: float = 0.0, mask: bool = True) -> BatchReport:
     """Scores `source` (Parquet or CSV) with `domain`'s `ref` version into the Parquet file `dest`;
     each a local path or a URI.
 
@@ -147,6 +158,7 @@ def score_file(domain: Domain, workspace: Workspace, source: str | os.PathLike[s
         concurrency: scoring actors, each loading the model.
         torch_threads: CPUs each actor holds and torch's threads in it.
         gpus: GPUs each actor holds (0.5: two actors share one); 0 scores on the CPU.
+        mask: mask personal data in the output's text cells (the module docstring).
     """
     import ray
 
@@ -173,7 +185,7 @@ def score_file(domain: Domain, workspace: Workspace, source: str | os.PathLike[s
 
     DataContext.get_current().enable_progress_bars = True  # a long job shows how far it is
     scored = ray.data.from_arrow(table).map_batches(
-        Scorer, fn_constructor_args=(domain.name, settings.registry_location(), version, torch_threads),
+        Scorer, fn_constructor_args=(domain.name, settings.registry_location(), version, torch_threads, mask),
         batch_size=batch_size, batch_format="pandas", concurrency=concurrency, num_cpus=torch_threads,
         num_gpus=gpus)
     out = scored.to_arrow_refs()

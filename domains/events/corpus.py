@@ -59,7 +59,7 @@ import pandas as pd
 
 from core.errors import DataError
 from domains.events.contract import BASE_PRIORITY, LABELS, PRIORITIES
-from domains.tables import Kind, read_user_file, validate_frame, write_splits
+from domains.tables import Kind, masked_in, read_user_file, validate_frame, write_splits
 
 DOMAIN = "events"
 URGENCY: tuple[str, ...] = (  # most urgent first: the winner when a report mentions two problems
@@ -314,7 +314,7 @@ def read_user_corpus(path: Path, seed: int = DEFAULT_SEED) -> dict[str, pd.DataF
 
 
 def prepare(data_dir: Path, *, source: Path | None = None, smoke: bool = False,
-            seed: int = DEFAULT_SEED) -> dict[str, Any]:
+            seed: int = DEFAULT_SEED, mask: bool = True) -> dict[str, Any]:
     """Writes `data_dir/events/{train,valid,test}.parquet` and the manifest (atomically).
 
     Args:
@@ -322,6 +322,7 @@ def prepare(data_dir: Path, *, source: Path | None = None, smoke: bool = False,
         source: a user's own corpus (see the module docstring) instead of the generated one.
         smoke: the tiny generated corpus (`SIZES["smoke"]`) for tests and `--smoke-test`.
         seed: the generator and split seed.
+        mask: mask personal data in a user's texts (`core.pii`) before they are written.
 
     Returns:
         The manifest.
@@ -329,7 +330,7 @@ def prepare(data_dir: Path, *, source: Path | None = None, smoke: bool = False,
     if source is not None:
         frames = read_user_corpus(Path(source), seed)
         sources = [str(source)]
-        extra: dict[str, Any] = {"split_seed": seed}
+        extra: dict[str, Any] = {"split_seed": seed, "masked": masked_in(frames.values()) if mask else None}
     else:
         sizes = SIZES["smoke" if smoke else "full"]
         frames = generate_corpus(seed, sizes)

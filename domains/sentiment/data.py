@@ -35,7 +35,7 @@ import pandas as pd
 from core.errors import DataError
 from core.io import sha256_file
 from domains.sentiment.contract import LABELS, SUBSETS
-from domains.tables import read_user_file, validate_frame, write_splits
+from domains.tables import masked_in, read_user_file, validate_frame, write_splits
 
 DOMAIN = "sentiment"
 CUT = 0.5  # |mean rating| above this is polar (Hutto & Gilbert 2014, section 3)
@@ -209,7 +209,8 @@ def split_stratified(frame: pd.DataFrame, seed: int = SEED) -> dict[str, pd.Data
     return {name: pd.concat(p).sort_index().reset_index(drop=True)[COLUMNS] for name, p in parts.items()}
 
 
-def prepare(data_dir: Path, *, source: Path | None = None, smoke: bool = False) -> dict[str, Any]:
+def prepare(data_dir: Path, *, source: Path | None = None, smoke: bool = False, mask: bool = True
+            ) -> dict[str, Any]:
     """Writes `DATA_DIR/sentiment/{train,valid,test}.parquet` and the manifest.
 
     Args:
@@ -217,14 +218,17 @@ def prepare(data_dir: Path, *, source: Path | None = None, smoke: bool = False) 
         source: the vaderSentiment sdist (`.tar.gz`) to use instead of the cache or a download,
             or a user's CSV/Parquet with columns `text`, `rating` and optionally `subset`.
         smoke: the tiny made-up set of `smoke_texts` (no download).
+        mask: mask personal data in a user's texts (`core.pii`) before they are written.
 
     Returns:
         The manifest written.
     """
+    masking: dict[str, Any] = {}  # the manifest's `masked`, for a user's texts only
     if smoke:
         frame, sources = smoke_texts(), ["smoke: made-up texts (domains/sentiment/data.py)"]
     elif source is not None and not str(source).endswith((".tar.gz", ".tgz")):
         frame, sources = read_user_texts(Path(source)), [str(source)]
+        masking = {"masked": masked_in([frame]) if mask else None}
     else:
         sdist = locate_sdist(data_dir, Path(source) if source is not None else None)
         frame = read_ground_truth(sdist)
@@ -243,5 +247,6 @@ def prepare(data_dir: Path, *, source: Path | None = None, smoke: bool = False) 
         extra={
             "labels": list(LABELS), "cut": CUT, "split_seed": SEED, "split_fractions": SPLIT_FRACTIONS,
             "duplicates_dropped": before - len(frame), "class_counts": counts,
+            **masking,
         },
     )

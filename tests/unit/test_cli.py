@@ -119,3 +119,8 @@ def test_evaluate_prints_how_far_the_confidence_holds(monkeypatch: pytest.Monkey
     assert all(len(line) <= 80 for line in out.output.splitlines())
     row = next(line for line in out.output.splitlines() if "12%" in line)
     assert row.split() == ["handwritten", "0.098", "0.047", "12%", "0.57", "0.965"]
+
+
+def test_keeping_personal_data_is_a_choice_of_the_text_domains_only() -> None:
+    out = CliRunner().invoke(cli.main, ["data", "prepare", "energy", "--keep-personal-data"])
+    assert out.exit_code == 2 and "applies to the text domains (events, sentiment)" in out.output

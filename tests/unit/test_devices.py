@@ -3,6 +3,7 @@ Ray assigned it; the text models answer in bf16 on a GPU, as closely as fp32 ans
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -187,6 +188,30 @@ def test_batch_scoring_asks_each_actor_for_its_gpus(in_process_ray_data: list[In
     assert report.failed[0][0] == 2 and "text" in report.failed[0][1]
 
 
+@pytest.mark.parametrize("mask", [True, False])
+def test_batch_output_masks_personal_data_unless_kept(in_process_ray_data: list[InProcessData],
+                                                      events_workspace: tuple[Workspace, str], tmp_path: Path,
+                                                      mask: bool) -> None:
+    workspace, version = events_workspace
+    text = "Call me at (415) 555-0132 about the pothole outside 1420 Mission St"
+    source = tmp_path / "in.csv"
+    pd.DataFrame({"text": [text, "\x07 jane.doe@example.org"], "contact": ["jane.doe@example.org", "none"],
+                  "case": [7, 8]}).to_csv(source, index=False)
+    report = batch.score_file(get_domain("events"), workspace, source, tmp_path / "out.parquet", ref=version,
+                              mask=mask)
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert (report.scored, report.failed_count) == (1, 1) and list(out["case"]) == [7, 8]
+    if mask:
+        assert out["text"][0] == "Call me at <PHONE> about the pothole outside <ADDRESS>"
+        assert out["contact"][0] == "<EMAIL>" and "jane" not in out["error"][1] + out["text"][1]
+    else:
+        assert out["text"][0] == text and out["contact"][0] == "jane.doe@example.org"
+    # the model read the text as sent, not its masked form
+    predictor = workspace.registry.load_predictor(get_domain("events"), version)
+    [answer] = predictor.predict([get_domain("events").request_model(text=text)])
+    assert json.loads(out["result"][0])["confidence"] == pytest.approx(answer.confidence)  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("gpus", [-1.0, 1.5])
 def test_batch_scoring_refuses_gpus_ray_cannot_give(events_workspace: tuple[Workspace, str], tmp_path: Path,
                                                     gpus: float) -> None:
@@ -206,13 +231,13 @@ def test_a_scoring_actor_loads_its_version_on_the_gpu_ray_gave_it(monkeypatch: p
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])  # what an actor holding num_gpus sees
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert batch.Scorer("energy", "registry", "v1", 1).device == "cuda"
+    assert batch.Scorer("energy", "registry", "v1", 1, True).device == "cuda"
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])  # an actor without GPUs, on a GPU machine
-    assert batch.Scorer("energy", "registry", "v1", 1).device == "cpu"
+    assert batch.Scorer("energy", "registry", "v1", 1, True).device == "cpu"
     assert seen == ["cuda", "cpu"]
 
 
-def test_the_batch_command_passes_gpus_per_actor(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_the_batch_command_passes_gpus_per_actor_and_masking(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls: list[dict[str, Any]] = []
 
     def score_file(domain: Any, workspace: Any, source: str, dest: str, **options: Any) -> batch.BatchReport:
@@ -225,11 +250,11 @@ def test_the_batch_command_passes_gpus_per_actor(monkeypatch: pytest.MonkeyPatch
     try:
         out = CliRunner().invoke(cli.main, ["batch", "events", "in.csv", "out.parquet", "--gpus-per-actor", "0.25"])
         assert out.exit_code == 0, out.output
-        out = CliRunner().invoke(cli.main, ["batch", "events", "in.csv", "out.parquet"])
+        out = CliRunner().invoke(cli.main, ["batch", "events", "in.csv", "out.parquet", "--keep-personal-data"])
         assert out.exit_code == 0, out.output
     finally:
         get_settings.cache_clear()
-    assert [c["gpus"] for c in calls] == [0.25, 0.0]
+    assert [(c["gpus"], c["mask"]) for c in calls] == [(0.25, True), (0.0, False)]
 
 
 # ---- the GPU proof's pieces (bench/gpu.py; the whole script: tests/integration/test_gpu_script.py) ----

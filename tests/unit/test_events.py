@@ -158,6 +158,23 @@ def test_user_corpus_is_split_by_template(tmp_path: Path) -> None:
     assert sum(len(f) for f in frames.values()) == 24 and manifest["sources"] == [str(path)]
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_user_corpus_is_masked_before_it_is_written_unless_kept(tmp_path: Path, keep: bool) -> None:
+    rows = _user_rows()
+    rows.loc[0, "text"] = "loud music at 1420 Mission St, call me on (415) 555-0132"
+    path = tmp_path / "mine.csv"
+    rows.to_csv(path, index=False)
+    manifest = EventsDomain().prepare(tmp_path / "root", source=path, mask=not keep)
+    texts = pd.concat(load_table(tmp_path / "root", "events", s) for s in data.SPLITS)["text"].tolist()
+    if keep:
+        assert rows.loc[0, "text"] in texts and manifest["masked"] is None
+    else:
+        assert "loud music at <ADDRESS>, call me on <PHONE>" in texts
+        assert not any("555-0132" in t for t in texts) and manifest["masked"] == {"ADDRESS": 1, "PHONE": 1}
+    masked_or_not = {rows.loc[0, "text"], "loud music at <ADDRESS>, call me on <PHONE>"}
+    assert set(texts) - masked_or_not == set(rows["text"][1:])  # the other reports as sent
+
+
 @pytest.mark.parametrize(
     ("mutate", "column", "row"),
     [

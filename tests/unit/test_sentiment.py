@@ -131,6 +131,15 @@ def test_user_file_scores_and_duplicates(tmp_path: Path) -> None:
     assert rows.set_index("text").loc["text 2", "score"] == pytest.approx(0.5)
 
 
+def test_a_user_file_is_masked_before_it_is_written(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"text": [f"text {i}" for i in range(29)] + ["thanks Officer Ramirez, jo@example.org"],
+                          "rating": [-4.0, 0.0, 2.0] * 10})
+    manifest = data.prepare(tmp_path, source=_user_csv(tmp_path, frame))
+    rows = pd.concat(load_table(tmp_path, "sentiment", s) for s in ("train", "valid", "test"))
+    assert "thanks <PERSON>, <EMAIL>" in set(rows["text"]) and manifest["masked"] == {"PERSON": 1, "EMAIL": 1}
+    assert "masked" not in data.prepare(tmp_path, smoke=True)  # packaged and made-up texts are not a user's
+
+
 @pytest.mark.parametrize(
     ("frame", "column", "row", "message"),
     [
