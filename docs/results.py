@@ -244,7 +244,11 @@ def pii(document: Json, rel: str) -> str:
                f"{timing['ms_per_text']:g} ms a text on one thread after a first pass of {timing['first_pass_s']:g} s "
                "that loads the libraries",
                f"target recall ≥ {document['target']['recall']:g} on each structured type: "
-               f"{'met' if document['passed'] else 'missed'} on the held-out set")])
+               f"{'met' if document['passed'] else 'missed'} on the held-out set"),
+        *[wrap(f"Served {name} {f['version']} on `{f['subset']}` ({f['texts_masked']} of {f['texts']} texts "
+               f"changed by masking): {f['metric'].replace('_', '-')} {f['as_written']:.3f} as written, "
+               f"{f['masked']:.3f} masked; {f['answers_changed']} answers changed.")
+          for name, f in document.get("served", {}).items() if f["measured"]]])
 
 
 def eval_energy_sweep(root: Path) -> str:

@@ -147,3 +147,16 @@ def test_structured_recall_meets_the_target_on_both_sets(name: str) -> None:
     recalls = {kind: figures["by_type"][kind]["recall"] for kind in STRUCTURED}
     assert all(recall >= TARGET_RECALL for recall in recalls.values()), recalls
     assert figures["passed"]
+
+
+def test_served_figures_say_when_no_model_is_registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.pii import served
+    from core.settings import get_settings
+
+    monkeypatch.setenv("CITYSERVE_REGISTRY_URI", str(tmp_path / "registry"))
+    get_settings.cache_clear()
+    try:
+        figures = served("events")
+    finally:
+        get_settings.cache_clear()
+    assert figures["measured"] is False and "events" in figures["why"]
