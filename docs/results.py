@@ -193,7 +193,7 @@ def explained(report: Json, rel: str, subset: str) -> str:
                           indent="  "))
     return "\n".join(items) + "\n\n" + report_caption(
         report, rel, f"per class, the first `{subset}` text the model answers right; a word's weight is the "
-        "fall in the answer's calibrated probability without it")
+        "fall in the log-odds of the answer's calibrated probability without it (0.69 halves the odds)")
 
 
 @from_result("reports/events.json", "cityserve evaluate events")
