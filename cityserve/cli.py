@@ -179,7 +179,8 @@ def evaluate(domain: str, ref: str, out: str | None, sweep_ref: str | None, as_j
     print_table(f"{domain} on the test split", [*columns, "baselines"], rows, False)
     fitted = evaluation.calibration
     if fitted:
-        print_table(f"confidence: temperature {fitted['temperature']:.2f}, uncertain below {fitted['uncertain_below']:.2f}",
+        title = f"confidence: temperature {fitted['temperature']:.2f}, uncertain below {fitted['uncertain_below']:.2f}"
+        print_table(title,
                     ["subset", "ECE before", "ECE after", "flagged", "accuracy flagged", "accuracy rest"],
                     [(name, c["ece_before"], c["ece_after"], f"{c['share']:.0%}", c["accuracy_flagged"],
                       c["accuracy_rest"]) for name, c in fitted["subsets"].items()], False)
