@@ -255,7 +255,7 @@ def eval_energy_sweep(root: Path) -> str:
     rel = "reports/energy.json"
     report = load(root, rel)
     if report is None or "sweep" not in report:
-        return f"*No swept version in `{rel}` yet: `cityserve evaluate energy --sweep VERSION` adds one.*"
+        return wrap(f"*No swept version in `{rel}` yet: `cityserve evaluate energy --sweep VERSION` adds one.*")
     sweep = report["sweep"]
     names = {"mape": "MAPE", "coverage_p10_p90": "P10–P90 cov.", "pinball": "pinball"}
     rows = []
