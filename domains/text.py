@@ -420,11 +420,11 @@ class TextPredictor(Predictor):
                 forward_passes=len(words) + 2)  # the text, each word's variant, the special tokens' (unused)
         return answers
 
-    def explained_examples(self, texts: Sequence[str], classes: np.ndarray, labels: Sequence[str]
-                           ) -> list[dict[str, Any]]:
+    def explained_examples(self, texts: Sequence[str], classes: np.ndarray, answered: np.ndarray,
+                           labels: Sequence[str]) -> list[dict[str, Any]]:
         """The report's `explained`: per class (index into `labels`), the first of `texts` of that
-        class that the model answers right, with its answer's confidence and explanation."""
-        answered = self.outputs(texts)[0].argmax(-1)
+        class that the model answers right (`answered`: the classes it gave, as the evaluation
+        already has them), with its answer's confidence and explanation."""
         firsts = {int(c): i for i, c in reversed(list(enumerate(classes))) if answered[i] == c}
         chosen = [firsts[c] for c in sorted(firsts)]
         answers = [a.model_dump() for a in self.explain([self.request_type(text=texts[i]) for i in chosen])]

@@ -37,6 +37,7 @@ from domains.energy.baselines import (
 from domains.energy.contract import HISTORY, HORIZON, EnergyRequest, EnergyResponse, ForecastStep
 from domains.energy.features import (
     OCCLUDED,
+    TEMPERATURE_GROUPS,
     RawWindows,
     WindowDataset,
     add_forecast_error,
@@ -104,11 +105,15 @@ class EnergyPredictor(Predictor):
         interval widened (or narrowed) as fitted on the validation split (`EnergyDomain.calibrate`)."""
         arrays = model_inputs(raw, self.meta)
         out = self.forecast(arrays)
-        if calibrated and self.intervals:
-            widths = np.array([self.intervals.get(n, [0.0, 0.0]) for n in self.meta["series_names"]])[raw.series]
-            scale = arrays["scale"][:, None]
-            out = widened(out, widths[:, :1] * scale, widths[:, 1:] * scale)
-        return out
+        return self.widen(out, raw.series, arrays["scale"]) if calibrated else out
+
+    def widen(self, quantiles: np.ndarray, series: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """`quantiles` (N, HORIZON, 3) of windows of `series` and `scale` with the P10-P90 interval
+        widened (or narrowed) by each series' fitted widths; unchanged for an uncalibrated version."""
+        if not self.intervals:
+            return quantiles
+        widths = np.array([self.intervals.get(n, [0.0, 0.0]) for n in self.meta["series_names"]])[series]
+        return widened(quantiles, widths[:, :1] * scale[:, None], widths[:, 1:] * scale[:, None])
 
     def forecast(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """(N, HORIZON, 3) uncalibrated quantiles in the series' units from the model's inputs."""
@@ -121,24 +126,30 @@ class EnergyPredictor(Predictor):
     def explain(self, items: Sequence[BaseModel]) -> list[BaseModel]:
         """Answers as `predict` does, each with a `ForecastExplanation`: the forecast made again
         with each group of `OCCLUDED` inputs replaced by a neutral value (temperature groups only
-        for series that read temperature), all items' variants in one model call per group."""
-        answers = self.predict(items)
+        for series that read temperature), all items' variants in one model call per group. The
+        answer and the median the groups are measured against come from one forecast."""
         requests = [EnergyRequest.model_validate(item) for item in items]
-        arrays = model_inputs(self.raw_windows(requests), self.meta)
-        median = self.forecast(arrays)[..., 1]
+        if not requests:
+            return []
+        raw = self.raw_windows(requests)
+        arrays = model_inputs(raw, self.meta)
+        q = self.forecast(arrays)
+        answers = self.responses(requests, self.widen(q, raw.series, arrays["scale"]))
         occluded = {name: self.forecast(occlude(dict(arrays)))[..., 1] for name, occlude in OCCLUDED.items()}
         for i, (answer, item) in enumerate(zip(answers, requests, strict=True)):
             temperature = self.meta["series"][item.series]["has_temperature"]
-            answer.explanation = occlusion_explanation(  # type: ignore[attr-defined]
-                median[i], {name: m[i] for name, m in occluded.items() if temperature or "temperature" not in name})
+            groups = {name: m[i] for name, m in occluded.items() if temperature or name not in TEMPERATURE_GROUPS}
+            answer.explanation = occlusion_explanation(q[i, :, 1], groups)  # type: ignore[attr-defined]
         return answers
 
     def predict(self, items: Sequence[BaseModel]) -> list[BaseModel]:
         requests = [EnergyRequest.model_validate(item) for item in items]
         if not requests:
             return []
-        raw = self.raw_windows(requests)
-        q = self.quantiles(raw)
+        return self.responses(requests, self.quantiles(self.raw_windows(requests)))
+
+    def responses(self, requests: Sequence[EnergyRequest], q: np.ndarray) -> list[BaseModel]:
+        """One `EnergyResponse` per request from its quantiles (N, HORIZON, 3) in the series' unit."""
         answers: list[BaseModel] = []
         for i, item in enumerate(requests):
             steps = [

@@ -114,6 +114,8 @@ OCCLUDED: dict[str, Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]] = 
     "temperature, past week": lambda a: _with(a, "temp_history", slice(None)),
     "temperature forecast": lambda a: _with(a, "temp_forecast", slice(None)),
 }
+# The groups only a series with temperature reads (the others see zeros there, whatever is sent).
+TEMPERATURE_GROUPS = frozenset({"temperature, past week", "temperature forecast"})
 
 
 def split_frames(data_dir: Path) -> dict[str, pd.DataFrame]:

@@ -184,7 +184,8 @@ class EventsDomain(TextDomain):
             f"{accuracy(y_test[two], scored['test']['tfidf_logreg'][0][two]):.3f}",
         ]
         return Evaluation(rows=rows, figure=figure, notes=notes, calibration=predictor.calibration_report(confidence),
-                          explained=predictor.explained_examples(hand["text"].tolist(), truth["label"], LABELS))
+                          explained=predictor.explained_examples(hand["text"].tolist(), truth["label"],
+                                                            by_hand["model"][0], LABELS))
 
 
 def balancing_weights(targets: np.ndarray, n_classes: int, power: float) -> np.ndarray:

@@ -172,4 +172,4 @@ class SentimentDomain(TextDomain):
         ]
         calibration = predictor.calibration_report({"test": (probs, y), CITY_COMMENTS: (comment_probs, y_comments)})
         return Evaluation(rows=rows, figure=figure, notes=notes, calibration=calibration,
-                          explained=predictor.explained_examples(texts, y_comments, LABELS))
+                          explained=predictor.explained_examples(texts, y_comments, comment_probs.argmax(-1), LABELS))

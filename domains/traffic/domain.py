@@ -73,11 +73,15 @@ class TrafficPredictor(Predictor):
         """Raw-count quantiles, shape (windows, sensors, horizons, 3), for full-network windows;
         `calibrated`: the P10-P90 interval widened (or narrowed) as fitted on the validation split
         (`TrafficDomain.calibrate`)."""
-        net_meta = self.meta["networks"][network]
-        quantiles = self.run(network, *encode(counts, hist_times, net_meta, NETWORKS[network]))
+        quantiles = self.run(network, *encode(counts, hist_times, self.meta["networks"][network], NETWORKS[network]))
+        return self.finish(network, quantiles, calibrated=calibrated)
+
+    def finish(self, network: str, quantiles: np.ndarray, *, calibrated: bool = True) -> np.ndarray:
+        """`run`'s quantiles as answered: the P10-P90 interval widened by the fitted widths
+        (`calibrated`) and no count below zero."""
         widths = self.intervals.get(network) if calibrated else None
         if widths:
-            scale = np.asarray(net_meta["scale"])[None, :, None]
+            scale = np.asarray(self.meta["networks"][network]["scale"])[None, :, None]
             lower, upper = np.array([widths[h] for h in HORIZONS]).T  # (horizons,) each
             quantiles = widened(quantiles, lower * scale, upper * scale)
         return np.maximum(quantiles, 0.0)  # counts are never negative
@@ -120,8 +124,11 @@ class TrafficPredictor(Predictor):
 
     def _predict_one(self, req: TrafficRequest) -> TrafficResponse:
         counts, hist_times, rows = self.window(req)
+        return self.response(req, rows, self.forecast(req.network, counts, hist_times)[0])
+
+    def response(self, req: TrafficRequest, rows: list[int], q: np.ndarray) -> TrafficResponse:
+        """The answer to `req` from its window's quantiles as answered (sensors, horizons, 3)."""
         sensors: list[str] = self.meta["networks"][req.network]["sensors"]
-        q = self.forecast(req.network, counts, hist_times)[0]
         return TrafficResponse(network=req.network, version=self.version, forecasts=[
             SensorForecast(sensor=sensors[r], horizons={
                 h: QuantileForecast(**QuantileForecast.fields_of(q[r, k])) for k, h in enumerate(HORIZONS)
@@ -131,9 +138,10 @@ class TrafficPredictor(Predictor):
     def explain(self, items: Sequence[BaseModel]) -> list[BaseModel]:
         """Answers as `predict` does, each with a `ForecastExplanation` over the requested sensors'
         medians: the forecast made again with the counts of the last `RECENT_MINUTES` missing, with
-        the earlier counts missing (as a detector dropout is), and without the time (`without_time`)."""
-        answers = self.predict(items)
-        for answer, item in zip(answers, items, strict=True):
+        the earlier counts missing (as a detector dropout is), and without the time (`without_time`).
+        The answer and the median the groups are measured against come from one forecast."""
+        answers: list[BaseModel] = []
+        for item in items:
             req = TrafficRequest.model_validate(item)
             counts, hist_times, rows = self.window(req)
             spec, net_meta = NETWORKS[req.network], self.meta["networks"][req.network]
@@ -147,9 +155,12 @@ class TrafficPredictor(Predictor):
                 "counts, earlier in the window": encode(earlier, hist_times, net_meta, spec),
                 "time of day and day of week (the sensors' daily profile)": without_time(x, target, net_meta),
             }
-            median = self.run(req.network, x, target)[0, rows, :, 1]
-            answer.explanation = occlusion_explanation(  # type: ignore[attr-defined]
-                median, {name: self.run(req.network, *occluded)[0, rows, :, 1] for name, occluded in inputs.items()})
+            q = self.run(req.network, x, target)
+            answer = self.response(req, rows, self.finish(req.network, q)[0])
+            answer.explanation = occlusion_explanation(
+                q[0, rows, :, 1], {name: self.run(req.network, *occluded)[0, rows, :, 1]
+                                   for name, occluded in inputs.items()})
+            answers.append(answer)
         return answers
 
 

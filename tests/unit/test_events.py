@@ -313,6 +313,14 @@ def test_evaluation_scores_the_template_and_handwritten_subsets_against_tfidf(ru
     assert all(set(r.baselines) == {"tfidf_logreg"} for r in evaluation.rows)
     assert {r.label for r in evaluation.rows if r.name == "f1"} == set(LABELS)
     assert not [r for r in evaluation.rows if r.label and r.subset != "template_disjoint"]
+    # at most one explained answer per class: a hand-written report of that class the model answers right
+    hand = EventsDomain().written_by_hand("handwritten")
+    for shown in evaluation.explained:
+        of_class = hand[hand["label"] == shown["label"]]["text"].tolist()
+        assert shown["text"] in of_class and shown["words"] and 0 < shown["confidence"] <= 1
+        [answer] = run.predictor.predict([EventRequest(text=shown["text"])])
+        assert answer.label == shown["label"]  # type: ignore[attr-defined]
+    assert len({shown["label"] for shown in evaluation.explained}) == len(evaluation.explained)
 
 
 def test_the_handwritten_reports_cover_every_class_and_obey_the_priority_floors() -> None:
