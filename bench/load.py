@@ -35,7 +35,8 @@ def tree_rss_gb(pid: int, *, with_root: bool) -> float:
 @dataclass(frozen=True, slots=True)
 class Sent:
     """One request: when it left and returned (monotonic s), its status (0: no HTTP answer — the
-    connection failed or the client's timeout passed: `error` says which) and its request id.
+    connection failed or the client's timeout passed: `error` says which; 4xx and 5xx: `error` has
+    the start of the answer's body) and its request id.
     `late`: in an open loop, how long after its scheduled moment it left (the client itself was
     behind: its delays show as a burst of arrivals, not as the platform's latency)."""
 
@@ -73,9 +74,10 @@ async def hammer(url: str, body: bytes, headers: dict[str, str] | Callable[[], d
         try:
             sending = headers() if callable(headers) else headers
             async with session.post(url, data=body, headers={**sending, "X-Request-Id": rid}) as resp:
-                await resp.read()
+                payload = await resp.read()
                 retry = float(resp.headers.get("Retry-After", 0) or 0)
-                record = Sent(start, time.monotonic(), resp.status, rid, retry_after=retry, late=late)
+                error = payload[:200].decode(errors="replace") if resp.status >= 400 else ""
+                record = Sent(start, time.monotonic(), resp.status, rid, error, retry_after=retry, late=late)
         except (aiohttp.ClientError, TimeoutError) as exc:
             record = Sent(start, time.monotonic(), 0, rid, "timeout" if isinstance(exc, TimeoutError)
                           else type(exc).__name__, late=late)

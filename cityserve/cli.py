@@ -11,7 +11,7 @@ import click
 
 from cityserve.cluster_cli import cluster
 from cityserve.console import DOMAIN, console, friendly_errors, print_table, workspace
-from cityserve.platform_cli import batch, serve, serve_up, tenants, usage
+from cityserve.platform_cli import batch, samples, serve, serve_up, tenants, usage
 from cluster.placement import PLACEMENT_STRATEGIES
 from core.settings import get_settings
 from domains import DOMAINS
@@ -358,5 +358,6 @@ def run(ctx: click.Context, profile: str, port: int, domains: tuple[str, ...]) -
 main.add_command(serve)
 main.add_command(tenants)
 main.add_command(usage)
+main.add_command(samples)
 main.add_command(batch)
 main.add_command(cluster)

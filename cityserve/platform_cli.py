@@ -125,6 +125,8 @@ RPM = click.option("--requests-per-minute", "rpm", type=int,
                    help="Requests in any 60 s window, paced evenly over it (10 at once).")
 IPM = click.option("--items-per-minute", "ipm", type=int, help="Items in any 60 s window.")
 CONCURRENCY = click.option("--max-concurrent", "concurrency", type=int, help="Requests in flight at once.")
+SAMPLE_RATE = click.option("--sample-rate", type=click.FloatRange(0, 1),
+                           help="Share of its answered requests kept, masked, in the sample log (0: none).")
 KEY_TTL = click.option("--key-ttl-days", type=float, default=90, show_default=True, help="Key lifetime.")
 
 
@@ -134,14 +136,16 @@ KEY_TTL = click.option("--key-ttl-days", type=float, default=90, show_default=Tr
 @RPM
 @IPM
 @CONCURRENCY
+@SAMPLE_RATE
 @KEY_TTL
 @friendly_errors
 def tenants_create(name: str, grants: tuple[str, ...], rpm: int | None, ipm: int | None, concurrency: int | None,
-                   key_ttl_days: float) -> None:
-    """Add tenant NAME (default: no grants, 600 requests / 6,000 items a minute, 8 concurrent)."""
+                   sample_rate: float | None, key_ttl_days: float) -> None:
+    """Add tenant NAME (default: no grants, 600 requests / 6,000 items a minute, 8 concurrent, no
+    requests sampled)."""
     from services.tenants import Tenant
 
-    tenant = Tenant(name, list(grants), rpm or 600, ipm or 6000, concurrency or 8)
+    tenant = Tenant(name, list(grants), rpm or 600, ipm or 6000, concurrency or 8, sample_rate=sample_rate or 0.0)
     key = open_store().create_tenant(tenant, key_ttl_days)
     console.print(f"tenant {name} created; its key (shown once, store it now):")
     click.echo(key)
@@ -160,9 +164,10 @@ def tenants_list(as_json: bool) -> None:
     for t in store.tenants():
         live = [k.key_id for k in store.api_keys(t.name) if k.problem(now) is None]
         rows.append((t.name, ",".join(t.grants), t.requests_per_minute, t.items_per_minute, t.max_concurrent,
-                     ",".join(live), "revoked" if t.revoked_at else "active", "file" if t.name in from_file else "cli"))
-    print_table("tenants", ["tenant", "grants", "requests/min", "items/min", "concurrent", "live keys", "state",
-                            "managed by"], rows, as_json)
+                     t.sample_rate, ",".join(live), "revoked" if t.revoked_at else "active",
+                     "file" if t.name in from_file else "cli"))
+    print_table("tenants", ["tenant", "grants", "requests/min", "items/min", "concurrent", "sampled", "live keys",
+                            "state", "managed by"], rows, as_json)
 
 
 @tenants.command("new-key")
@@ -230,14 +235,16 @@ def tenants_revoke(name: str, key_id: str | None, yes: bool) -> None:
 @RPM
 @IPM
 @CONCURRENCY
+@SAMPLE_RATE
 @friendly_errors
 def tenants_set_quota(name: str, grants: tuple[str, ...], rpm: int | None, ipm: int | None,
-                      concurrency: int | None) -> None:
-    """Change NAME's grants (replaced when given) and limits. Gateways apply it within 2 s."""
+                      concurrency: int | None, sample_rate: float | None) -> None:
+    """Change NAME's grants (replaced when given), limits and sample rate. Gateways apply it within 2 s."""
     tenant = open_store().set_quota(name, grants=list(grants) or None, requests_per_minute=rpm,
-                                items_per_minute=ipm, max_concurrent=concurrency)
+                                items_per_minute=ipm, max_concurrent=concurrency, sample_rate=sample_rate)
     console.print(f"{name}: grants {tenant.grants}, {tenant.requests_per_minute} requests/min, "
-                  f"{tenant.items_per_minute} items/min, {tenant.max_concurrent} concurrent")
+                  f"{tenant.items_per_minute} items/min, {tenant.max_concurrent} concurrent, "
+                  f"{tenant.sample_rate:g} of requests sampled")
 
 
 @tenants.command("audit")
@@ -296,6 +303,37 @@ def usage(tenant: str | None, since: str | None, detail: bool, as_json: bool, as
         writer.writerows(table)
         return
     print_table("usage" + (f" since {since}" if since else ""), columns, table, as_json)
+
+
+# ---- samples -----------------------------------------------------------------------------------
+@click.group()
+def samples() -> None:
+    """The sample log and feedback kept under the registry (docs/learning-loop.md)."""
+
+
+@samples.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def samples_list(as_json: bool) -> None:
+    """Each day of samples and feedback per domain: files, rows, size."""
+    from services.samples import partitions
+
+    rows = [(p.kind, p.domain, p.day, p.files, p.rows, p.bytes) for p in partitions(get_settings().registry_location())]
+    print_table("sample log", ["kind", "domain", "day", "files", "rows", "bytes"], rows, as_json)
+
+
+@samples.command("sweep")
+@click.option("--retention-days", type=click.IntRange(1), default=30, show_default=True,
+              help="Keep this many days (the serve config's samples.retention_days).")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def samples_sweep(retention_days: int, as_json: bool) -> None:
+    """Delete the days of samples and feedback older than the retention (the gateways also do it hourly)."""
+    from services.samples import sweep
+
+    gone = sweep(get_settings().registry_location(), retention_days)
+    print_table(f"deleted {len(gone)} days older than {retention_days} days", ["kind", "domain", "day", "rows"],
+                [(p.kind, p.domain, p.day, p.rows) for p in gone], as_json)
 
 
 # ---- batch -------------------------------------------------------------------------------------

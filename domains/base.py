@@ -114,6 +114,10 @@ class Domain(ABC):
     # Pydantic models of one request item and one response item (the data contract).
     request_model: ClassVar[type[BaseModel]]
     response_model: ClassVar[type[BaseModel]]
+    # What actually happened, as a tenant reports it about one answered item (`POST .../feedback`).
+    truth_model: ClassVar[type[BaseModel]]
+    # The request item's fields that carry free text: masked (`core.pii`) before a sample is stored.
+    text_fields: ClassVar[tuple[str, ...]] = ()
     # Flags of `cityserve data prepare` that the full profile's data needs (traffic: --full-sim).
     full_data_flags: ClassVar[str] = ""
     # The serving backends a config may name (`domains.onnx_text.choose_backend`): a domain without

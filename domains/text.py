@@ -485,6 +485,7 @@ class TextDomain(Domain):
     profiles: ClassVar[dict[str, dict[str, Any]]]  # per profile, over the defaults
     score_head: ClassVar[bool] = False
     backends = BACKEND_CHOICES
+    text_fields = ("text",)
 
     # ---- data --------------------------------------------------------------------------------
     def prepare(self, data_dir: Path, *, source: Path | None = None, smoke: bool = False,

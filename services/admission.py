@@ -65,6 +65,7 @@ class Decision:
     retry_after: float = 0.0
     admitted_at: float = 0.0  # wall clock: the usage row's time, the moment the quota counted it
     delay: float = 0.0  # seconds the gateway holds an admitted request before calling the model: its turn
+    sample_rate: float = 0.0  # the tenant's: the chance the gateway keeps this request in the sample log
 
 
 class Gatekeeper:
@@ -202,7 +203,8 @@ class Gatekeeper:
         requests.add(now, 1)
         item_window.add(now, items)
         pacer.add(now, tenant.requests_per_minute)
-        return Decision(200, tenant=tenant.name, lease=lease, admitted_at=wall, delay=turn)
+        return Decision(200, tenant=tenant.name, lease=lease, admitted_at=wall, delay=turn,
+                        sample_rate=tenant.sample_rate)
 
     def release(self, lease: str, usage: Usage | None) -> None:
         self.leases.release(lease)

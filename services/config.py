@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from core.errors import ConfigError
 from core.redact import has_password, redact
 from domains import DOMAINS
+from services.samples import SampleArgs
 
 SERVE_DIR = Path(__file__).resolve().parent.parent / "helm" / "serve"
 APP_NAME = "cityserve"
@@ -70,6 +71,9 @@ class PlatformArgs(BaseModel):
     forwarded_for_hops: int = Field(0, ge=0, le=8, description="Proxies in front of the gateway that append their "
                                     "peer to X-Forwarded-For (an ingress controller: 1); the client address is the "
                                     "entry the outermost wrote. 0: the connection's peer.")
+    samples: SampleArgs = Field(default_factory=SampleArgs, description="The sample log of tenants that opt in "
+                                "(`cityserve tenants set-quota NAME --sample-rate`) and their feedback, kept under "
+                                "the registry: retention and the gateway's queue.")
     api_docs: Literal["public", "off"] = Field(
         "public", description="public: the gateway serves /docs, /redoc and /openapi.json to anyone; off: none "
         "of them (they list every route and limit to whoever asks).")

@@ -2,7 +2,10 @@
 
 A request goes: size check → API key → body parsed with the domain's request model → one call
 to the admission actor (key, grant, quotas, a concurrency lease) → the domain deployment, within
-the domain's timeout → one call to release the lease with the usage row. `create_api(backend)`
+the domain's timeout → one call to release the lease with the usage row. A tenant that opts in has
+a share of its answered requests offered to the sample log (`services.samples`), off the request's
+path; `POST /v1/{domain}/feedback` takes ground truth about an answer the same way (key, grant,
+quota, usage row) and writes it beside the samples before it answers. `create_api(backend)`
 builds the HTTP layer over a `Backend`; on Serve the backend is `ServeBackend` (handles and the
 admission actor), in unit tests an in-process one — FastAPI's TestClient drives the same routes.
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import re
 import time
 import uuid
@@ -23,7 +27,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 
 from cluster.local import loopback_replica_grpc
@@ -48,13 +52,15 @@ from services.errors import (
     register_exception_handlers,
     status_of,
 )
+from services.samples import REQUEST_ID_PATTERN, Sample, SampleLog, feedback_model, feedback_rows
+from services.samples import write as write_log
 from services.shield import AddressLimiter, Recent, client_address
 from services.tenants import Expiring, Usage, split_key
 
 loopback_replica_grpc()  # imported by the replica before Serve starts its gRPC server
 
 logger = logging.getLogger("ray.serve")
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 EXPLAIN_MAX_ITEMS = 8  # items an explained request may carry (each costs several model runs)
 # A lease outlives the request's timeout by this much, so only a lost release ever expires one.
 LEASE_MARGIN_S = 5.0
@@ -106,6 +112,11 @@ class Metrics:
         self.items = Counter("cityserve_items_total", description="Items in answered requests.", tag_keys=tags)
         self.latency = Histogram("cityserve_request_latency_ms", description="Gateway latency.", tag_keys=tags,
                                  boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000])
+        self.samples = Counter("cityserve_samples_total", description="Sampled requests: written to the sample "
+                               "log, dropped (the queue was full) or lost (the write failed).", tag_keys=("outcome",))
+
+    def sampled(self, outcome: str, count: int) -> None:
+        self.samples.inc(count, tags={"outcome": outcome})
 
     def observe(self, tenant: str, domain: str, status: int, items: int, latency_ms: float) -> None:
         tags = {"tenant": tenant or "-", "domain": domain, "status": str(status)}
@@ -229,7 +240,9 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
         "`Retry-After`."))
     register_exception_handlers(api, request_id_header)
     metrics = Metrics()
-    request_models = {d: get_domain(d).request_model for d in args.domains}
+    samples = api.state.samples = SampleLog(args.registry_uri, args.samples, metrics.sampled)
+    body_models = {"predict": {d: get_domain(d).request_model for d in args.domains},
+                   "feedback": {d: feedback_model(d) for d in args.domains}}
     language.identifier()  # the text validators' language model, loaded now rather than on a first request
     inflight = dict.fromkeys(args.domains, 0)  # items waiting on each domain from this replica
     refused: Expiring[tuple[str, ...], Decision] = Expiring()  # (key id, digest[, domain]) -> its refusal
@@ -265,7 +278,8 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
         elif decision.status == 200:
             limiter.admitted(key, now)
 
-    async def handle(domain: str, request: Request) -> JSONResponse:
+    async def handle(domain: str, route: str, request: Request) -> JSONResponse:
+        """`route` is predict (the domain's verb) or feedback."""
         started = time.monotonic()
         rid = request_id(request)
         limits = args.domains[domain]
@@ -292,9 +306,9 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
             problem: CityServeError | None = None
             try:
                 check_media_type(request.headers.get("content-type", ""))
-                parsed, single = parse_items(request_models[domain], raw, limits.max_items)
+                parsed, single = parse_items(body_models[route][domain], raw, limits.max_items)
                 items = len(parsed)
-                explain = explain_flag(request.query_params.get("explain"), items)
+                explain = route == "predict" and explain_flag(request.query_params.get("explain"), items)
             except CityServeError as exc:  # told only to a caller whose key is good
                 problem = exc
             try:
@@ -312,16 +326,23 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
                 raise problem
             if decision.delay:  # admitted ahead of the tenant's pace: its turn comes within a second
                 await asyncio.sleep(decision.delay)
+            if route == "feedback":
+                await store_feedback(domain, tenant, parsed, limits.timeout_s)
+                status = 200
+                return JSONResponse({"stored": items}, headers=request_id_header(request))
             if inflight[domain] + items > limits.max_inflight_items:
                 raise Unavailable(f"{domain} is overloaded; retry shortly", retry_after=1, code="overloaded")
             inflight[domain] += items
+            dumped = [p.model_dump(mode="json") for p in parsed]
             try:
-                answer = await predict(backend, domain, [p.model_dump(mode="json") for p in parsed],
-                                       limits.timeout_s, explain)
+                answer = await predict(backend, domain, dumped, limits.timeout_s, explain)
             finally:
                 inflight[domain] -= items
             version = answer["version"]
             status = 200
+            if random.random() < decision.sample_rate:
+                samples.offer(Sample(domain, rid, decision.admitted_at, tenant, version,
+                                     (time.monotonic() - started) * 1000, dumped, answer["items"]))
             body = answer["items"][0] if single else answer["items"]
             return JSONResponse(body, headers={**request_id_header(request), "X-Model-Version": version,
                                                "X-Gateway-Replica": replica})
@@ -332,7 +353,7 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
             latency = (time.monotonic() - started) * 1000
             if decision is not None and decision.lease:
                 usage = Usage(rid, decision.admitted_at, tenant, domain, items, status, latency, version,
-                              decision.lease)
+                              decision.lease, route)
                 try:
                     await backend.release(decision.lease, usage)
                 except Exception:  # the admission actor restarting: its lease expires by itself
@@ -343,24 +364,42 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
             logger.debug("request %s tenant=%s domain=%s items=%d status=%d %.1f ms", rid, tenant or "-", domain,
                          items, status, latency)
 
-    def route_for(domain: str) -> Callable[[Request], Awaitable[JSONResponse]]:
+    async def store_feedback(domain: str, tenant: str, parsed: list[BaseModel], timeout_s: float) -> None:
+        rows = feedback_rows(domain, tenant, time.time(), parsed)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(write_log, args.registry_uri, "feedback", rows), timeout_s)
+        except TimeoutError as exc:
+            raise GatewayTimeout(f"feedback not stored within {timeout_s:g} s; send it again", field="timeout_s") \
+                from exc
+        except OSError as exc:  # the registry's filesystem is away
+            logger.exception("feedback not stored")
+            raise Unavailable("feedback store unreachable; retry shortly", retry_after=2) from exc
+
+    def route_for(domain: str, route: str) -> Callable[[Request], Awaitable[JSONResponse]]:
         # A closure, not a `domain=name` default argument: FastAPI would publish that argument as a
         # query parameter, and `?_name=` would pick the domain (a 500 for an unknown one).
-        async def route(request: Request) -> JSONResponse:
-            return await handle(domain, request)
+        async def endpoint(request: Request) -> JSONResponse:
+            return await handle(domain, route, request)
 
-        return route
+        return endpoint
 
     for name in args.domains:
         dom = get_domain(name)
         limit = args.domains[name].max_items
         api.add_api_route(
-            f"/v1/{name}/{VERBS[name]}", route_for(name), methods=["POST"], name=f"{name}_{VERBS[name]}",
+            f"/v1/{name}/{VERBS[name]}", route_for(name, "predict"), methods=["POST"], name=f"{name}_{VERBS[name]}",
             summary=f"{name}: {VERBS[name]} (one item, or a list of up to {limit})",
             description=(dom.request_model.__doc__ or "").strip(),
             response_model=dom.response_model | list[dom.response_model],  # type: ignore[name-defined]
             responses=errors, openapi_extra={**_request_body(dom.request_model, limit),
                                              **_EXPLAIN_PARAMETER})
+        feedback = body_models["feedback"][name]
+        api.add_api_route(
+            f"/v1/{name}/feedback", route_for(name, "feedback"), methods=["POST"], name=f"{name}_feedback",
+            summary=f"{name}: ground truth about answers (one item, or a list of up to {limit})",
+            description=(feedback.__doc__ or "").strip() + " Metered and limited like a prediction; stored "
+            "beside the sampled requests (docs/learning-loop.md), whether or not the request was sampled.",
+            response_model=FeedbackStored, responses=errors, openapi_extra=_request_body(feedback, limit))
 
     # The public answers fan out to every model deployment (and the actor): each replica computes
     # them at most once a second, however many callers ask.
@@ -407,11 +446,17 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
 
     @api.api_route("/v1/{domain}/{verb}", methods=["POST"], include_in_schema=False)
     async def unknown(domain: str, verb: str) -> None:
-        served = [f"/v1/{d}/{VERBS[d]}" for d in args.domains]
+        served = [f"/v1/{d}/{v}" for d in args.domains for v in (VERBS[d], "feedback")]
         raise NotFound(f"no route POST /v1/{domain}/{verb}; served: {served}", field="path")
 
-    _add_request_schemas(api, list(request_models.values()))
+    _add_request_schemas(api, [m for models in body_models.values() for m in models.values()])
     return api
+
+
+class FeedbackStored(BaseModel):
+    """Feedback written to the registry's filesystem."""
+
+    stored: int = Field(description="Feedback items stored.", examples=[1])
 
 
 def explain_flag(value: str | None, items: int) -> bool:
@@ -553,9 +598,11 @@ class Gateway:
         self.args = PlatformArgs.model_validate(args)
         self.backend = ServeBackend(handles, self.args)
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.api: FastAPI | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self.args, self.backend, self.replica)
+        self.api = create_api(self.args, self.backend, self.replica)
+        return self.api
 
     async def __del__(self) -> None:
         """Serve calls this once the replica's requests are done: their usage rows are in the
@@ -567,6 +614,11 @@ class Gateway:
             await asyncio.wait_for(self.backend.admission.flush.remote(), FLUSH_AT_EXIT_S)
         except Exception:  # the actor or its ledger is away: its own 0.2 s flushes are what is left
             logger.exception("usage flush at shutdown failed")
+        if self.api is not None:  # the samples it holds (bounded like the flush: Serve's budget is shared)
+            try:
+                await asyncio.wait_for(self.api.state.samples.close(), FLUSH_AT_EXIT_S)
+            except Exception:
+                logger.exception("samples not written at shutdown")
 
 
 def build_app(args: dict[str, Any]) -> Any:

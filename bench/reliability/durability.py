@@ -202,6 +202,9 @@ def check_ledger_outage(settings: Settings, short: bool = False) -> Check:
     others = set(figures["statuses"]) - {"200", "503"}
     if others:
         problems.append(f"statuses {sorted(others)} besides 200 and 503")
+        # When each came, from the outage's start, and what it said: which path refused it.
+        figures["unexpected"] = [{"at_s": round(s.start - stopped, 2), "status": s.status, "body": s.error}
+                                 for s in sent if str(s.status) in others][:20]
     if not figures["answered_200_while_down"]:
         problems.append("no request was answered while the ledger was down")
     if not figures["same_uri_after_restart"]:

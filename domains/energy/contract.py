@@ -107,3 +107,13 @@ class EnergyResponse(BaseModel):
     explanation: ForecastExplanation | None = Field(
         None, description="Only with `?explain=true`: the inputs that moved the forecast most (weights in "
         "the series' unit).")
+
+
+class EnergyTruth(BaseModel):
+    """The demand that happened in the forecast's half-hours."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"demand": [4.61, 4.52, None]}]})
+
+    demand: list[Demand | None] = Field(
+        min_length=1, max_length=HORIZON, description=f"The demand of the first half-hours of the forecast, in "
+        f"order from its `start` (up to {HORIZON}), in the series' unit; null where not known.")

@@ -34,7 +34,7 @@ from domains.energy.baselines import (
     same_time_last_week,
     with_band,
 )
-from domains.energy.contract import HISTORY, HORIZON, EnergyRequest, EnergyResponse, ForecastStep
+from domains.energy.contract import HISTORY, HORIZON, EnergyRequest, EnergyResponse, EnergyTruth, ForecastStep
 from domains.energy.features import (
     OCCLUDED,
     TEMPERATURE_GROUPS,
@@ -188,6 +188,7 @@ class EnergyDomain(Domain):
     mode: ClassVar[Literal["max", "min"]] = "min"
     request_model = EnergyRequest
     response_model = EnergyResponse
+    truth_model = EnergyTruth
 
     def prepare(self, data_dir: Path, *, source: Path | None = None, smoke: bool = False) -> dict[str, Any]:
         from domains.energy.data import prepare  # build-side code: serving never imports it

@@ -119,3 +119,13 @@ def encode_targets(frame: Any) -> dict[str, np.ndarray]:
         "label": frame["label"].map({lab: i for i, lab in enumerate(LABELS)}).to_numpy(np.int64),
         "priority": frame["priority"].map({p: i for i, p in enumerate(PRIORITIES)}).to_numpy(np.int64),
     }
+
+
+class EventTruth(BaseModel):
+    """What a report turned out to be, as the team that handled it found it."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"label": "water_sewer",
+                                                                               "priority": "high"}]})
+
+    label: Label = Field(description="The service class it belonged to.", examples=["water_sewer"])
+    priority: Priority | None = Field(None, description="How urgent it was, when known.", examples=["high"])

@@ -40,6 +40,7 @@ from domains.events.contract import (
     ClassProbability,
     EventRequest,
     EventResponse,
+    EventTruth,
     decide,
     encode_targets,
 )
@@ -84,6 +85,7 @@ class EventsDomain(TextDomain):
     name = "events"
     request_model = EventRequest
     response_model = EventResponse
+    truth_model = EventTruth
     predictor_class = EventsPredictor
     labels = LABELS
     data_module = "domains.events.corpus"

@@ -70,3 +70,11 @@ class SentimentResponse(BaseModel):
     )
     explanation: Explanation | None = Field(None, description="Only with `?explain=true`: the words that moved "
                                             "the answer most.")
+
+
+class SentimentTruth(BaseModel):
+    """The sentiment a person reading the text gave it."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"label": "negative"}]})
+
+    label: Label = Field(description="The text's sentiment.", examples=["negative"])

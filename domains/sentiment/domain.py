@@ -38,7 +38,7 @@ from domains.sentiment.baselines import (
     vader_cut,
     vader_labels,
 )
-from domains.sentiment.contract import LABELS, SentimentRequest, SentimentResponse
+from domains.sentiment.contract import LABELS, SentimentRequest, SentimentResponse, SentimentTruth
 from domains.sentiment.embeddings import split_embeddings
 from domains.tables import load_table, read_manifest
 from domains.text import FeatureDataset, TextDomain, TextPredictor, classification_rows
@@ -75,6 +75,7 @@ class SentimentDomain(TextDomain):
     name = "sentiment"
     request_model = SentimentRequest
     response_model = SentimentResponse
+    truth_model = SentimentTruth
     predictor_class = SentimentPredictor
     labels = LABELS
     data_module = "domains.sentiment.data"

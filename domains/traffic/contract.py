@@ -135,3 +135,13 @@ class TrafficResponse(BaseModel):
     explanation: ForecastExplanation | None = Field(
         None, description="Only with `?explain=true`: the inputs that moved the requested sensors' forecasts "
         "most (weights in vehicles per step, averaged over the sensors and horizons).")
+
+
+class TrafficTruth(BaseModel):
+    """The counts the sensors measured at the forecast's horizons."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"counts": {
+        "L00-10": {"15min": 37, "30min": 41}}}]})
+
+    counts: dict[str, dict[Literal["15min", "30min", "60min"], Count]] = Field(
+        min_length=1, description="Per sensor of the forecast, the count of each horizon known so far.")

@@ -34,7 +34,14 @@ from domains.traffic.baselines import (
     poisson_floor_mae,
     seasonal_naive,
 )
-from domains.traffic.contract import HORIZONS, NETWORKS, SensorForecast, TrafficRequest, TrafficResponse
+from domains.traffic.contract import (
+    HORIZONS,
+    NETWORKS,
+    SensorForecast,
+    TrafficRequest,
+    TrafficResponse,
+    TrafficTruth,
+)
 from domains.traffic.features import (
     TrafficWindows,
     Windows,
@@ -174,6 +181,7 @@ class TrafficDomain(Domain):
     mode = "min"
     request_model = TrafficRequest
     response_model = TrafficResponse
+    truth_model = TrafficTruth
 
     def prepare(self, data_dir: Path, *, source: Path | None = None, smoke: bool = False,
                 sim: SimSize | Literal["auto"] = "auto") -> dict[str, Any]:

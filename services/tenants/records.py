@@ -15,7 +15,8 @@ from core.errors import InvalidInput
 # A tenant's name reaches CLI arguments (a leading '-' reads as an option), metric labels, the audit
 # log and Kubernetes Secrets; ASCII only, so 'аdmin' (a Cyrillic а) cannot pass for 'admin'.
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
-USAGE_COLUMNS = ("request_id", "at", "tenant", "domain", "items", "status", "latency_ms", "model_version", "lease")
+USAGE_COLUMNS = ("request_id", "at", "tenant", "domain", "items", "status", "latency_ms", "model_version", "lease",
+                 "route")
 
 
 def check_tenant_name(name: str) -> str:
@@ -37,6 +38,8 @@ class Tenant:
     max_concurrent: int
     created_at: float = 0.0
     revoked_at: float | None = None
+    # The share of its answered requests the platform keeps, masked, in the sample log (0: none).
+    sample_rate: float = 0.0
 
 
 def check_limits(tenant: Tenant) -> None:
@@ -53,6 +56,8 @@ def check_limits(tenant: Tenant) -> None:
     for name in ("requests_per_minute", "items_per_minute", "max_concurrent"):
         if getattr(tenant, name) < 1:
             raise InvalidInput(f"{name} must be at least 1, got {getattr(tenant, name)}", field=name)
+    if not 0.0 <= tenant.sample_rate <= 1.0:
+        raise InvalidInput(f"sample_rate must be between 0 and 1, got {tenant.sample_rate}", field="sample_rate")
 
 
 @dataclass
@@ -88,29 +93,30 @@ class Usage:
     # The row's key: the admission's lease, which the platform makes. The request id comes from the
     # client (X-Request-Id) when it sends one, so a client repeating an id must not merge rows.
     lease: str = field(default_factory=lambda: uuid.uuid4().hex)
+    route: str = "predict"  # or "feedback": ground truth sent back about a prediction (`POST .../feedback`)
 
     def row(self) -> tuple[Any, ...]:
         return (self.request_id, self.at, self.tenant, self.domain, self.items, self.status, self.latency_ms,
-                self.model_version, self.lease)
+                self.model_version, self.lease, self.route)
 
 
-USAGE_SUMMARY_COLUMNS = ("tenant", "domain", "requests", "answered", "items", "errors", "p50_ms", "p99_ms",
-                         "versions")
+USAGE_SUMMARY_COLUMNS = ("tenant", "domain", "route", "requests", "answered", "items", "errors", "p50_ms",
+                         "p99_ms", "versions")
 
 
 def summarise_usage(rows: Sequence[Usage]) -> list[tuple[Any, ...]]:
-    """Per tenant and domain, one row of `USAGE_SUMMARY_COLUMNS`: requests, answered, items billed,
-    errors, p50/p99 latency, the versions that answered."""
+    """Per tenant, domain and route, one row of `USAGE_SUMMARY_COLUMNS`: requests, answered, items
+    billed, errors, p50/p99 latency, the versions that answered."""
     import numpy as np
 
-    groups: dict[tuple[str, str], list[Usage]] = {}
+    groups: dict[tuple[str, str, str], list[Usage]] = {}
     for u in rows:
-        groups.setdefault((u.tenant, u.domain), []).append(u)
+        groups.setdefault((u.tenant, u.domain, u.route), []).append(u)
     out = []
-    for (tenant, domain), us in sorted(groups.items()):
+    for (tenant, domain, route), us in sorted(groups.items()):
         ok = [u for u in us if u.status == 200]
         latency = np.array([u.latency_ms for u in us])
-        out.append((tenant, domain, len(us), len(ok), sum(u.items for u in ok), len(us) - len(ok),
+        out.append((tenant, domain, route, len(us), len(ok), sum(u.items for u in ok), len(us) - len(ok),
                     round(float(np.percentile(latency, 50)), 1), round(float(np.percentile(latency, 99)), 1),
                     ",".join(sorted({u.model_version for u in ok if u.model_version}))))
     return out

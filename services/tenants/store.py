@@ -29,14 +29,16 @@ from services.tenants.tenants_file import KeyEntry, TenantEntry
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, grants TEXT NOT NULL,
        requests_per_minute INTEGER NOT NULL, items_per_minute INTEGER NOT NULL, max_concurrent INTEGER NOT NULL,
-       created_at DOUBLE PRECISION NOT NULL, revoked_at DOUBLE PRECISION)""",
+       created_at DOUBLE PRECISION NOT NULL, revoked_at DOUBLE PRECISION,
+       sample_rate DOUBLE PRECISION NOT NULL DEFAULT 0)""",
     """CREATE TABLE IF NOT EXISTS api_keys (key_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, digest TEXT NOT NULL,
        created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION NOT NULL, revoked_at DOUBLE PRECISION)""",
     """CREATE TABLE IF NOT EXISTS audit (id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, actor TEXT NOT NULL,
        action TEXT NOT NULL, tenant TEXT NOT NULL, detail TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS usage (request_id TEXT NOT NULL, at DOUBLE PRECISION NOT NULL,
        tenant TEXT NOT NULL, domain TEXT NOT NULL, items INTEGER NOT NULL, status INTEGER NOT NULL,
-       latency_ms DOUBLE PRECISION NOT NULL, model_version TEXT NOT NULL, lease TEXT PRIMARY KEY)""",
+       latency_ms DOUBLE PRECISION NOT NULL, model_version TEXT NOT NULL, lease TEXT PRIMARY KEY,
+       route TEXT NOT NULL DEFAULT 'predict')""",
     "CREATE INDEX IF NOT EXISTS usage_tenant_at ON usage (tenant, at)",
     # Tenants a tenants file (a Kubernetes Secret) manages, for good: the CLI refuses to change them, and
     # one dropped from the file stays here, revoked, so that listing it again restores it.
@@ -118,6 +120,7 @@ class Store:
             for statement in SCHEMA:
                 cur.execute(statement)
             _migrate_usage(cur)
+            _add_columns(cur)
             conn.commit()
         except ConfigError:
             raise
@@ -213,15 +216,16 @@ class Store:
         now = time.time()
         key, key_id, key_digest = new_key()
         with self._tx() as cur:
-            cur.execute(self._sql("INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?)"),
+            cur.execute(self._sql("INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
                         (tenant.name, json.dumps(sorted(tenant.grants)), tenant.requests_per_minute,
-                         tenant.items_per_minute, tenant.max_concurrent, now, None))
+                         tenant.items_per_minute, tenant.max_concurrent, now, None, tenant.sample_rate))
             cur.execute(self._sql("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?)"),
                         (key_id, tenant.name, key_digest, now, now + key_ttl_days * 86400, None))
             self.audit(cur, "create", tenant.name, {"grants": sorted(tenant.grants), "key_id": key_id,
                                                     "requests_per_minute": tenant.requests_per_minute,
                                                     "items_per_minute": tenant.items_per_minute,
-                                                    "max_concurrent": tenant.max_concurrent})
+                                                    "max_concurrent": tenant.max_concurrent,
+                                                    "sample_rate": tenant.sample_rate})
         return key
 
     def rotate(self, name: str, key_ttl_days: float, grace_hours: float) -> str:
@@ -260,7 +264,7 @@ class Store:
                     (now, name))
 
     def set_quota(self, name: str, **changes: Any) -> Tenant:
-        """Changes grants and limits (only those given)."""
+        """Changes grants, limits and the sample rate (only those given)."""
         tenant = self._cli_may_change(name, "change its grants and limits")
         changes = {k: v for k, v in changes.items() if v is not None}
         for k, v in changes.items():
@@ -268,9 +272,8 @@ class Store:
         check_limits(tenant)
         with self._tx() as cur:
             cur.execute(self._sql("UPDATE tenants SET grants = ?, requests_per_minute = ?, items_per_minute = ?, "
-                                  "max_concurrent = ? WHERE name = ?"),
-                        (json.dumps(sorted(tenant.grants)), tenant.requests_per_minute, tenant.items_per_minute,
-                         tenant.max_concurrent, name))
+                                  "max_concurrent = ?, sample_rate = ? WHERE name = ?"),
+                        (*_limits(tenant), name))
             self.audit(cur, "set-quota", name, {k: sorted(v) if k == "grants" else v for k, v in changes.items()})
         return tenant
 
@@ -314,21 +317,22 @@ class Store:
         if row is not None and not managed:
             raise ConfigError(f"tenants file: tenant {tenant.name!r} was created with `cityserve tenants create`, "
                               "which manages it; give the file's tenant another name", field="name")
-        values = (json.dumps(sorted(tenant.grants)), tenant.requests_per_minute, tenant.items_per_minute,
-                  tenant.max_concurrent)
-        stale = row is None or tuple(row[1:5]) != values or row[6] is not None  # or revoked
+        values = _limits(tenant)
+        stale = row is None or (*row[1:5], row[7]) != values or row[6] is not None  # or revoked
         if row is None:
-            cur.execute(self._sql("INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?)"),
-                        (tenant.name, *values, now, None))
+            cur.execute(self._sql("INSERT INTO tenants VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+                        (tenant.name, *values[:4], now, None, tenant.sample_rate))
             cur.execute(self._sql("INSERT INTO file_tenants VALUES (?)"), (tenant.name,))
         elif stale:
             cur.execute(self._sql("UPDATE tenants SET grants = ?, requests_per_minute = ?, items_per_minute = ?, "
-                                  "max_concurrent = ?, revoked_at = NULL WHERE name = ?"), (*values, tenant.name))
+                                  "max_concurrent = ?, sample_rate = ?, revoked_at = NULL WHERE name = ?"),
+                        (*values, tenant.name))
         keys_changed = self._sync_keys(cur, tenant.name, entry.keys, now)
         if stale or keys_changed:
             self.audit(cur, "sync", tenant.name, {
                 "grants": sorted(tenant.grants), "requests_per_minute": tenant.requests_per_minute,
                 "items_per_minute": tenant.items_per_minute, "max_concurrent": tenant.max_concurrent,
+                "sample_rate": tenant.sample_rate,
                 "keys": {k.id: k.expires.isoformat() if k.expires else None for k in entry.keys}})
         return stale or keys_changed
 
@@ -409,16 +413,32 @@ def _migrate_usage(cur: Any) -> None:
     cur.execute("SELECT * FROM usage WHERE 1 = 0")
     if "lease" in [d[0] for d in cur.description]:
         return
-    old = USAGE_COLUMNS[:-1]
+    old = USAGE_COLUMNS[:USAGE_COLUMNS.index("lease")]
     cur.execute("ALTER TABLE usage RENAME TO usage_before_lease")
     cur.execute("DROP INDEX IF EXISTS usage_tenant_at")
     for statement in SCHEMA:
         cur.execute(statement)
-    cur.execute(f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) SELECT {', '.join(old)}, request_id "
+    cur.execute(f"INSERT INTO usage ({', '.join(old)}, lease) SELECT {', '.join(old)}, request_id "
                 "FROM usage_before_lease")
     cur.execute("DROP TABLE usage_before_lease")
 
 
+def _add_columns(cur: Any) -> None:
+    """Columns added since a table was made, with the value every older row gets: a tenant's sample
+    rate (0: nothing kept) and a usage row's route (they were all predictions)."""
+    for table, column, definition in (("tenants", "sample_rate", "DOUBLE PRECISION NOT NULL DEFAULT 0"),
+                                      ("usage", "route", "TEXT NOT NULL DEFAULT 'predict'")):
+        cur.execute(f"SELECT * FROM {table} WHERE 1 = 0")
+        if column not in [d[0] for d in cur.description]:
+            cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+
+
+def _limits(tenant: Tenant) -> tuple[Any, ...]:
+    """A tenant's grants, limits and sample rate, as its columns hold them."""
+    return (json.dumps(sorted(tenant.grants)), tenant.requests_per_minute, tenant.items_per_minute,
+            tenant.max_concurrent, tenant.sample_rate)
+
+
 def _tenant(row: Sequence[Any]) -> Tenant:
-    name, grants, rpm, ipm, conc, created, revoked = row
-    return Tenant(name, json.loads(grants), rpm, ipm, conc, created, revoked)
+    name, grants, rpm, ipm, conc, created, revoked, sample_rate = row
+    return Tenant(name, json.loads(grants), rpm, ipm, conc, created, revoked, sample_rate)

@@ -76,6 +76,8 @@ class TenantEntry(BaseModel):
     requests_per_minute: int = Field(ge=1, description="Admitted requests in any 60 s window.")
     items_per_minute: int = Field(ge=1, description="Admitted items in any 60 s window.")
     max_concurrent: int = Field(ge=1, description="Requests in flight at once.")
+    sample_rate: float = Field(0.0, ge=0.0, le=1.0, description="The share of its answered requests kept, masked, "
+                               "in the sample log (0: none; see docs/privacy.md).")
     keys: list[KeyEntry] = Field(min_length=1, max_length=2, description="Its API keys (two while it rotates), "
                                  "each as `cityserve tenants new-key` prints its entry.")
 
@@ -94,7 +96,8 @@ class TenantEntry(BaseModel):
         return keys
 
     def tenant(self) -> Tenant:
-        return Tenant(self.name, self.grants, self.requests_per_minute, self.items_per_minute, self.max_concurrent)
+        return Tenant(self.name, self.grants, self.requests_per_minute, self.items_per_minute, self.max_concurrent,
+                      sample_rate=self.sample_rate)
 
 
 def read_tenants_file(path: Path) -> list[TenantEntry]:

@@ -25,6 +25,7 @@ from cluster.serve import Platform
 from core.settings import Settings
 from domains import get_domain
 from domains.base import request_example
+from services import samples
 from services.batch import score_file
 from services.config import VERBS
 from services.platform import CONFIG_FILE, platform_up, reload_domain, serve_config
@@ -72,7 +73,8 @@ def platform(workspace: Workspace) -> Iterator[Platform]:
         workspace.registry.promote(domain, versions[-1])
     tenants_file = workspace.settings.state_dir / "tenants.yaml"
     write_tenants(tenants_file, GRID)
-    overlay = TEST_OVERLAY.model_copy(update={"args": {"tenants_file": str(tenants_file)}})
+    overlay = TEST_OVERLAY.model_copy(update={"args": {"tenants_file": str(tenants_file),
+                                                       "samples": {"flush_s": 0.5}}})
     with session_app(workspace, overlay) as record:
         yield record
 
@@ -140,6 +142,35 @@ def test_an_answer_says_how_sure_it_is_and_explains_itself_when_asked(platform: 
     inputs = why["explanation"]["inputs"]
     assert status == 200 and len(why["steps"]) == 48 and why["explanation"]["forward_passes"] == len(inputs) + 1
     assert {"demand, last 24 hours", "temperature forecast"} <= {i["input"] for i in inputs}
+
+
+def test_sampled_requests_and_their_feedback_are_kept_masked(platform: Platform, settings: Settings,
+                                                            keys: dict[str, str]) -> None:
+    key = Store(settings.ledger_location()).create_tenant(
+        Tenant("sampled", ["events", "energy"], 1000, 10_000, 8, sample_rate=1.0), 1)
+    text = "Water main break outside 221 Baker Street, call me on 415-555-0132"
+    status, headers, answers = http("POST", f"{platform.gateway_url}/v1/events/classify",
+                                    [{"text": text}, {"text": "loud party next door"}], key)
+    assert status == 200
+    unsampled = http("POST", f"{platform.gateway_url}/v1/events/classify", {"text": text}, keys["hotline"])[1]
+    rid = headers["x-request-id"]
+    truth = {"request_id": rid, "item": 0, "truth": {"label": "water_sewer", "priority": "high"}}
+    assert http("POST", f"{platform.gateway_url}/v1/events/feedback", truth, key)[::2] == (200, {"stored": 1})
+    registry = settings.registry_location()
+    deadline = time.monotonic() + 30
+    while (rows := samples.read(registry, "samples", "events").to_pylist()) == [] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    mine = sorted((r for r in rows if r["request_id"] == rid), key=lambda r: r["item"])
+    assert [(r["tenant"], r["model_version"]) for r in mine] == [("sampled", headers["x-model-version"])] * 2
+    assert json.loads(mine[0]["request"])["text"] == "Water main break outside <ADDRESS>, call me on <PHONE>"
+    assert json.loads(mine[0]["answer"])["label"] == answers[0]["label"]
+    assert unsampled["x-request-id"] not in {r["request_id"] for r in rows}  # its tenant did not opt in
+    (kept,) = [r for r in samples.read(registry, "feedback", "events").to_pylist() if r["request_id"] == rid]
+    assert json.loads(kept["truth"]) == truth["truth"] and kept["tenant"] == "sampled"
+    deadline = time.monotonic() + 10
+    while not [u for u in Store(settings.ledger_location()).usage("sampled") if u.route == "feedback"]:
+        assert time.monotonic() < deadline, "the feedback's usage row never reached the ledger"
+        time.sleep(0.2)
 
 
 def test_a_response_carries_its_request_id_once(platform: Platform, keys: dict[str, str]) -> None:

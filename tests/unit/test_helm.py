@@ -276,7 +276,8 @@ def test_tenants_and_ledger_are_mounted_where_the_args_say(rendered: dict[str, l
                     tenants_file = tmp_path / "tenants.yaml"
                     tenants_file.write_text(created["stringData"]["tenants.yaml"])
                     entries = read_tenants_file(tenants_file)  # what the platform reads at start
-                    assert [e.model_dump(mode="json", exclude_none=True) for e in entries] == values["tenants"]["list"]
+                    listed = [e.model_dump(mode="json", exclude_defaults=True) for e in entries]
+                    assert listed == values["tenants"]["list"]
             # The SQLite ledger: in the serving head only, beside the resource its writer needs.
             sqlite_here = serving and group == "head" and values["ledger"]["backend"] == "sqlite"
             assert (LEDGER_DIR in mounts) == sqlite_here, (owner, group)

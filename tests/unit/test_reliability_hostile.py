@@ -50,7 +50,7 @@ async def canned(domain: str, items: list[dict[str, Any]]) -> dict[str, Any]:
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     root = tmp_path_factory.mktemp("hostile")
     settings = Settings(ledger_url=f"sqlite:///{root / 'ledger.db'}", state_dir=root / "state")
-    args = PlatformArgs(registry_uri="unused", ledger_url="unused", domains={d: {} for d in DOMAINS})
+    args = PlatformArgs(registry_uri=str(root / "registry"), ledger_url="unused", domains={d: {} for d in DOMAINS})
     app = create_api(args, ReadyBackend(Store(settings.ledger_url), canned))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,7 +75,8 @@ def test_fuzz(target: Target) -> None:
     check = check_fuzz(target, short=True)
     assert check.passed, (check.problems, check.figures)
     posts = [r for r in check.figures["by_route"] if r["has_body"]]
-    assert len(posts) == 2 * len(DOMAINS) and all(r["cases"] == 25 for r in posts)
+    # Each domain has two POST routes (its verb, feedback), each sent with and without a key.
+    assert len(posts) == 2 * 2 * len(DOMAINS) and all(r["cases"] == 25 for r in posts)
     assert all(set(r["statuses"]) == {401} for r in posts if not r["key"])  # no key: nothing else is said
 
 
