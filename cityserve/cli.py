@@ -11,7 +11,7 @@ import click
 
 from cityserve.cluster_cli import cluster
 from cityserve.console import DOMAIN, console, friendly_errors, print_table, workspace
-from cityserve.platform_cli import batch, samples, serve, serve_up, tenants, usage
+from cityserve.platform_cli import batch, monitor, samples, serve, serve_up, tenants, usage
 from cluster.placement import PLACEMENT_STRATEGIES
 from core.settings import get_settings
 from domains import DOMAINS
@@ -265,14 +265,17 @@ def models_optimize(domain: str, version: str, as_json: bool) -> None:
 @friendly_errors
 def models_calibrate(domain: str, version: str, as_json: bool) -> None:
     """(Re)fit VERSION's calibration on its validation split: the text models' temperature and
-    `uncertain` threshold per backend, the forecasters' P10-P90 widths (made at registration; this
-    is for a version registered before)."""
+    `uncertain` threshold per backend, the forecasters' P10-P90 widths; then its reference profile,
+    what drift and live quality are measured against (both made at registration; this is for a
+    version registered before)."""
     from domains import get_domain
     from training.runs import calibrate_version
 
     v = calibrate_version(get_domain(domain), workspace(), version)
-    rows = [(" ".join(path), value) for path, value in _leaves(v.record["calibration"])]
-    print_table(f"{domain} {v.version}: calibration fitted on the validation split", ["what", "value"], rows, as_json)
+    fitted = {"calibration": v.record.get("calibration", {}), "reference quality": v.record["profile"]["quality"]}
+    rows = [(" ".join(path), value) for path, value in _leaves(fitted)]
+    print_table(f"{domain} {v.version}: fitted on the validation split ({v.record['profile']['items']} cases)",
+                ["what", "value"], rows, as_json)
 
 
 def _leaves(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -359,5 +362,6 @@ main.add_command(serve)
 main.add_command(tenants)
 main.add_command(usage)
 main.add_command(samples)
+main.add_command(monitor)
 main.add_command(batch)
 main.add_command(cluster)

@@ -65,3 +65,13 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     for row in rows:
         table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
     console.print(table)
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float | None], low: float, high: float) -> str:
+    """One character a value, its height from `low` to `high` (clipped); a gap for None."""
+    span = (high - low) or 1.0
+    return "".join(" " if v is None else SPARKS[round(min(max((v - low) / span, 0.0), 1.0) * (len(SPARKS) - 1))]
+                   for v in values)

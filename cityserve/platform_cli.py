@@ -1,4 +1,5 @@
-"""`cityserve serve|tenants|usage|batch`: run the platform, manage who may call it, bill them."""
+"""`cityserve serve|tenants|usage|samples|monitor|batch`: run the platform, manage who may call it,
+bill them, watch its models on live traffic."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import click
 
-from cityserve.console import DOMAIN, console, friendly_errors, open_store, print_table, workspace
+from cityserve.console import DOMAIN, console, friendly_errors, open_store, print_table, sparkline, workspace
 from core.errors import ConfigError, InvalidInput
 from core.settings import Settings, get_settings
 from domains import DOMAINS
+
+if TYPE_CHECKING:  # the commands import what they run when they run
+    from services.monitor import VersionHealth
 
 CONFIG_FILE = "serve-config.json"  # the config last deployed, beside platform.json
 DEMO_TENANT = "demo"
@@ -334,6 +339,56 @@ def samples_sweep(retention_days: int, as_json: bool) -> None:
     gone = sweep(get_settings().registry_location(), retention_days)
     print_table(f"deleted {len(gone)} days older than {retention_days} days", ["kind", "domain", "day", "rows"],
                 [(p.kind, p.domain, p.day, p.rows) for p in gone], as_json)
+
+
+# ---- monitor -----------------------------------------------------------------------------------
+@click.command()
+@click.argument("domains", nargs=-1, type=DOMAIN)
+@click.option("--days", type=click.IntRange(1, 3650), default=7, show_default=True, help="The window, in days.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def monitor(domains: tuple[str, ...], days: int, as_json: bool) -> None:
+    """Each version's live traffic from the sample log and feedback: drift from its reference
+    profile (PSI: < 0.1 stable, > 0.25 a shift) and quality on feedback against the validation
+    split's, with a day-by-day line of each (docs/learning-loop.md)."""
+    from domains.drift import SHIFT, reading
+    from services.monitor import health
+
+    ws = workspace()
+    reports = [h for d in (domains or sorted(DOMAINS)) for h in health(ws.registry, ws.settings.registry_location(),
+                                                                        d, days)]
+    if as_json:
+        click.echo(json.dumps([r.as_json() for r in reports], indent=2))
+        return
+    rows = []
+    for r in reports:
+        top = r.max_psi
+        live, ref = r.quality.get(r.metric), r.reference.get(r.metric)
+        quality = f"{r.metric} {_figure(live)} vs {_figure(ref)}"
+        rows.append((r.domain, r.version, r.items, r.feedback,
+                     f"{top[1]:.2f} {top[0]} ({reading(top[1])})" if top else reading(None),
+                     sparkline([d.max_psi for d in r.days], 0.0, 2 * SHIFT), quality,
+                     sparkline([d.quality for d in r.days], *_quality_scale(r))))
+    print_table(f"live models, last {days} days (samples and feedback)",
+                ["domain", "version", "sampled", "feedback", "drift: worst feature", "by day",
+                 "quality: live vs validation", "by day"], rows, False)
+    for r in reports:
+        if r.note:
+            console.print(f"{r.domain} {r.version}: {r.note}")
+    if not reports:
+        console.print("nothing sampled in the window: turn sampling on with `cityserve tenants set-quota NAME "
+                      "--sample-rate R`")
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _quality_scale(report: VersionHealth) -> tuple[float, float]:
+    """A day's quality line runs from half the reference to one and a half times it, so the
+    reference sits mid-line whichever way better is (0 to 1 without a reference)."""
+    ref = report.reference.get(report.metric)
+    return (0.0, 1.0) if ref is None else (ref / 2, ref * 1.5)
 
 
 # ---- batch -------------------------------------------------------------------------------------

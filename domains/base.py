@@ -21,12 +21,17 @@ from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from domains.drift import Feature
+
 Batch = dict[str, torch.Tensor]
 
 # Files that every model directory (a Train checkpoint, a registry version) holds.
 WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 META_FILE = "meta.json"
+# A reference profile is made from at most this many validation cases (enough for deciles that
+# hold still), answered in batches of this many.
+PROFILE_CASES, PROFILE_BATCH = 1000, 64
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,12 @@ class Evaluation:
     calibration: dict[str, Any] = field(default_factory=dict)
     # Answers with their explanations, one per class (the report's `explained`)
     explained: list[dict[str, Any]] = field(default_factory=list)
+
+
+def spread(n: int) -> list[int]:
+    """At most `PROFILE_CASES` positions of `n`, evenly spread (all of them when there are fewer)."""
+    return sorted({round(i * (n - 1) / max(PROFILE_CASES - 1, 1)) for i in range(min(n, PROFILE_CASES))}) \
+        if n > PROFILE_CASES else list(range(n))
 
 
 def request_example(model: type[BaseModel]) -> dict[str, Any]:
@@ -118,6 +129,10 @@ class Domain(ABC):
     truth_model: ClassVar[type[BaseModel]]
     # The request item's fields that carry free text: masked (`core.pii`) before a sample is stored.
     text_fields: ClassVar[tuple[str, ...]] = ()
+    # The one figure of `score` that stands for the domain's live quality (alerts, `cityserve
+    # monitor`), and whether higher is better.
+    quality_metric: ClassVar[str]
+    quality_mode: ClassVar[Literal["max", "min"]]
     # Flags of `cityserve data prepare` that the full profile's data needs (traffic: --full-sim).
     full_data_flags: ClassVar[str] = ""
     # The serving backends a config may name (`domains.onnx_text.choose_backend`): a domain without
@@ -186,6 +201,48 @@ class Domain(ABC):
         the test split under `data_dir` (the registry record's `inference` entry); None: the
         domain serves its PyTorch model as it is."""
         return None
+
+    # ---- monitoring --------------------------------------------------------------------------
+    def masked(self, item: dict[str, Any]) -> dict[str, Any]:
+        """`item` with the personal data in its free-text fields masked (`core.pii`), as it is stored."""
+        from core import pii
+
+        return {k: pii.mask(v) if k in self.text_fields and isinstance(v, str) else v for k, v in item.items()}
+
+    @abstractmethod
+    def features(self, item: dict[str, Any], answer: dict[str, Any]) -> dict[str, Feature]:
+        """What drift is measured on, of one request item and its answer (both as JSON): numbers
+        and categories, the same at registration and live (`domains.drift`)."""
+
+    @abstractmethod
+    def score(self, answers: Sequence[dict[str, Any]], truths: Sequence[dict[str, Any]]) -> dict[str, float]:
+        """The quality of answers (JSON) against what happened (`truth_model` JSON), pair by pair:
+        at registration on the validation split, live on feedback. Includes `quality_metric`
+        unless nothing could be scored (a forecast's truth without a known value): then empty."""
+
+    @abstractmethod
+    def reference_cases(self, model_dir: Path, data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Request items of the validation split (at most `PROFILE_CASES`, spread over it) for the
+        version in `model_dir` (a forecaster's sensors or series), and their truths, as a tenant
+        would send them."""
+
+    def profile(self, model_dir: Path, data_dir: Path) -> dict[str, Any]:
+        """The version's reference profile (`domains.drift`): its validation cases answered as the
+        version serves (calibrated, on its default backend), their features' bins and the quality
+        `score` gives them; saved in `model_dir`, returned for the record."""
+        from domains.drift import fit, save_profile
+
+        items, truths = self.reference_cases(model_dir, data_dir)
+        predictor = self.load_predictor(model_dir, "")
+        answers = []
+        for start in range(0, len(items), PROFILE_BATCH):
+            batch = [self.request_model.model_validate(i) for i in items[start:start + PROFILE_BATCH]]
+            answers += [a.model_dump(mode="json", exclude_none=True) for a in predictor.predict(batch)]
+        # Features of the items as the sample log keeps them, masked: a text's length is measured
+        # the same way live and here.
+        rows = [self.features(self.masked(i), a) for i, a in zip(items, answers, strict=True)]
+        return save_profile(model_dir, {"items": len(items), "features": fit(rows),
+                                        "quality": self.score(answers, truths)})
 
     def calibrate(self, model_dir: Path, data_dir: Path) -> dict[str, Any] | None:
         """Fits, on the validation split under `data_dir`, how the version in `model_dir` turns its

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from domains.metrics import QUANTILES
+from domains.metrics import QUANTILES, coverage, mae, mape
 
 QUANTILE_NAMES = ("p10", "p50", "p90")  # the JSON names of `QUANTILES`, in the same order
 # Each side of the P10-P90 interval should miss one outcome in ten.
@@ -100,3 +100,14 @@ def occlusion_explanation(median: np.ndarray, occluded: dict[str, np.ndarray]) -
         method=OCCLUSION, forward_passes=1 + len(occluded),
         inputs=[InputWeight(input=name, weight=round(w, 4))
                 for name, w in sorted(weights.items(), key=lambda pair: -pair[1])])
+
+
+def forecast_score(actual: np.ndarray, quantiles: np.ndarray) -> dict[str, float]:
+    """The P50's MAE and MAPE and the P10-P90 coverage of forecasts against what happened:
+    `actual` (N,) with NaN where nothing is known, `quantiles` (N, 3)."""
+    known = ~np.isnan(actual)
+    a, q = actual[known], quantiles[known]
+    if not len(a):
+        return {}
+    return {"mae": mae(a, q[:, 1]), "mape": mape(a, q[:, 1]), "coverage_p10_p90": coverage(a, q[:, 0], q[:, 2]),
+            "values": len(a)}

@@ -33,8 +33,9 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from core.errors import InvalidInput
 from domains import language
-from domains.base import META_FILE, Batch, Domain, MetricRow, Predictor, SearchParam
+from domains.base import META_FILE, Batch, Domain, MetricRow, Predictor, SearchParam, spread
 from domains.calibration import Calibration, ece, flagged, read_calibration, save_calibration, scaled
+from domains.drift import Feature
 from domains.metrics import accuracy, f1_per_class, macro_f1
 from domains.onnx_text import (
     AGREEMENT,
@@ -486,6 +487,27 @@ class TextDomain(Domain):
     score_head: ClassVar[bool] = False
     backends = BACKEND_CHOICES
     text_fields = ("text",)
+    quality_metric, quality_mode = "accuracy", "max"
+
+    # ---- monitoring --------------------------------------------------------------------------
+    def features(self, item: dict[str, Any], answer: dict[str, Any]) -> dict[str, Feature]:
+        return {"label": answer["label"], "confidence": answer["confidence"], "length": float(len(item["text"]))}
+
+    def score(self, answers: Sequence[dict[str, Any]], truths: Sequence[dict[str, Any]]) -> dict[str, float]:
+        """Accuracy and macro-F1 over the classes that occur (in the truths or the answers)."""
+        y, p = [t["label"] for t in truths], [a["label"] for a in answers]
+        return {"accuracy": accuracy(y, p), "macro_f1": macro_f1(y, p, sorted({*y, *p}))}
+
+    def reference_cases(self, model_dir: Path, data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        valid = load_table(data_dir, self.name, "valid")
+        rows = spread(len(valid))
+        labels = self.targets(valid)["label"]
+        return ([{"text": valid["text"].iloc[i]} for i in rows],
+                [{"label": self.labels[int(labels[i])], **self.truth_extra(valid, i)} for i in rows])
+
+    def truth_extra(self, frame: pd.DataFrame, row: int) -> dict[str, Any]:
+        """What a row's truth holds besides its class (events: its priority)."""
+        return {}
 
     # ---- data --------------------------------------------------------------------------------
     def prepare(self, data_dir: Path, *, source: Path | None = None, smoke: bool = False,

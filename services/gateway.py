@@ -535,10 +535,12 @@ class ServeBackend:
 
     def __init__(self, handles: dict[str, Any], args: PlatformArgs) -> None:
         from services.admission import admission_actor
+        from services.monitor import monitor_actor
 
         self.handles = handles
         admission = admission_actor(args.ledger_url, args.tenants_file, args.ledger_resource, args.usage_spill_dir)
         self.admission = admission
+        self.monitor = monitor_actor(args.registry_uri, list(args.domains), args.samples)
         self.admits: Coalescer[tuple[Any, ...], Decision] = Coalescer(admission.admit_many.remote)
         self.releases: Coalescer[tuple[str, Usage | None], None] = Coalescer(admission.release_many.remote)
         # A model call carries at most about a model batch of items (bigger calls only queue

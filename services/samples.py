@@ -34,7 +34,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from core import pii
 from core.storage import Location
 from domains import get_domain
 
@@ -65,6 +64,9 @@ class SampleArgs(BaseModel):
     queue_size: int = Field(10_000, ge=1, description="Samples a gateway replica holds before writing; past it "
                             "new samples are dropped and counted (requests never wait for the log).")
     flush_s: float = Field(5.0, gt=0, le=3600, description="How often a replica writes what it holds.")
+    monitor_s: float = Field(60.0, ge=1, le=86400, description="How often the monitor re-reads the window's samples "
+                             "and feedback and updates its Prometheus metrics (drift, live quality).")
+    window_days: int = Field(7, ge=1, le=3650, description="The days of samples and feedback the monitor reads.")
 
 
 @dataclass(frozen=True)
@@ -100,12 +102,6 @@ def feedback_model(domain: str) -> type[BaseModel]:
     return model
 
 
-def masked_item(domain: str, item: dict[str, Any]) -> dict[str, Any]:
-    """`item` with the personal data in its free-text fields masked."""
-    fields = get_domain(domain).text_fields
-    return {k: pii.mask(v) if k in fields and isinstance(v, str) else v for k, v in item.items()}
-
-
 def sample_rows(samples: Iterable[Sample]) -> list[dict[str, Any]]:
     """One row per item of each sample, masked, without the answers' explanations."""
     rows = []
@@ -114,7 +110,7 @@ def sample_rows(samples: Iterable[Sample]) -> list[dict[str, Any]]:
             kept = {k: v for k, v in answer.items() if k != "explanation"}
             rows.append({"domain": s.domain, "request_id": s.request_id, "item": i, "at": s.at, "tenant": s.tenant,
                          "model_version": s.model_version, "latency_ms": s.latency_ms,
-                         "request": json.dumps(masked_item(s.domain, item), ensure_ascii=False),
+                         "request": json.dumps(get_domain(s.domain).masked(item), ensure_ascii=False),
                          "answer": json.dumps(kept, ensure_ascii=False)})
     return rows
 

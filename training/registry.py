@@ -21,6 +21,7 @@ disk, writers' claims on an object store), so concurrent registrations get disti
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -191,6 +192,17 @@ class Registry:
             have = [v.version for v in found] + [f"{n} (unreadable)" for n in sorted(unreadable)]
             raise RegistryError(f"{domain} has no version {name!r}; have {have}", field="version")
         return Version(domain, name, record, self._stage_of(name, stages))
+
+    def version_file(self, version: Version, name: str) -> bytes | None:
+        """One file of a version, read alone (not the version's whole folder) and checked against
+        its recorded checksum; None when its record lists no such file (made before it existed)."""
+        digest = (version.record.get(FILES) or {}).get(name)
+        if digest is None:
+            return None
+        data = self._at(version.domain, version.version, name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise RegistryError(f"{version.domain} {version.version}: {name} does not match its recorded checksum")
+        return data
 
     @contextlib.contextmanager
     def model_dir(self, domain: str, version: str) -> Iterator[Path]:

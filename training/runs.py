@@ -17,6 +17,7 @@ from core.settings import Settings
 from core.storage import Location
 from domains.base import Domain
 from domains.calibration import CALIBRATION_FILE
+from domains.drift import PROFILE_FILE
 from domains.onnx_text import ARTIFACTS, ExportError
 from domains.tables import read_manifest
 from training.loop import TRAIN_STATE, train_loop_per_worker
@@ -24,6 +25,8 @@ from training.registry import Version, check_files
 from training.workspace import Workspace
 
 logger = logging.getLogger(__name__)
+# What `fitted` makes in a model directory.
+FITTED_FILES = (CALIBRATION_FILE, PROFILE_FILE)
 
 
 def smoke_data_dir(settings: Settings) -> Path:
@@ -83,16 +86,24 @@ def torch_trainer(domain: Domain, config: dict[str, Any], *, name: str, storage_
 def optimized(domain: Domain, model_dir: Path, data_dir: Path) -> dict[str, Any]:
     """The record entries of what a model directory serves with, made in it: `inference`, its
     optimised artifacts with their test figures (`Domain.optimize`), or `inference_error` saying why
-    there are none (the version then serves its PyTorch model); and `calibration`, fitted to the
-    validation split (`Domain.calibrate`) for each of them."""
+    there are none (the version then serves its PyTorch model); and those of `fitted`."""
     try:
         inference = domain.optimize(model_dir, data_dir)
         entries: dict[str, Any] = {"inference": inference} if inference is not None else {}
     except ExportError as exc:
         logger.warning("%s: no optimised artifacts (%s); the version serves PyTorch", domain.name, exc.message)
         entries = {"inference_error": exc.message}
+    return {**entries, **fitted(domain, model_dir, data_dir)}
+
+
+def fitted(domain: Domain, model_dir: Path, data_dir: Path) -> dict[str, Any]:
+    """The record entries of what is fitted on the validation split, made in the model directory:
+    `calibration` (`Domain.calibrate`, for each artifact it serves with), then `profile`, the
+    reference of its calibrated answers that drift and live quality are measured against
+    (`Domain.profile`)."""
     calibration = domain.calibrate(model_dir, data_dir)
-    return {**entries, **({"calibration": calibration} if calibration is not None else {})}
+    return {**({"calibration": calibration} if calibration is not None else {}),
+            "profile": domain.profile(model_dir, data_dir)}
 
 
 def optimize_version(domain: Domain, workspace: Workspace, ref: str) -> Version:
@@ -102,22 +113,23 @@ def optimize_version(domain: Domain, workspace: Workspace, ref: str) -> Version:
     if domain.backends == Domain.backends:
         raise ConfigError(f"{domain.name} has no optimised artifacts: its models serve with PyTorch",
                           field="domain")
-    made = [*ARTIFACTS.values(), CALIBRATION_FILE]
+    made = [*ARTIFACTS.values(), *FITTED_FILES]
     with _working_copy(workspace, domain, ref, without=made) as (version, work):
         entries = optimized(domain, work, workspace.data_dir_of(version))
         files = {name: work / name if (work / name).is_file() else None for name in made}
         return workspace.registry.add_files(domain.name, version.version, files,
                                             {"inference": None, "inference_error": None, "calibration": None,
-                                             **entries})
+                                             "profile": None, **entries})
 
 
 def calibrate_version(domain: Domain, workspace: Workspace, ref: str) -> Version:
-    """(Re)fits a registered version's calibration on its validation split (`cityserve models
-    calibrate`): for a version registered before calibration existed."""
-    with _working_copy(workspace, domain, ref, without=[CALIBRATION_FILE]) as (version, work):
-        calibration = domain.calibrate(work, workspace.data_dir_of(version))
-        return workspace.registry.add_files(domain.name, version.version, {CALIBRATION_FILE: work / CALIBRATION_FILE},
-                                            {"calibration": calibration})
+    """(Re)fits a registered version's calibration and reference profile on its validation split
+    (`cityserve models calibrate`): for a version registered before they existed."""
+    with _working_copy(workspace, domain, ref, without=list(FITTED_FILES)) as (version, work):
+        entries = fitted(domain, work, workspace.data_dir_of(version))
+        files = {name: work / name if (work / name).is_file() else None for name in FITTED_FILES}
+        return workspace.registry.add_files(domain.name, version.version, files,
+                                            {"calibration": None, "profile": None, **entries})
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ day-ahead windows (midnight starts), the mean over series. Baselines: `domains.e
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
@@ -23,8 +24,9 @@ from torch import nn
 
 from core.errors import InvalidInput
 from domains import metrics
-from domains.base import Batch, Domain, Evaluation, MetricRow, Predictor, SearchParam
+from domains.base import META_FILE, Batch, Domain, Evaluation, MetricRow, Predictor, SearchParam, spread
 from domains.calibration import read_calibration, save_calibration
+from domains.drift import Feature
 from domains.energy.baselines import (
     REGRESSION_STRIDE,
     RegressionBaseline,
@@ -46,7 +48,7 @@ from domains.energy.features import (
     windows_for_split,
 )
 from domains.energy.model import MODEL_INPUTS, EnergyModel, pinball_loss
-from domains.forecast import interval_offsets, occlusion_explanation, widened
+from domains.forecast import forecast_score, interval_offsets, occlusion_explanation, widened
 from domains.tables import load_table, read_manifest
 
 EVAL_HORIZON = "day_ahead"
@@ -189,6 +191,8 @@ class EnergyDomain(Domain):
     request_model = EnergyRequest
     response_model = EnergyResponse
     truth_model = EnergyTruth
+    # Series come in any unit: the error relative to demand is what compares across them.
+    quality_metric, quality_mode = "mape", "min"
 
     def prepare(self, data_dir: Path, *, source: Path | None = None, smoke: bool = False) -> dict[str, Any]:
         from domains.energy.data import prepare  # build-side code: serving never imports it
@@ -277,6 +281,33 @@ class EnergyDomain(Domain):
         out["val_mape"] = float(np.mean([v for k, v in out.items() if k.startswith("val_mape_")]))
         out["val_coverage"] = metrics.coverage(y, q[..., 0], q[..., 2])
         return out
+
+    def features(self, item: dict[str, Any], answer: dict[str, Any]) -> dict[str, Feature]:
+        """The series, and unit-free shapes: the last day's swing and the forecast's change from
+        it and width, each relative to the last day's mean demand."""
+        last = np.asarray(item["demand"][-HORIZON:], dtype=float)
+        q = np.array([[s["p10"], s["p50"], s["p90"]] for s in answer["steps"]], dtype=float)
+        level = float(last.mean())
+        return {"series": item["series"], "swing": float(np.ptp(last)) / level,
+                "change": float(q[:, 1].mean()) / level - 1, "width": float((q[:, 2] - q[:, 0]).mean()) / level}
+
+    def score(self, answers: Sequence[dict[str, Any]], truths: Sequence[dict[str, Any]]) -> dict[str, float]:
+        """Each known half-hour of a truth against the answer's step at the same position."""
+        actual, quantiles = [], []
+        for answer, truth in zip(answers, truths, strict=True):
+            for step, value in zip(answer["steps"], truth["demand"], strict=False):
+                actual.append(np.nan if value is None else value)
+                quantiles.append((step["p10"], step["p50"], step["p90"]))
+        return forecast_score(np.asarray(actual, dtype=float), np.asarray(quantiles, dtype=float).reshape(-1, 3))
+
+    def reference_cases(self, model_dir: Path, data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        meta = json.loads((Path(model_dir) / META_FILE).read_text())
+        valid = windows_for_split(split_frames(data_dir), "valid", meta)
+        names = meta["series_names"]
+        requests = requests_from_windows(valid, names, {n: meta["series"][n]["has_temperature"] for n in names})
+        rows = spread(len(requests))
+        return ([requests[i].model_dump(mode="json", exclude_none=True) for i in rows],
+                [{"demand": [None if math.isnan(v) else float(v) for v in valid.target[i]]} for i in rows])
 
     def calibrate(self, model_dir: Path, data_dir: Path) -> dict[str, Any]:
         """Split-conformal widths of each series' P10-P90 interval on the validation split, in units

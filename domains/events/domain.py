@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from domains.base import Batch, Evaluation, MetricRow, Predictor
+from domains.drift import Feature
 from domains.events.baselines import TfidfBaseline, draw_confusion, metric_rows
 from domains.events.contract import (
     LABELS,
@@ -105,6 +106,18 @@ class EventsDomain(TextDomain):
 
     def targets(self, frame: Any) -> dict[str, np.ndarray]:
         return encode_targets(frame)
+
+    def features(self, item: dict[str, Any], answer: dict[str, Any]) -> dict[str, Feature]:
+        return {**super().features(item, answer), "priority": answer["priority"]}
+
+    def score(self, answers: Sequence[dict[str, Any]], truths: Sequence[dict[str, Any]]) -> dict[str, float]:
+        """As any text domain's, and the priority's accuracy where the truth gives one."""
+        known = [(a["priority"], t["priority"]) for a, t in zip(answers, truths, strict=True) if t.get("priority")]
+        extra = {"priority_accuracy": accuracy([t for _, t in known], [a for a, _ in known])} if known else {}
+        return {**super().score(answers, truths), **extra}
+
+    def truth_extra(self, frame: Any, row: int) -> dict[str, Any]:
+        return {"priority": frame["priority"].iloc[row]}
 
     def datasets(
         self, data_dir: Path, config: dict[str, Any], meta: dict[str, Any]

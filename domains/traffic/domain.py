@@ -10,6 +10,7 @@ count, averaged over the six (network, horizon) pairs, so both networks weigh th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,9 +24,17 @@ from torch.utils.data import Dataset
 
 from core.errors import InvalidInput
 from domains import metrics
-from domains.base import Batch, Domain, Evaluation, MetricRow, Predictor, SearchParam
+from domains.base import META_FILE, Batch, Domain, Evaluation, MetricRow, Predictor, SearchParam, spread
 from domains.calibration import read_calibration, save_calibration
-from domains.forecast import QuantileForecast, interval_offsets, occlusion_explanation, pinball_terms, widened
+from domains.drift import Feature
+from domains.forecast import (
+    QuantileForecast,
+    forecast_score,
+    interval_offsets,
+    occlusion_explanation,
+    pinball_terms,
+    widened,
+)
 from domains.tables import load_table, read_manifest
 from domains.traffic.baselines import (
     draw_forecasts,
@@ -182,6 +191,7 @@ class TrafficDomain(Domain):
     request_model = TrafficRequest
     response_model = TrafficResponse
     truth_model = TrafficTruth
+    quality_metric, quality_mode = "mae", "min"
 
     def prepare(self, data_dir: Path, *, source: Path | None = None, smoke: bool = False,
                 sim: SimSize | Literal["auto"] = "auto") -> dict[str, Any]:
@@ -297,6 +307,48 @@ class TrafficDomain(Domain):
         out["val_mae"] = float(np.mean([v for k, v in out.items() if k.startswith("val_norm_mae_")]))
         out["val_coverage"] = float(inside.sum() / count.sum().clamp_min(1))
         return out
+
+    def features(self, item: dict[str, Any], answer: dict[str, Any]) -> dict[str, Feature]:
+        """The network, the counts' level and missing share, and the 15-minute forecast's change
+        from the last step (relative, +1 so an empty road is no division by zero)."""
+        hist = np.array([[np.nan if v is None else v for v in row] for row in item["history"]], dtype=float)
+        known = ~np.isnan(hist)
+        p50 = float(np.mean([f["horizons"]["15min"]["p50"] for f in answer["forecasts"]]))
+        last = hist[:, -1][known[:, -1]]
+        return {"network": item["network"], "missing": float(1 - known.mean()),
+                "level": float(hist[known].mean()) if known.any() else None,
+                "change": (p50 + 1) / (float(last.mean()) + 1) - 1 if len(last) else None}
+
+    def score(self, answers: Sequence[dict[str, Any]], truths: Sequence[dict[str, Any]]) -> dict[str, float]:
+        """Each count a truth gives against the answer's forecast of that sensor and horizon."""
+        actual, quantiles = [], []
+        for answer, truth in zip(answers, truths, strict=True):
+            forecasts = {f["sensor"]: f["horizons"] for f in answer["forecasts"]}
+            for sensor, counts in truth["counts"].items():
+                for horizon, value in counts.items():
+                    q = forecasts.get(sensor, {}).get(horizon)
+                    if q is not None:
+                        actual.append(value)
+                        quantiles.append((q["p10"], q["p50"], q["p90"]))
+        return forecast_score(np.asarray(actual, dtype=float), np.asarray(quantiles, dtype=float).reshape(-1, 3))
+
+    def reference_cases(self, model_dir: Path, data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Windows of both networks' validation days, as requests for every sensor."""
+        meta = json.loads((Path(model_dir) / META_FILE).read_text())
+        valid = self._tables(data_dir, "valid")
+        windows = {name: make_windows(valid[name], meta["networks"][name]["sensors"], spec)
+                   for name, spec in NETWORKS.items()}
+        origins = [(name, i) for name, win in windows.items() for i in range(len(win.counts))]
+        items, truths = [], []
+        for position in spread(len(origins)):
+            name, i = origins[position]
+            win, sensors = windows[name], meta["networks"][name]["sensors"]
+            items.append({"network": name, "sensors": sensors,
+                          "history": [[None if np.isnan(v) else float(v) for v in row] for row in win.counts[i]],
+                          "last_timestamp": pd.Timestamp(win.hist_times[i, -1]).isoformat()})
+            truths.append({"counts": {s: {h: float(win.actual[i, j, k]) for k, h in enumerate(HORIZONS)
+                                          if not np.isnan(win.actual[i, j, k])} for j, s in enumerate(sensors)}})
+        return items, truths
 
     def calibrate(self, model_dir: Path, data_dir: Path) -> dict[str, Any]:
         """Split-conformal widths of the P10-P90 interval per network and horizon on the validation

@@ -648,6 +648,10 @@ podSelector:
 {{- end -}}
 
 {{/* "true" when the PodMonitor is wanted and the cluster serves its kind. */}}
+{{- define "cityserve.rulesOn" -}}
+{{- and .Values.monitoring.rules.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PrometheusRule") -}}
+{{- end -}}
+
 {{- define "cityserve.podMonitorOn" -}}
 {{- and .Values.monitoring.podMonitor.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PodMonitor") -}}
 {{- end -}}

@@ -74,7 +74,7 @@ def platform(workspace: Workspace) -> Iterator[Platform]:
     tenants_file = workspace.settings.state_dir / "tenants.yaml"
     write_tenants(tenants_file, GRID)
     overlay = TEST_OVERLAY.model_copy(update={"args": {"tenants_file": str(tenants_file),
-                                                       "samples": {"flush_s": 0.5}}})
+                                                       "samples": {"flush_s": 0.5, "monitor_s": 2}}})
     with session_app(workspace, overlay) as record:
         yield record
 
@@ -171,6 +171,41 @@ def test_sampled_requests_and_their_feedback_are_kept_masked(platform: Platform,
     while not [u for u in Store(settings.ledger_location()).usage("sampled") if u.route == "feedback"]:
         assert time.monotonic() < deadline, "the feedback's usage row never reached the ledger"
         time.sleep(0.2)
+    # The monitor actor reads the log back and its gauges reach the node's metrics endpoint, which
+    # Prometheus scrapes, by the names the chart's alert rules use (Ray prefixes them `ray_`): the
+    # sampled items, the live accuracy of the one judged answer, and the gateway's request count.
+    series = {("ray_cityserve_sampled_items", 'domain="events"'): 2.0,
+              ("ray_cityserve_live_quality", 'metric="accuracy"'): float(answers[0]["label"] == "water_sewer")}
+    deadline = time.monotonic() + 90
+    while True:  # each process's agent exports every few seconds: the gateway's counter may come later
+        found = _scraped(series)
+        counted = any(line.startswith("ray_cityserve_requests_total{") for line in _metric_lines())
+        if found == series and counted:
+            break
+        assert time.monotonic() < deadline, f"never reached Prometheus's endpoint: {found}, requests counted {counted}"
+        time.sleep(2)
+
+
+def _metric_lines() -> list[str]:
+    """This node's Prometheus endpoint, line by line."""
+    import ray
+
+    node = ray._private.worker.global_worker.node
+    assert node is not None, "the session's Ray cluster is not running"
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_export_port}/metrics", timeout=10) as resp:
+        return list(resp.read().decode().splitlines())
+
+
+def _scraped(series: dict[tuple[str, str], float]) -> dict[tuple[str, str], float]:
+    """The value of each (metric, label) on this node's Prometheus endpoint: its first line of that
+    metric with that label."""
+    lines = _metric_lines()
+    found = {}
+    for name, label in series:
+        values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{") and label in line]
+        if values:
+            found[name, label] = values[0]
+    return found
 
 
 def test_a_response_carries_its_request_id_once(platform: Platform, keys: dict[str, str]) -> None:

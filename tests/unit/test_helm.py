@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shlex
 import subprocess
 from collections.abc import Iterator
@@ -45,6 +46,7 @@ CHART = REPO / "helm"
 KUBERAY = REPO.parent / "shared" / "kuberay"
 K8S_VERSION = "1.32"
 PODMONITOR_API = "monitoring.coreos.com/v1/PodMonitor"
+RULES_API = "monitoring.coreos.com/v1/PrometheusRule"
 VALUES = ["default", *sorted(p.stem for p in (CHART / "ci").glob("*.yaml"))]
 RAY_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 TENANTS_DIR, LEDGER_DIR = "/etc/cityserve/tenants", "/var/lib/cityserve/ledger"
@@ -85,8 +87,9 @@ def refused(helm: str, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def rendered(helm: str) -> dict[str, list[Doc]]:
-    """Every values file rendered once, in a cluster that serves the PodMonitor kind."""
-    return {name: template(helm, *values_args(name), "--api-versions", PODMONITOR_API) for name in VALUES}
+    """Every values file rendered once, in a cluster that serves the Prometheus Operator's kinds."""
+    return {name: template(helm, *values_args(name), "--api-versions", PODMONITOR_API, "--api-versions", RULES_API)
+            for name in VALUES}
 
 
 def values_of(name: str) -> dict[str, Any]:
@@ -470,6 +473,26 @@ def test_pod_monitor_only_where_the_cluster_has_the_crd(helm: str, rendered: dic
     assert {str(p["port"]) for np in kinds(without, "NetworkPolicy") for r in np["spec"].get("ingress", [])
             for p in r.get("ports", [])} == {"8080", "8265"}  # and Prometheus is not let in
     assert not kinds(rendered["default"], "PodMonitor")  # the CRD alone is not enough: the value is off
+
+
+def test_alert_rules_parse_and_name_metrics_the_platform_exports(helm: str, rendered: dict[str, list[Doc]]) -> None:
+    import promql_parser
+
+    rules = one(rendered["all-on-values"], "PrometheusRule")
+    assert rules["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    alerts = {r["alert"]: r for group in rules["spec"]["groups"] for r in group["rules"]}
+    assert set(alerts) == {"CityServeInputDrift", "CityServeAccuracyDrop", "CityServeForecastErrorUp",
+                           "CityServeServerErrors", "CityServeThrottled", "CityServeReplicasSaturated"}
+    assert alerts["CityServeInputDrift"]["expr"].endswith("> 0.2")  # the values file's threshold
+    sources = "".join(p.read_text() for p in (REPO / "services").glob("*.py"))
+    for name, rule in alerts.items():
+        promql_parser.parse(rule["expr"])  # raises on what Prometheus would refuse
+        assert re.fullmatch(r"\d+[smh]", rule["for"]) and rule["annotations"]["summary"], name
+        for metric in set(re.findall(r"\bray_cityserve_\w+", rule["expr"])):  # Ray prefixes its metrics ray_
+            assert f'"{metric.removeprefix("ray_")}"' in sources, f"{name}: nothing exports {metric}"
+    assert not kinds(template(helm, *values_args("all-on-values"), "--api-versions", PODMONITOR_API),
+                     "PrometheusRule")  # without the CRD, nothing
+    assert not kinds(rendered["default"], "PrometheusRule")  # the CRD alone is not enough: the value is off
 
 
 def test_pdb_holds_the_serving_workers(rendered: dict[str, list[Doc]]) -> None:

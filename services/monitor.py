@@ -1,0 +1,215 @@
+"""How each served model version is doing on live traffic: input and answer drift against its
+reference profile, and live quality from feedback.
+
+Everything comes from the files the gateways write (`services.samples`) and the registry: the
+sampled items of a window (default 7 days) grouped by the version that answered, their features
+(`Domain.features`) binned against that version's profile (`domains.drift`), and the feedback that
+joins them on (tenant, request id, item) scored by `Domain.score` — the function that scored the
+validation split when the profile was made, so live and reference quality compare like for like.
+
+`cityserve monitor` prints it; the `Monitor` actor (one per registry, started by the first
+gateway replica) exports it to Prometheus every `samples.monitor_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from domains import get_domain
+from domains.drift import MIN_ITEMS, PROFILE_FILE, drift
+from services.samples import Root, SampleArgs, read
+from training.registry import Registry
+
+logger = logging.getLogger(__name__)
+WINDOW_DAYS = 7
+
+
+@dataclass
+class Day:
+    """One UTC day of a version's live traffic."""
+
+    day: str
+    items: int
+    feedback: int
+    max_psi: float | None  # None: fewer than MIN_ITEMS items that day
+    quality: float | None  # the domain's quality metric on that day's feedback
+
+
+@dataclass
+class VersionHealth:
+    """A version's live traffic over the window."""
+
+    domain: str
+    version: str
+    items: int  # sampled items it answered
+    feedback: int  # of them, items with feedback
+    metric: str  # the domain's quality metric, and whether higher is better
+    mode: str
+    drift: dict[str, float] = field(default_factory=dict)  # PSI per feature; empty: too few items or no profile
+    quality: dict[str, float] = field(default_factory=dict)  # live, on feedback
+    reference: dict[str, float] = field(default_factory=dict)  # on the validation split, at registration
+    days: list[Day] = field(default_factory=list)
+    note: str = ""  # why a figure is missing
+
+    @property
+    def max_psi(self) -> tuple[str, float] | None:
+        return max(self.drift.items(), key=lambda kv: kv[1]) if self.drift else None
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def latest_feedback(table: pa.Table) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Each (tenant, request id, item)'s last feedback: a resend replaces what it sent before."""
+    out: dict[tuple[str, str, int], tuple[Any, dict[str, Any]]] = {}
+    for row in table.to_pylist():
+        key = (row["tenant"], row["request_id"], row["item"])
+        if key not in out or row["at"] >= out[key][0]:
+            out[key] = (row["at"], json.loads(row["truth"]))
+    return {k: truth for k, (_, truth) in out.items()}
+
+
+def health(registry: Registry, root: Root, domain: str, days: int = WINDOW_DAYS,
+           now: float | None = None) -> list[VersionHealth]:
+    """Each version that answered sampled `domain` traffic in the last `days` days, newest first."""
+    dom = get_domain(domain)
+    since = (time.time() if now is None else now) - days * 86400
+    samples = [r for r in read(root, "samples", domain).to_pylist() if r["at"].timestamp() >= since]
+    truths = latest_feedback(read(root, "feedback", domain))
+    by_version: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in samples:
+        by_version[row["model_version"]].append(row)
+    out = []
+    for version, rows in sorted(by_version.items(), key=lambda kv: _version_number(kv[0]), reverse=True):
+        profile, note = _profile(registry, domain, version)
+        items = [json.loads(r["request"]) for r in rows]
+        answers = [json.loads(r["answer"]) for r in rows]
+        features = [dom.features(i, a) for i, a in zip(items, answers, strict=True)]
+        keys = [(r["tenant"], r["request_id"], r["item"]) for r in rows]
+        judged = [n for n, k in enumerate(keys) if k in truths]
+        report = VersionHealth(domain, version, len(rows), len(judged), dom.quality_metric, dom.quality_mode,
+                               reference=(profile or {}).get("quality", {}), note=note)
+        if profile is not None and len(rows) >= MIN_ITEMS:
+            report.drift = drift(profile, features)
+        elif profile is not None:
+            report.note = f"drift needs {MIN_ITEMS} sampled items; {len(rows)} so far"
+        if judged:
+            report.quality = dom.score([answers[n] for n in judged], [truths[keys[n]] for n in judged])
+        per_day: dict[str, list[int]] = defaultdict(list)
+        for n, row in enumerate(rows):
+            per_day[row["at"].strftime("%Y-%m-%d")].append(n)
+        for day, members in sorted(per_day.items()):
+            day_judged = [n for n in members if keys[n] in truths]
+            day_psi = drift(profile, [features[n] for n in members]) if profile and len(members) >= MIN_ITEMS else {}
+            scored = dom.score([answers[n] for n in day_judged], [truths[keys[n]] for n in day_judged]) \
+                if day_judged else {}
+            report.days.append(Day(day, len(members), len(day_judged), max(day_psi.values()) if day_psi else None,
+                                   scored.get(dom.quality_metric)))
+        out.append(report)
+    return out
+
+
+def _profile(registry: Registry, domain: str, version: str) -> tuple[dict[str, Any] | None, str]:
+    """A version's reference profile, or None and why there is none."""
+    try:
+        data = registry.version_file(registry.get(domain, version), PROFILE_FILE)
+    except Exception as exc:  # the version was deleted, or the registry is away: the rest still shows
+        logger.warning("%s %s: no profile (%s)", domain, version, exc)
+        return None, f"its profile cannot be read: {exc}"
+    if data is None:
+        return None, f"no reference profile: made before profiles; run `cityserve models calibrate {domain} {version}`"
+    return json.loads(data), ""
+
+
+def _version_number(version: str) -> int:
+    return int(version[1:]) if version[1:].isdigit() else -1
+
+
+class Monitor:
+    """The actor exporting each served domain's `health` as gauges (every node's metrics agent
+    hands them to Prometheus):
+
+    - `cityserve_drift_psi{domain, version, feature}`: PSI over the window;
+    - `cityserve_live_quality{domain, version, metric}` and `cityserve_reference_quality{...}`:
+      every figure of `Domain.score`, on feedback and on the validation split;
+    - `cityserve_sampled_items{domain, version}` and `cityserve_feedback_items{domain, version}`.
+
+    A series set in one round and not the next (a version that left the window, a drift figure
+    with too few items now) is set to NaN, which no alert rule's comparison holds for."""
+
+    def __init__(self, registry_uri: str, domains: list[str], args: dict[str, Any]) -> None:
+        from ray.util.metrics import Gauge
+
+        self.registry = Registry(registry_uri)
+        self.root = registry_uri
+        self.domains = domains
+        self.args = SampleArgs.model_validate(args)
+        self.task: asyncio.Task[None] | None = None
+        self.updated_at: float | None = None
+        self.shown: set[tuple[str, tuple[tuple[str, str], ...]]] = set()  # (gauge, tags) set last round
+        keys = ("domain", "version")
+        self.psi = Gauge("cityserve_drift_psi", description="Population-stability index of a feature over the "
+                         "window against the version's reference profile.", tag_keys=(*keys, "feature"))
+        self.live = Gauge("cityserve_live_quality", description="Quality on the window's feedback.",
+                          tag_keys=(*keys, "metric"))
+        self.reference = Gauge("cityserve_reference_quality", description="Quality on the validation split, "
+                               "at registration.", tag_keys=(*keys, "metric"))
+        self.sampled = Gauge("cityserve_sampled_items", description="Sampled items in the window.", tag_keys=keys)
+        self.judged = Gauge("cityserve_feedback_items", description="Sampled items with feedback in the window.",
+                            tag_keys=keys)
+
+    async def start(self) -> None:
+        """Starts the export loop, once (every gateway replica asks)."""
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.update)
+            except Exception:  # the registry is away: the next round tries again
+                logger.exception("monitor update failed")
+            await asyncio.sleep(self.args.monitor_s)
+
+    def update(self) -> None:
+        values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for domain in self.domains:
+            for h in health(self.registry, self.root, domain, self.args.window_days):
+                tags: tuple[tuple[str, str], ...] = (("domain", domain), ("version", h.version))
+                values["sampled", tags] = h.items
+                values["judged", tags] = h.feedback
+                values.update({("psi", (*tags, ("feature", f))): v for f, v in h.drift.items()})
+                values.update({("live", (*tags, ("metric", m))): v for m, v in h.quality.items()})
+                values.update({("reference", (*tags, ("metric", m))): v for m, v in h.reference.items()})
+        for gone in self.shown - values.keys():
+            values[gone] = math.nan
+        for (gauge, tags), value in values.items():
+            getattr(self, gauge).set(value, tags=dict(tags))
+        self.shown = {k for k, v in values.items() if not math.isnan(v)}
+        self.updated_at = time.time()
+
+    async def status(self) -> dict[str, Any]:
+        return {"updated_at": self.updated_at, "domains": self.domains}
+
+
+def monitor_actor(registry_uri: str, domains: list[str], args: SampleArgs) -> Any:
+    """The registry's monitor actor, created by the first gateway replica that asks, and started."""
+    import ray
+
+    from services.admission import NAMESPACE, ledger_digest
+
+    actor = ray.remote(Monitor).options(
+        name=f"cityserve-monitor-{ledger_digest(registry_uri)}", namespace=NAMESPACE, lifetime="detached",
+        get_if_exists=True, num_cpus=0, max_restarts=-1,
+    ).remote(registry_uri, domains, args.model_dump())
+    actor.start.remote()  # type: ignore[attr-defined]
+    return actor
