@@ -265,16 +265,16 @@ def models_optimize(domain: str, version: str, as_json: bool) -> None:
 @friendly_errors
 def models_calibrate(domain: str, version: str, as_json: bool) -> None:
     """(Re)fit VERSION's calibration on its validation split: the text models' temperature and
-    `uncertain` threshold per backend, the forecasters' P10-P90 widths; then its reference profile,
+    `uncertain` threshold per backend, the forecasters' P10-P90 widths; then its reference,
     what drift and live quality are measured against (both made at registration; this is for a
     version registered before)."""
     from domains import get_domain
     from training.runs import calibrate_version
 
     v = calibrate_version(get_domain(domain), workspace(), version)
-    fitted = {"calibration": v.record.get("calibration", {}), "reference quality": v.record["profile"]["quality"]}
+    fitted = {"calibration": v.record.get("calibration", {}), "reference quality": v.record["reference"]["quality"]}
     rows = [(" ".join(path), value) for path, value in _leaves(fitted)]
-    print_table(f"{domain} {v.version}: fitted on the validation split ({v.record['profile']['items']} cases)",
+    print_table(f"{domain} {v.version}: fitted on the validation split ({v.record['reference']['items']} cases)",
                 ["what", "value"], rows, as_json)
 
 

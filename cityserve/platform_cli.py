@@ -349,7 +349,7 @@ def samples_sweep(retention_days: int, as_json: bool) -> None:
 @friendly_errors
 def monitor(domains: tuple[str, ...], days: int, as_json: bool) -> None:
     """Each version's live traffic from the sample log and feedback: drift from its reference
-    profile (PSI: < 0.1 stable, > 0.25 a shift) and quality on feedback against the validation
+    (PSI: < 0.1 stable, > 0.25 a shift) and quality on feedback against the validation
     split's, with a day-by-day line of each (docs/learning-loop.md)."""
     from domains.drift import SHIFT, reading
     from services.monitor import health

@@ -29,9 +29,9 @@ Batch = dict[str, torch.Tensor]
 WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 META_FILE = "meta.json"
-# A reference profile is made from at most this many validation cases (enough for deciles that
+# A version's reference (`Domain.reference`) is made from at most this many validation cases (enough for deciles that
 # hold still), answered in batches of this many.
-PROFILE_CASES, PROFILE_BATCH = 1000, 64
+REFERENCE_CASES, REFERENCE_BATCH = 1000, 64
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,9 @@ class Evaluation:
 
 
 def spread(n: int) -> list[int]:
-    """At most `PROFILE_CASES` positions of `n`, evenly spread (all of them when there are fewer)."""
-    return sorted({round(i * (n - 1) / max(PROFILE_CASES - 1, 1)) for i in range(min(n, PROFILE_CASES))}) \
-        if n > PROFILE_CASES else list(range(n))
+    """At most `REFERENCE_CASES` positions of `n`, evenly spread (all of them when there are fewer)."""
+    return sorted({round(i * (n - 1) / max(REFERENCE_CASES - 1, 1)) for i in range(min(n, REFERENCE_CASES))}) \
+        if n > REFERENCE_CASES else list(range(n))
 
 
 def request_example(model: type[BaseModel]) -> dict[str, Any]:
@@ -222,26 +222,26 @@ class Domain(ABC):
 
     @abstractmethod
     def reference_cases(self, model_dir: Path, data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Request items of the validation split (at most `PROFILE_CASES`, spread over it) for the
+        """Request items of the validation split (at most `REFERENCE_CASES`, spread over it) for the
         version in `model_dir` (a forecaster's sensors or series), and their truths, as a tenant
         would send them."""
 
-    def profile(self, model_dir: Path, data_dir: Path) -> dict[str, Any]:
-        """The version's reference profile (`domains.drift`): its validation cases answered as the
+    def reference(self, model_dir: Path, data_dir: Path) -> dict[str, Any]:
+        """The version's reference (`domains.drift`): its validation cases answered as the
         version serves (calibrated, on its default backend), their features' bins and the quality
         `score` gives them; saved in `model_dir`, returned for the record."""
-        from domains.drift import fit, save_profile
+        from domains.drift import fit, save_reference
 
         items, truths = self.reference_cases(model_dir, data_dir)
         predictor = self.load_predictor(model_dir, "")
         answers = []
-        for start in range(0, len(items), PROFILE_BATCH):
-            batch = [self.request_model.model_validate(i) for i in items[start:start + PROFILE_BATCH]]
+        for start in range(0, len(items), REFERENCE_BATCH):
+            batch = [self.request_model.model_validate(i) for i in items[start:start + REFERENCE_BATCH]]
             answers += [a.model_dump(mode="json", exclude_none=True) for a in predictor.predict(batch)]
         # Features of the items as the sample log keeps them, masked: a text's length is measured
         # the same way live and here.
         rows = [self.features(self.masked(i), a) for i, a in zip(items, answers, strict=True)]
-        return save_profile(model_dir, {"items": len(items), "features": fit(rows),
+        return save_reference(model_dir, {"items": len(items), "features": fit(rows),
                                         "quality": self.score(answers, truths)})
 
     def calibrate(self, model_dir: Path, data_dir: Path) -> dict[str, Any] | None:

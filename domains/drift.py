@@ -1,10 +1,11 @@
-"""A version's reference profile, and how far live traffic has moved from it.
+"""A version's reference, and how far live traffic has moved from it.
 
-At registration each version answers its validation split as it will serve (`Domain.profile`):
+At registration each version answers its validation split as it will serve (`Domain.reference`):
 the distribution of each of the domain's features of a request and its answer
 (`Domain.features`: the class answered, the confidence, a text's length, a forecast's level...)
 and the quality of those answers against the split's truth (`Domain.score`, the same function
-that scores live feedback). Both are saved beside the weights as `PROFILE_FILE`.
+that scores live feedback). Both are saved beside the weights as `REFERENCE_FILE`, and summed up
+in the version's record as `reference` (its `profile` is the training profile: smoke, quick, full).
 
 Live, the same features of the sampled requests are binned the same way and compared with the
 population-stability index, PSI = Σ (live − reference) · ln(live / reference) over the bins:
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-PROFILE_FILE = "profile.json"
+REFERENCE_FILE = "reference.json"
 BINS = 10
 # A bin no reference (or live) value fell in counts as this share: PSI's logarithm needs both > 0.
 FLOOR = 1e-4
@@ -76,10 +77,10 @@ def psi(pairs: Sequence[tuple[float, float]]) -> float:
     return float(sum((b - a) * math.log(b / a) for a, b in ((max(a, FLOOR), max(b, FLOOR)) for a, b in pairs)))
 
 
-def drift(profile: dict[str, Any], rows: Sequence[dict[str, Feature]]) -> dict[str, float]:
-    """Each profiled feature's PSI between the reference and live `rows` (features of live items)."""
+def drift(reference: dict[str, Any], rows: Sequence[dict[str, Feature]]) -> dict[str, float]:
+    """Each referenced feature's PSI between the reference and live `rows` (features of live items)."""
     return {name: psi(shares(feature, [row.get(name) for row in rows]))
-            for name, feature in profile["features"].items()}
+            for name, feature in reference["features"].items()}
 
 
 def reading(value: float | None) -> str:
@@ -89,14 +90,14 @@ def reading(value: float | None) -> str:
     return "shift" if value > SHIFT else "some shift" if value > SOME_SHIFT else "stable"
 
 
-def save_profile(model_dir: Path, profile: dict[str, Any]) -> dict[str, Any]:
-    """Writes `profile` as the model directory's `PROFILE_FILE`; returns the record's entry: the
+def save_reference(model_dir: Path, reference: dict[str, Any]) -> dict[str, Any]:
+    """Writes `reference` as the model directory's `REFERENCE_FILE`; returns the record's entry: the
     items it was made from and the reference quality (the bins stay in the file)."""
-    (Path(model_dir) / PROFILE_FILE).write_text(json.dumps(profile))
-    return {"items": profile["items"], "quality": profile["quality"]}
+    (Path(model_dir) / REFERENCE_FILE).write_text(json.dumps(reference))
+    return {"items": reference["items"], "quality": reference["quality"]}
 
 
-def read_profile(model_dir: Path) -> dict[str, Any] | None:
-    """A model directory's profile, or None for a version registered before profiles existed."""
-    path = Path(model_dir) / PROFILE_FILE
+def read_reference(model_dir: Path) -> dict[str, Any] | None:
+    """A model directory's reference, or None for a version registered before references existed."""
+    path = Path(model_dir) / REFERENCE_FILE
     return json.loads(path.read_text()) if path.is_file() else None

@@ -1,11 +1,11 @@
 """How each served model version is doing on live traffic: input and answer drift against its
-reference profile, and live quality from feedback.
+reference, and live quality from feedback.
 
 Everything comes from the files the gateways write (`services.samples`) and the registry: the
 sampled items of a window (default 7 days) grouped by the version that answered, their features
-(`Domain.features`) binned against that version's profile (`domains.drift`), and the feedback that
+(`Domain.features`) binned against that version's reference (`domains.drift`), and the feedback that
 joins them on (tenant, request id, item) scored by `Domain.score` — the function that scored the
-validation split when the profile was made, so live and reference quality compare like for like.
+validation split when the reference was made, so live and reference quality compare like for like.
 
 `cityserve monitor` prints it; the `Monitor` actor (one per registry, started by the first
 gateway replica) exports it to Prometheus every `samples.monitor_s`.
@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 
 from domains import get_domain
-from domains.drift import MIN_ITEMS, PROFILE_FILE, drift
+from domains.drift import MIN_ITEMS, REFERENCE_FILE, drift
 from services.samples import Root, SampleArgs, read
 from training.registry import Registry
 
@@ -54,7 +54,7 @@ class VersionHealth:
     feedback: int  # of them, items with feedback
     metric: str  # the domain's quality metric, and whether higher is better
     mode: str
-    drift: dict[str, float] = field(default_factory=dict)  # PSI per feature; empty: too few items or no profile
+    drift: dict[str, float] = field(default_factory=dict)  # PSI per feature; empty: too few items or no reference
     quality: dict[str, float] = field(default_factory=dict)  # live, on feedback
     reference: dict[str, float] = field(default_factory=dict)  # on the validation split, at registration
     days: list[Day] = field(default_factory=list)
@@ -90,17 +90,17 @@ def health(registry: Registry, root: Root, domain: str, days: int = WINDOW_DAYS,
         by_version[row["model_version"]].append(row)
     out = []
     for version, rows in sorted(by_version.items(), key=lambda kv: _version_number(kv[0]), reverse=True):
-        profile, note = _profile(registry, domain, version)
+        reference, note = _reference(registry, domain, version)
         items = [json.loads(r["request"]) for r in rows]
         answers = [json.loads(r["answer"]) for r in rows]
         features = [dom.features(i, a) for i, a in zip(items, answers, strict=True)]
         keys = [(r["tenant"], r["request_id"], r["item"]) for r in rows]
         judged = [n for n, k in enumerate(keys) if k in truths]
         report = VersionHealth(domain, version, len(rows), len(judged), dom.quality_metric, dom.quality_mode,
-                               reference=(profile or {}).get("quality", {}), note=note)
-        if profile is not None and len(rows) >= MIN_ITEMS:
-            report.drift = drift(profile, features)
-        elif profile is not None:
+                               reference=(reference or {}).get("quality", {}), note=note)
+        if reference is not None and len(rows) >= MIN_ITEMS:
+            report.drift = drift(reference, features)
+        elif reference is not None:
             report.note = f"drift needs {MIN_ITEMS} sampled items; {len(rows)} so far"
         if judged:
             report.quality = dom.score([answers[n] for n in judged], [truths[keys[n]] for n in judged])
@@ -109,7 +109,8 @@ def health(registry: Registry, root: Root, domain: str, days: int = WINDOW_DAYS,
             per_day[row["at"].strftime("%Y-%m-%d")].append(n)
         for day, members in sorted(per_day.items()):
             day_judged = [n for n in members if keys[n] in truths]
-            day_psi = drift(profile, [features[n] for n in members]) if profile and len(members) >= MIN_ITEMS else {}
+            day_psi = drift(reference, [features[n] for n in members]) \
+                if reference and len(members) >= MIN_ITEMS else {}
             scored = dom.score([answers[n] for n in day_judged], [truths[keys[n]] for n in day_judged]) \
                 if day_judged else {}
             report.days.append(Day(day, len(members), len(day_judged), max(day_psi.values()) if day_psi else None,
@@ -118,15 +119,15 @@ def health(registry: Registry, root: Root, domain: str, days: int = WINDOW_DAYS,
     return out
 
 
-def _profile(registry: Registry, domain: str, version: str) -> tuple[dict[str, Any] | None, str]:
-    """A version's reference profile, or None and why there is none."""
+def _reference(registry: Registry, domain: str, version: str) -> tuple[dict[str, Any] | None, str]:
+    """A version's reference, or None and why there is none."""
     try:
-        data = registry.version_file(registry.get(domain, version), PROFILE_FILE)
+        data = registry.version_file(registry.get(domain, version), REFERENCE_FILE)
     except Exception as exc:  # the version was deleted, or the registry is away: the rest still shows
-        logger.warning("%s %s: no profile (%s)", domain, version, exc)
-        return None, f"its profile cannot be read: {exc}"
+        logger.warning("%s %s: no reference (%s)", domain, version, exc)
+        return None, f"its reference cannot be read: {exc}"
     if data is None:
-        return None, f"no reference profile: made before profiles; run `cityserve models calibrate {domain} {version}`"
+        return None, f"no reference: made before references; run `cityserve models calibrate {domain} {version}`"
     return json.loads(data), ""
 
 
@@ -158,7 +159,7 @@ class Monitor:
         self.shown: set[tuple[str, tuple[tuple[str, str], ...]]] = set()  # (gauge, tags) set last round
         keys = ("domain", "version")
         self.psi = Gauge("cityserve_drift_psi", description="Population-stability index of a feature over the "
-                         "window against the version's reference profile.", tag_keys=(*keys, "feature"))
+                         "window against the version's reference.", tag_keys=(*keys, "feature"))
         self.live = Gauge("cityserve_live_quality", description="Quality on the window's feedback.",
                           tag_keys=(*keys, "metric"))
         self.reference = Gauge("cityserve_reference_quality", description="Quality on the validation split, "

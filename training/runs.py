@@ -17,7 +17,7 @@ from core.settings import Settings
 from core.storage import Location
 from domains.base import Domain
 from domains.calibration import CALIBRATION_FILE
-from domains.drift import PROFILE_FILE
+from domains.drift import REFERENCE_FILE
 from domains.onnx_text import ARTIFACTS, ExportError
 from domains.tables import read_manifest
 from training.loop import TRAIN_STATE, train_loop_per_worker
@@ -26,7 +26,7 @@ from training.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 # What `fitted` makes in a model directory.
-FITTED_FILES = (CALIBRATION_FILE, PROFILE_FILE)
+FITTED_FILES = (CALIBRATION_FILE, REFERENCE_FILE)
 
 
 def smoke_data_dir(settings: Settings) -> Path:
@@ -98,12 +98,12 @@ def optimized(domain: Domain, model_dir: Path, data_dir: Path) -> dict[str, Any]
 
 def fitted(domain: Domain, model_dir: Path, data_dir: Path) -> dict[str, Any]:
     """The record entries of what is fitted on the validation split, made in the model directory:
-    `calibration` (`Domain.calibrate`, for each artifact it serves with), then `profile`, the
-    reference of its calibrated answers that drift and live quality are measured against
-    (`Domain.profile`)."""
+    `calibration` (`Domain.calibrate`, for each artifact it serves with), then `reference`, its
+    calibrated answers' features and quality that drift and live quality are measured against
+    (`Domain.reference`)."""
     calibration = domain.calibrate(model_dir, data_dir)
     return {**({"calibration": calibration} if calibration is not None else {}),
-            "profile": domain.profile(model_dir, data_dir)}
+            "reference": domain.reference(model_dir, data_dir)}
 
 
 def optimize_version(domain: Domain, workspace: Workspace, ref: str) -> Version:
@@ -119,17 +119,17 @@ def optimize_version(domain: Domain, workspace: Workspace, ref: str) -> Version:
         files = {name: work / name if (work / name).is_file() else None for name in made}
         return workspace.registry.add_files(domain.name, version.version, files,
                                             {"inference": None, "inference_error": None, "calibration": None,
-                                             "profile": None, **entries})
+                                             "reference": None, **entries})
 
 
 def calibrate_version(domain: Domain, workspace: Workspace, ref: str) -> Version:
-    """(Re)fits a registered version's calibration and reference profile on its validation split
+    """(Re)fits a registered version's calibration and reference on its validation split
     (`cityserve models calibrate`): for a version registered before they existed."""
     with _working_copy(workspace, domain, ref, without=list(FITTED_FILES)) as (version, work):
         entries = fitted(domain, work, workspace.data_dir_of(version))
         files = {name: work / name if (work / name).is_file() else None for name in FITTED_FILES}
         return workspace.registry.add_files(domain.name, version.version, files,
-                                            {"calibration": None, "profile": None, **entries})
+                                            {"calibration": None, "reference": None, **entries})
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from cityserve import cli
 from core.settings import get_settings
 from domains import metrics
 from domains.calibration import CALIBRATION_FILE, Calibration, ece, fit_temperature, flagged, scaled, uncertain_below
-from domains.drift import PROFILE_FILE
+from domains.drift import REFERENCE_FILE
 from domains.forecast import MISS, interval_offsets, widened
 from tests.unit.conftest import SmokeRun
 from training.registry import Registry
@@ -145,8 +145,8 @@ def test_models_calibrate_fits_a_version_registered_without_calibration(
     rows = {row["what"]: row["value"] for row in json.loads(out.output)}
     calibrated = registry.get("energy", plain.version)
     series = calibrated.record["calibration"]["intervals"]
-    quality = calibrated.record["profile"]["quality"]
+    quality = calibrated.record["reference"]["quality"]
     assert set(rows) == {f"calibration intervals {name}" for name in series} | {"calibration unit"} | {
         f"reference quality {metric}" for metric in quality}
-    assert {CALIBRATION_FILE, PROFILE_FILE} <= set(calibrated.record["files"]) and "mape" in quality
+    assert {CALIBRATION_FILE, REFERENCE_FILE} <= set(calibrated.record["files"]) and "mape" in quality
     assert registry.load_predictor(run.domain, plain.version).intervals == series  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""Drift and live quality: the population-stability index, a version's reference profile made at
+"""Drift and live quality: the population-stability index, a version's reference made at
 registration, and `health` / `cityserve monitor` reading the sample log and feedback back — with
 the smoke-trained events model answering its own validation split as "live" traffic."""
 
@@ -29,22 +29,22 @@ DOMAIN = "events"
 
 def test_psi_is_zero_for_the_reference_and_grows_with_a_shift() -> None:
     rng = np.random.default_rng(0)
-    reference: list[dict[str, drift.Feature]] = [{"x": float(v), "c": "a" if v > 0 else "b"}
-                                                 for v in rng.normal(0, 1, 2000)]
-    profile = {"features": drift.fit(reference)}
-    assert len(profile["features"]["x"]["edges"]) == drift.BINS - 1
-    same = drift.drift(profile, reference)
+    rows: list[dict[str, drift.Feature]] = [{"x": float(v), "c": "a" if v > 0 else "b"}
+                                            for v in rng.normal(0, 1, 2000)]
+    reference = {"features": drift.fit(rows)}
+    assert len(reference["features"]["x"]["edges"]) == drift.BINS - 1
+    same = drift.drift(reference, rows)
     assert same["x"] < 1e-9 and same["c"] < 1e-9
-    nearby = drift.drift(profile, [{"x": float(v)} for v in rng.normal(0, 1, 2000)])
+    nearby = drift.drift(reference, [{"x": float(v)} for v in rng.normal(0, 1, 2000)])
     assert nearby["x"] < SOME_SHIFT  # a fresh draw of the same distribution
-    moved = drift.drift(profile, [{"x": float(v) + 1, "c": "new"} for v in rng.normal(0, 1, 2000)])
+    moved = drift.drift(reference, [{"x": float(v) + 1, "c": "new"} for v in rng.normal(0, 1, 2000)])
     assert moved["x"] > SHIFT and moved["c"] > SHIFT  # the category never seen lands in the "other" bin
-    assert drift.shares(profile["features"]["c"], ["new"])[-1] == (0.0, 1.0)
+    assert drift.shares(reference["features"]["c"], ["new"])[-1] == (0.0, 1.0)
 
 
 @pytest.fixture(scope="module")
 def version(run: SmokeRun, tmp_path_factory: pytest.TempPathFactory) -> tuple[Registry, Path, Path]:
-    """The smoke model registered with its calibration and profile, as registration makes them;
+    """The smoke model registered with its calibration and reference, as registration makes them;
     the registry's root (where the sample log goes), and the model's folder."""
     assert run.history  # trained
     root = tmp_path_factory.mktemp("monitor")
@@ -52,7 +52,7 @@ def version(run: SmokeRun, tmp_path_factory: pytest.TempPathFactory) -> tuple[Re
     shutil.copytree(run.model_dir, work)
     entries = fitted(run.domain, work, run.data_dir)
     registry = Registry(str(root / "registry"))
-    registry.register(DOMAIN, work, {"metric": "val_macro_f1", "metrics": {}, **entries})
+    registry.register(DOMAIN, work, {"metric": "val_macro_f1", "metrics": {}, "profile": "smoke", **entries})
     return registry, work, root / "registry"
 
 
@@ -66,16 +66,17 @@ def live_traffic(run: SmokeRun, work: Path) -> tuple[list[dict[str, Any]], list[
     return items, answers, truths
 
 
-def test_the_profile_holds_the_validation_splits_features_and_quality(version: tuple[Registry, Path, Path],
+def test_the_reference_holds_the_validation_splits_features_and_quality(version: tuple[Registry, Path, Path],
                                                                       run: SmokeRun) -> None:
     registry, work, _ = version
     record = registry.get(DOMAIN, "v1").record
-    profile = json.loads(registry.version_file(registry.get(DOMAIN, "v1"), drift.PROFILE_FILE) or b"")
-    assert record["profile"] == {"items": profile["items"], "quality": profile["quality"]}
-    assert set(profile["features"]) == {"label", "priority", "confidence", "length"}
+    reference = json.loads(registry.version_file(registry.get(DOMAIN, "v1"), drift.REFERENCE_FILE) or b"")
+    assert record["reference"] == {"items": reference["items"], "quality": reference["quality"]}
+    assert record["profile"] == "smoke"  # the training profile's entry, which the reference must not replace
+    assert set(reference["features"]) == {"label", "priority", "confidence", "length"}
     _, answers, truths = live_traffic(run, work)
-    assert profile["items"] == len(answers) >= MIN_ITEMS
-    assert profile["quality"] == run.domain.score(answers, truths)
+    assert reference["items"] == len(answers) >= MIN_ITEMS
+    assert reference["quality"] == run.domain.score(answers, truths)
     assert run.domain.score(answers, [{"label": a["label"]} for a in answers])["accuracy"] == 1.0
 
 
