@@ -202,11 +202,8 @@ def _promote(domain: Domain, ws: Workspace, version: str) -> Version:
 
 def _announce(ws: Workspace, domain: str, version: str) -> None:
     """Says what changed, and has the running platform (if any) reload the domain without a restart."""
-    from services.platform import reload_domain
-
     console.print(f"{domain} production is now {version}")
-    if reload_domain(ws, domain, version):
-        console.print(f"the running platform now serves {domain} {version}")
+    _reload(ws, domain)
 
 
 @models.command("list")
@@ -315,6 +312,56 @@ def models_rollback(domain: str, yes: bool) -> None:
     ws = workspace()
     v = ws.registry.rollback(domain)
     _announce(ws, domain, v.version)
+
+
+@models.command("canary")
+@click.argument("domain", type=DOMAIN)
+@click.argument("version")
+@click.option("--weight", type=click.FloatRange(0, 100, min_open=True), default=10, show_default=True,
+              help="Percent of the domain's requests it answers (or, with --shadow, answers a copy of).")
+@click.option("--shadow", is_flag=True, help="Answer a copy of that share beside production, never returned: its "
+              "answers are recorded in the sample log (tenants that sample) for `cityserve monitor`.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@friendly_errors
+def models_canary(domain: str, version: str, weight: float, shadow: bool, yes: bool) -> None:
+    """Try VERSION of DOMAIN on a share of live traffic beside production (checked as promote
+    checks it); answers carry X-Model-Version. End it with `models promote` or `models abort`.
+    Run again with another --weight to change the share."""
+    from domains import get_domain
+
+    share = f"a shadow copy of {weight:g}%" if shadow else f"{weight:g}%"
+    if not yes:
+        click.confirm(f"Send {share} of {domain} requests to {version}?", abort=True)
+    ws = workspace()
+    dom = get_domain(domain)
+    v = ws.registry.start_canary(domain, version, weight, shadow=shadow,
+                                 verify=lambda path: dom.load_predictor(path, version))
+    console.print(f"{domain} {v.version} now answers {share} of requests")
+    _reload(ws, domain)
+
+
+@models.command("abort")
+@click.argument("domain", type=DOMAIN)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@friendly_errors
+def models_abort(domain: str, yes: bool) -> None:
+    """End DOMAIN's canary without promoting it: production answers every request again."""
+    if not yes:
+        click.confirm(f"End {domain}'s canary?", abort=True)
+    ws = workspace()
+    version = ws.registry.abort_canary(domain)
+    console.print(f"{domain} canary of {version} ended; production answers every request")
+    _reload(ws, domain)
+
+
+def _reload(ws: Workspace, domain: str) -> None:
+    """Has the running platform (if any) take up the domain's stages, and says so."""
+    from services.platform import reload_domain
+
+    production, canary = ws.registry.get(domain).version, ws.registry.canary(domain)
+    if reload_domain(ws, domain, production, canary=canary["version"] if canary else None):
+        console.print(f"the running platform took it up ({domain} production {production}"
+                      f"{', canary ' + canary['version'] if canary else ''})")
 
 
 # ---- run -------------------------------------------------------------------------------------

@@ -355,27 +355,29 @@ def monitor(domains: tuple[str, ...], days: int, as_json: bool) -> None:
     from services.monitor import health
 
     ws = workspace()
-    reports = [h for d in (domains or sorted(DOMAINS)) for h in health(ws.registry, ws.settings.registry_location(),
-                                                                        d, days)]
+    reports = {d: health(ws.registry, ws.settings.registry_location(), d, days) for d in domains or sorted(DOMAINS)}
     if as_json:
-        click.echo(json.dumps([r.as_json() for r in reports], indent=2))
+        click.echo(json.dumps([r.as_json() for found in reports.values() for r in found], indent=2))
         return
-    rows = []
-    for r in reports:
-        top = r.max_psi
-        live, ref = r.quality.get(r.metric), r.reference.get(r.metric)
-        quality = f"{r.metric} {_figure(live)} vs {_figure(ref)}"
-        rows.append((r.domain, r.version, r.items, r.feedback,
-                     f"{top[1]:.2f} {top[0]} ({reading(top[1])})" if top else reading(None),
-                     sparkline([d.max_psi for d in r.days], 0.0, 2 * SHIFT), quality,
-                     sparkline([d.quality for d in r.days], *_quality_scale(r))))
-    print_table(f"live models, last {days} days (samples and feedback)",
-                ["domain", "version", "sampled", "feedback", "drift: worst feature", "by day",
-                 "quality: live vs validation", "by day"], rows, False)
-    for r in reports:
-        if r.note:
-            console.print(f"{r.domain} {r.version}: {r.note}")
-    if not reports:
+    for domain, found in reports.items():
+        if not found:
+            continue
+        rows = []
+        for r in found:  # side by side: production and a canary (or shadow) of the same days
+            top = r.max_psi
+            role = " shadow" if r.shadowed == r.items else ""
+            rows.append((r.version + role, r.items, r.feedback, round(r.latency_p50_ms),
+                         f"{top[1]:.2f} {top[0]} ({reading(top[1])})" if top else reading(None),
+                         sparkline([d.max_psi for d in r.days], 0.0, 2 * SHIFT),
+                         f"{_figure(r.quality.get(r.metric))} vs {_figure(r.reference.get(r.metric))}",
+                         sparkline([d.quality for d in r.days], *_quality_scale(r))))
+        print_table(f"{domain}: last {days} days of samples and feedback", [
+            "version", "sampled", "judged", "p50 ms", "drift: worst feature", "by day",
+            f"{found[0].metric}: live vs validation", "by day"], rows, False)
+        for r in found:
+            if r.note:
+                console.print(f"{domain} {r.version}: {r.note}")
+    if not any(reports.values()):
         console.print("nothing sampled in the window: turn sampling on with `cityserve tenants set-quota NAME "
                       "--sample-rate R`")
 

@@ -92,7 +92,8 @@ class Backend(Protocol):
 
     async def predict(self, domain: str, items: list[dict[str, Any]], explain: bool = False) -> dict[str, Any]:
         """`{"version", "items"}`, or `{"status", "error"}` when the model refuses the items; with
-        `explain`, each answer carries its explanation."""
+        `explain`, each answer carries its explanation; while a shadow canary runs, `shadow` may hold
+        its `{"version", "items"}` for the same items (recorded, never returned)."""
 
     async def info(self, domain: str) -> dict[str, Any]: ...
 
@@ -107,7 +108,8 @@ class Metrics:
     def __init__(self) -> None:
         from ray.util.metrics import Counter, Histogram
 
-        tags = ("tenant", "domain", "status")
+        # The version that answered (empty for a refusal): a canary's latency and errors beside production's.
+        tags = ("tenant", "domain", "status", "version")
         self.requests = Counter("cityserve_requests_total", description="Gateway requests.", tag_keys=tags)
         self.items = Counter("cityserve_items_total", description="Items in answered requests.", tag_keys=tags)
         self.latency = Histogram("cityserve_request_latency_ms", description="Gateway latency.", tag_keys=tags,
@@ -118,8 +120,8 @@ class Metrics:
     def sampled(self, outcome: str, count: int) -> None:
         self.samples.inc(count, tags={"outcome": outcome})
 
-    def observe(self, tenant: str, domain: str, status: int, items: int, latency_ms: float) -> None:
-        tags = {"tenant": tenant or "-", "domain": domain, "status": str(status)}
+    def observe(self, tenant: str, domain: str, status: int, items: int, latency_ms: float, version: str) -> None:
+        tags = {"tenant": tenant or "-", "domain": domain, "status": str(status), "version": version or "-"}
         self.requests.inc(1, tags=tags)
         if status == 200:
             self.items.inc(items, tags=tags)
@@ -341,8 +343,12 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
             version = answer["version"]
             status = 200
             if random.random() < decision.sample_rate:
-                samples.offer(Sample(domain, rid, decision.admitted_at, tenant, version,
-                                     (time.monotonic() - started) * 1000, dumped, answer["items"]))
+                took = (time.monotonic() - started) * 1000
+                samples.offer(Sample(domain, rid, decision.admitted_at, tenant, version, took, dumped, answer["items"]))
+                if "shadow" in answer:  # a shadow canary's answers to the same items: recorded beside them
+                    shadow = answer["shadow"]
+                    samples.offer(Sample(domain, rid, decision.admitted_at, tenant, shadow["version"], took, dumped,
+                                         shadow["items"], shadow=True))
             body = answer["items"][0] if single else answer["items"]
             return JSONResponse(body, headers={**request_id_header(request), "X-Model-Version": version,
                                                "X-Gateway-Replica": replica})
@@ -358,7 +364,7 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
                     await backend.release(decision.lease, usage)
                 except Exception:  # the admission actor restarting: its lease expires by itself
                     logger.exception("usage row not recorded: %s", usage)
-            metrics.observe(tenant, domain, status, items, latency)
+            metrics.observe(tenant, domain, status, items, latency, version)
             # DEBUG: Serve's access log already has every request's id, route, status and latency;
             # the ledger has its tenant. A second line per request costs throughput.
             logger.debug("request %s tenant=%s domain=%s items=%d status=%d %.1f ms", rid, tenant or "-", domain,

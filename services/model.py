@@ -4,12 +4,18 @@ The serve config binds this class once per domain (deployment name = domain name
 endpoints share one implementation of batching, reloading and health, and each domain's model
 code stays in `domains/`. Requests arrive from the gateway as lists of already-validated item
 dicts; one batch gathers the items of many requests into a single `Predictor.predict` call.
+
+While the registry runs a canary of the domain (`Registry.start_canary`), each replica holds the
+candidate beside production and draws, per request, whether it is in the canary's share: such a
+request is answered by the candidate or, for a shadow canary, by production with the candidate's
+answers beside them for the gateway to record (`canary_groups`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +28,7 @@ from domains import get_domain
 from domains.base import Predictor
 from services.config import ModelConfig
 from services.errors import Internal
-from training.registry import Registry
+from training.registry import PRODUCTION, Registry
 
 loopback_replica_grpc()  # imported by the replica before Serve starts its gRPC server
 
@@ -71,6 +77,27 @@ def predict_groups(predictor: Predictor, groups: Sequence[Sequence[Any]], *, exp
     return out
 
 
+def canary_groups(production: Predictor, candidate: Predictor, groups: Sequence[Sequence[Any]],
+                  picked: Sequence[bool], shadow: bool) -> list[dict[str, Any]]:
+    """Answers requests while a canary runs (`predict_groups` for each model): a `picked` request
+    is answered by the candidate; with `shadow`, every request by production, and a picked one
+    carries the candidate's answer as `shadow` too (never when either refused its items)."""
+    if shadow:
+        out = predict_groups(production, groups)
+        chosen = [i for i, p in enumerate(picked) if p and "items" in out[i]]
+        copies = predict_groups(candidate, [groups[i] for i in chosen]) if chosen else []
+        for i, copy in zip(chosen, copies, strict=True):
+            if "items" in copy:
+                out[i]["shadow"] = copy
+        return out
+    answers: dict[int, dict[str, Any]] = {}
+    for model, wanted in ((candidate, True), (production, False)):
+        members = [i for i, p in enumerate(picked) if p == wanted]
+        if members:
+            answers.update(zip(members, predict_groups(model, [groups[i] for i in members]), strict=True))
+    return [answers[i] for i in range(len(groups))]
+
+
 def replica_device(wanted: str) -> str:
     """The torch device a replica loads its model on: `auto` is CUDA when Ray assigned this replica
     GPUs (it then sets CUDA_VISIBLE_DEVICES to them, so they start at cuda:0), else the CPU."""
@@ -110,6 +137,8 @@ class ModelServer:
         self.domain = get_domain(domain)
         self.registry = Registry(registry_uri)
         self.predictor: Predictor | None = None
+        self.candidate: Predictor | None = None  # a running canary's version, and the canary
+        self.canary: dict[str, Any] | None = None
         self.config = ModelConfig()
         self.loaded_at = 0.0
         self.registry_generation = -1
@@ -138,16 +167,38 @@ class ModelServer:
         async with self.loading:
             try:
                 generation = await asyncio.to_thread(self.registry.generation, self.domain.name)
-                predictor = await asyncio.to_thread(self.registry.load_predictor, self.domain, self.config.stage,
-                                                    replica_device(self.config.device), self.config.backend)
+                predictor = await asyncio.to_thread(self._load_version, self.config.stage)
             except (RegistryError, ConfigError, OSError, RuntimeError, ValueError) as exc:
                 if self.predictor is None:
                     raise
                 logger.error("%s: %s did not load (%s); still serving %s", self.domain.name, why, exc,
                              self.predictor.version)
                 return
-            self.predictor, self.registry_generation, self.loaded_at = predictor, generation, time.time()
-            logger.info("%s: serving %s with %s (%s)", self.domain.name, predictor.version, predictor.backend, why)
+            candidate, canary = await self._load_canary()
+            # One statement, no await inside: a batch sees the old pair or the new one, never a mix.
+            self.predictor, self.candidate, self.canary = predictor, candidate, canary
+            self.registry_generation, self.loaded_at = generation, time.time()
+            logger.info("%s: serving %s with %s (%s)%s", self.domain.name, predictor.version, predictor.backend, why,
+                        f"; canary {canary}" if canary else "")
+
+    def _load_version(self, ref: str) -> Predictor:
+        return self.registry.load_predictor(self.domain, ref, replica_device(self.config.device), self.config.backend)
+
+    async def _load_canary(self) -> tuple[Predictor | None, dict[str, Any] | None]:
+        """The running canary's version and settings (of the production stage only), or Nones; a
+        candidate that fails to load leaves production answering everything (logged)."""
+        if self.config.stage != PRODUCTION:
+            return None, None
+        try:
+            canary = await asyncio.to_thread(self.registry.canary, self.domain.name)
+            if canary is None:
+                return None, None
+            if self.candidate is not None and self.candidate.version == canary["version"]:
+                return self.candidate, canary  # a new weight: the loaded candidate serves on
+            return await asyncio.to_thread(self._load_version, canary["version"]), canary
+        except (RegistryError, ConfigError, OSError, RuntimeError, ValueError) as exc:
+            logger.error("%s: the canary did not load (%s); production answers every request", self.domain.name, exc)
+            return None, None
 
     async def _watch(self) -> None:
         """Reloads when the registry's stages moved (a promote or rollback from anywhere)."""
@@ -164,7 +215,7 @@ class ModelServer:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def predict_batch(self, groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-        predictor = self.predictor
+        predictor, candidate, canary = self.predictor, self.candidate, self.canary
         if predictor is None:
             return [refusal(ModelNotReady(f"{self.domain.name} has no model loaded yet"), 503)] * len(groups)
         model = self.domain.request_model
@@ -172,7 +223,10 @@ class ModelServer:
         items = [[model.model_validate(item) for item in group] for group in groups]
         # In a thread: the event loop keeps taking requests (the next batch fills meanwhile) and
         # health checks while torch works, and torch releases the GIL.
-        return await asyncio.to_thread(predict_groups, predictor, items)
+        if candidate is None or canary is None:
+            return await asyncio.to_thread(predict_groups, predictor, items)
+        picked = [random.random() * 100 < canary["weight"] for _ in items]
+        return await asyncio.to_thread(canary_groups, predictor, candidate, items, picked, bool(canary["shadow"]))
 
     async def predict_many(self, groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         """Several requests' items (a gateway coalesces them into one call); per request
@@ -191,7 +245,7 @@ class ModelServer:
 
     async def info(self) -> dict[str, Any]:
         return {"domain": self.domain.name, "version": self.predictor.version if self.predictor else None,
-                "backend": self.predictor.backend if self.predictor else None,
+                "backend": self.predictor.backend if self.predictor else None, "canary": self.canary,
                 "stage": self.config.stage, "generation": self.config.generation, "loaded_at": self.loaded_at}
 
     def check_health(self) -> None:

@@ -22,6 +22,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from domains import get_domain
@@ -52,6 +53,8 @@ class VersionHealth:
     version: str
     items: int  # sampled items it answered
     feedback: int  # of them, items with feedback
+    shadowed: int  # of them, items it answered as a shadow canary (recorded, not returned)
+    latency_p50_ms: float  # the gateway's latency of its sampled requests
     metric: str  # the domain's quality metric, and whether higher is better
     mode: str
     drift: dict[str, float] = field(default_factory=dict)  # PSI per feature; empty: too few items or no reference
@@ -96,8 +99,9 @@ def health(registry: Registry, root: Root, domain: str, days: int = WINDOW_DAYS,
         features = [dom.features(i, a) for i, a in zip(items, answers, strict=True)]
         keys = [(r["tenant"], r["request_id"], r["item"]) for r in rows]
         judged = [n for n, k in enumerate(keys) if k in truths]
-        report = VersionHealth(domain, version, len(rows), len(judged), dom.quality_metric, dom.quality_mode,
-                               reference=(reference or {}).get("quality", {}), note=note)
+        report = VersionHealth(domain, version, len(rows), len(judged), sum(bool(r["shadow"]) for r in rows),
+                               float(np.median([r["latency_ms"] for r in rows])), dom.quality_metric,
+                               dom.quality_mode, reference=(reference or {}).get("quality", {}), note=note)
         if reference is not None and len(rows) >= MIN_ITEMS:
             report.drift = drift(reference, features)
         elif reference is not None:

@@ -95,9 +95,11 @@ def platform_down(settings: Settings, progress: Progress = _quiet) -> bool:
     return True
 
 
-def reload_domain(workspace: Workspace, domain: str, version: str, timeout_s: float = 300) -> bool:
-    """After a promote/rollback: bump the domain's generation in the running config and wait until
-    the gateway reports `version`. False when no platform runs here (nothing to reload)."""
+def reload_domain(workspace: Workspace, domain: str, version: str, timeout_s: float = 300,
+                  canary: str | None = None) -> bool:
+    """After a promote, rollback or canary change: bump the domain's generation in the running
+    config and wait until the gateway reports `version` as production and `canary` as its canary
+    (None: none). False when no platform runs here (nothing to reload)."""
     state = workspace.settings.state_dir
     platform = Platform.load(state)
     path = state / CONFIG_FILE
@@ -113,16 +115,22 @@ def reload_domain(workspace: Workspace, domain: str, version: str, timeout_s: fl
     write_json_atomic(path, config)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if serving_versions(platform.gateway_url).get(domain) == version:
+        info = serving(platform.gateway_url).get(domain, {})
+        if info.get("version") == version and (info.get("canary") or {}).get("version") == canary:
             return True
         time.sleep(1)
     raise ConfigError(f"{domain} did not report {version} within {timeout_s:.0f} s; see `cityserve serve status`")
 
 
-def serving_versions(gateway_url: str) -> dict[str, str | None]:
-    """The version each domain's replica answered with, from the gateway's /v1/models."""
+def serving(gateway_url: str) -> dict[str, dict[str, Any]]:
+    """What each domain's replica answered the gateway's /v1/models with: its version, canary, ..."""
     with urllib.request.urlopen(f"{gateway_url}/v1/models", timeout=10) as resp:
-        return {d["domain"]: d.get("version") for d in json.loads(resp.read())["domains"]}
+        return {d["domain"]: d for d in json.loads(resp.read())["domains"]}
+
+
+def serving_versions(gateway_url: str) -> dict[str, str | None]:
+    """The production version each domain's replica answered with."""
+    return {domain: info.get("version") for domain, info in serving(gateway_url).items()}
 
 
 def demo_tenant(store: Store) -> str:

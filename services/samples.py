@@ -8,7 +8,8 @@ by domain and UTC day, so a retention sweep drops whole days and a reader picks 
     {registry}/feedback/domain=events/day=2026-12-04/part-...parquet
 
 A sample row is one item of an answered request: its request id and position (`item`), tenant,
-model version, latency, the request item and the answer as JSON. The item's free text
+model version, latency, the request item and the answer as JSON; a shadow canary's answer to the
+same item is a row of its own, marked `shadow`. The item's free text
 (`Domain.text_fields`) is masked (`core.pii`) before it leaves the gateway's memory; an answer's
 `explanation` is left out (it quotes the text's words). A feedback row carries the same request id
 and position with the truth (`Domain.truth_model`: classes and numbers, no free text).
@@ -48,7 +49,7 @@ REQUEST_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 SCHEMAS: dict[Kind, pa.Schema] = {
     "samples": pa.schema([("request_id", pa.string()), ("item", pa.int32()), ("at", pa.timestamp("ms", "UTC")),
                           ("tenant", pa.string()), ("model_version", pa.string()), ("latency_ms", pa.float64()),
-                          ("request", pa.string()), ("answer", pa.string())]),
+                          ("request", pa.string()), ("answer", pa.string()), ("shadow", pa.bool_())]),
     "feedback": pa.schema([("request_id", pa.string()), ("item", pa.int32()), ("at", pa.timestamp("ms", "UTC")),
                            ("tenant", pa.string()), ("truth", pa.string())]),
 }
@@ -81,6 +82,7 @@ class Sample:
     latency_ms: float
     items: Sequence[dict[str, Any]]
     answers: Sequence[dict[str, Any]]
+    shadow: bool = False  # the answers of a shadow canary: recorded, never returned
 
 
 def feedback_model(domain: str) -> type[BaseModel]:
@@ -111,7 +113,7 @@ def sample_rows(samples: Iterable[Sample]) -> list[dict[str, Any]]:
             rows.append({"domain": s.domain, "request_id": s.request_id, "item": i, "at": s.at, "tenant": s.tenant,
                          "model_version": s.model_version, "latency_ms": s.latency_ms,
                          "request": json.dumps(get_domain(s.domain).masked(item), ensure_ascii=False),
-                         "answer": json.dumps(kept, ensure_ascii=False)})
+                         "answer": json.dumps(kept, ensure_ascii=False), "shadow": s.shadow})
     return rows
 
 
@@ -154,9 +156,11 @@ def read(root: Root, kind: Kind, domain: str) -> pa.Table:
 
     where = Location.of(root).join(kind, f"domain={domain}")
     if not where.exists():
-        return SCHEMAS[kind].empty_table().append_column("day", pa.array([], pa.string()))
+        return SCHEMAS[kind].append(pa.field("day", pa.string())).empty_table()
     days = pads.partitioning(pa.schema([("day", pa.string())]), flavor="hive")
-    return pads.dataset(where.path, filesystem=where.fs, format="parquet", partitioning=days).to_table()
+    # The schema given, not read from a file: a column added since older files were written reads as null there.
+    schema = SCHEMAS[kind].append(pa.field("day", pa.string()))
+    return pads.dataset(where.path, filesystem=where.fs, format="parquet", partitioning=days, schema=schema).to_table()
 
 
 @dataclass(frozen=True)

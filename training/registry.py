@@ -50,6 +50,8 @@ ISSUED_FILE = "issued.json"  # the highest version number ever given out in the 
 LOCK = ".lock"  # a file locally; a prefix of writers' claims on an object store
 PRODUCTION = "production"
 CANDIDATE = "candidate"
+# In stages.json while a canary runs: {"version", "weight" (percent of requests), "shadow"}.
+CANARY = "canary"
 FILES = "files"  # in version.json: {path in the version folder: sha256}, recorded at registration
 
 logger = logging.getLogger(__name__)
@@ -131,9 +133,16 @@ class Registry:
         """How many times the domain's production stage has moved."""
         return int(self.stages(domain).get("generation", 0))
 
+    def canary(self, domain: str) -> dict[str, Any] | None:
+        """The domain's running canary (`start_canary`), or None."""
+        canary: dict[str, Any] | None = self.stages(domain).get(CANARY)
+        return canary
+
     def _stage_of(self, version: str, stages: dict[str, Any]) -> str:
         if stages.get(PRODUCTION) == version:
             return PRODUCTION
+        if (stages.get(CANARY) or {}).get("version") == version:
+            return CANARY
         return "archived" if version in stages.get("history", []) else CANDIDATE
 
     def _record(self, domain: str, name: str) -> dict[str, Any] | None:
@@ -307,10 +316,10 @@ class Registry:
         self._write_json(folder.join(VERSION_FILE), {**merged, FILES: digests})
         return self.get(domain, target.version)
 
-    def promote(self, domain: str, version: str, verify: Callable[[Path], object] | None = None) -> Version:
-        """Makes `version` production. Its files must match their checksums, each optimised artifact
-        must be within the accuracy gate of the PyTorch model (`inference` in its record), and
-        `verify(model_dir)` must load it, or promotion is refused and production stays as it was."""
+    def _servable(self, domain: str, version: str, verify: Callable[[Path], object] | None, refused: str) -> Version:
+        """`version`, once its files match their checksums, each optimised artifact is within the
+        accuracy gate of the PyTorch model (`inference` in its record) and `verify(model_dir)` loads
+        it; otherwise RegistryError ending with `refused`."""
         try:
             target = self.get(domain, version)
             failures = gate_failures(target.record.get("inference", {}), stored_artifacts(target))
@@ -322,14 +331,25 @@ class Registry:
                 if verify is not None:
                     verify(path)
         except RegistryError as exc:
-            raise RegistryError(f"{exc.message}; promotion refused, production is unchanged",
+            raise RegistryError(f"{exc.message}; {refused}", field="version") from exc
+        except Exception as exc:  # any load failure refuses it
+            raise RegistryError(f"{domain} {version} does not load ({type(exc).__name__}: {exc}); {refused}",
                                 field="version") from exc
-        except Exception as exc:  # any load failure refuses the promotion
-            raise RegistryError(f"{domain} {version} does not load ({type(exc).__name__}: {exc}); "
-                                f"production is unchanged", field="version") from exc
+        return target
+
+    def promote(self, domain: str, version: str, verify: Callable[[Path], object] | None = None) -> Version:
+        """Makes `version` production, once `_servable`; production stays as it was otherwise. A
+        canary of `version` ends in its promotion; while a canary of another version runs, promotion
+        is refused (promote that one, or abort it first)."""
+        target = self._servable(domain, version, verify, "promotion refused, production is unchanged")
         with self._lock(domain):
             stages = self.stages(domain)
             current = stages.get(PRODUCTION)
+            running = (stages.get(CANARY) or {}).get("version")
+            if running not in (None, target.version):
+                raise RegistryError(f"a canary of {domain} {running} runs: promote it or abort it "
+                                    f"(`cityserve models abort {domain}`) first; production is unchanged",
+                                    field="version")
             if current == target.version:
                 return target
             history = [v for v in stages.get("history", []) if v != target.version]
@@ -339,8 +359,46 @@ class Registry:
                                                              "generation": int(stages.get("generation", 0)) + 1})
         return self.get(domain, target.version)
 
+    def start_canary(self, domain: str, version: str, weight: float, *, shadow: bool = False,
+                     verify: Callable[[Path], object] | None = None) -> Version:
+        """Has `version` answer `weight` percent of the domain's requests beside production (its
+        answers are returned, with its version in X-Model-Version) or, with `shadow`, answer a copy
+        of that share without its answers being returned (they are recorded in the sample log); once
+        `_servable`. One canary at a time per domain: it ends with `promote` or `abort_canary`."""
+        if not 0 < weight <= 100:
+            raise RegistryError(f"weight {weight:g}: give a percentage of requests above 0 and at most 100",
+                                field="weight")
+        target = self._servable(domain, version, verify, "canary refused")
+        with self._lock(domain):
+            stages = self.stages(domain)
+            running = (stages.get(CANARY) or {}).get("version")
+            if not stages.get(PRODUCTION):
+                raise RegistryError(f"{domain} has no production version to compare a canary with; promote one "
+                                    "first", field="version")
+            if stages[PRODUCTION] == target.version:
+                raise RegistryError(f"{domain} {target.version} is production already", field="version")
+            if running not in (None, target.version):
+                raise RegistryError(f"a canary of {domain} {running} runs: promote it or abort it first",
+                                    field="version")
+            self._write_json(self._at(domain, STAGES_FILE), {
+                **stages, CANARY: {"version": target.version, "weight": weight, "shadow": shadow},
+                "generation": int(stages.get("generation", 0)) + 1})
+        return self.get(domain, target.version)
+
+    def abort_canary(self, domain: str) -> str:
+        """Ends the domain's canary without promoting it; returns its version."""
+        with self._lock(domain):
+            stages = self.stages(domain)
+            if not stages.get(CANARY):
+                raise RegistryError(f"{domain} runs no canary", field="domain")
+            version: str = stages[CANARY]["version"]
+            self._write_json(self._at(domain, STAGES_FILE), {
+                **{k: v for k, v in stages.items() if k != CANARY}, "generation": int(stages.get("generation", 0)) + 1})
+        return version
+
     def rollback(self, domain: str) -> Version:
-        """Returns production to the version that served before the current one."""
+        """Returns production to the version that served before the current one (ending any canary:
+        a rollback is the way back to what served before, with nothing beside it)."""
         with self._lock(domain):
             stages = self.stages(domain)
             history = list(stages.get("history", []))

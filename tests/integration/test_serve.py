@@ -328,6 +328,57 @@ def test_promote_and_rollback_under_load_fail_nothing(platform: Platform, keys: 
     assert other in versions and versions[-1] == before  # it switched, and switched back
 
 
+def test_canary_start_shadow_abort_and_promote_under_load_fail_nothing(platform: Platform, keys: dict[str, str],
+                                                                       workspace: Workspace) -> None:
+    registry = workspace.registry
+    before = registry.get("energy").version
+    other = next(v.version for v in reversed(registry.versions("energy")) if v.version != before)
+    url = f"{platform.gateway_url}/v1/energy/forecast"
+    example = request_example(get_domain("energy").request_model)
+    seen: list[tuple[str, int, str]] = []  # (phase, status, version that answered)
+    phase = ["production"]
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            start = phase[0]
+            status, headers, _ = http("POST", url, example, keys["hotline"])
+            # A request that straddles a change of phase counts for its status alone.
+            seen.append((start if start == phase[0] else "", status, headers.get("x-model-version", "")))
+
+    def step(name: str, production: str, canary: str | None) -> None:
+        assert reload_domain(workspace, "energy", production, timeout_s=120, canary=canary)
+        phase[0] = name  # answers from here on come from the new stages
+        time.sleep(3)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        registry.start_canary("energy", other, 50)
+        step("canary", before, other)
+        registry.abort_canary("energy")
+        step("aborted", before, None)
+        registry.start_canary("energy", other, 100, shadow=True)
+        step("shadow", before, other)
+        registry.start_canary("energy", other, 50)
+        registry.promote("energy", other)
+        step("promoted", other, None)
+        registry.rollback("energy")
+        step("rolled back", before, None)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert Counter(s for _, s, _ in seen) == {200: len(seen)}, Counter(s for _, s, _ in seen)
+    answered = {name: Counter(v for p, _, v in seen if p == name) for name in
+                ("canary", "aborted", "shadow", "promoted", "rolled back")}
+    assert set(answered["canary"]) == {before, other}, answered  # about half each
+    assert set(answered["aborted"]) == set(answered["shadow"]) == {before}, answered  # a shadow never answers
+    assert set(answered["promoted"]) == {other} and set(answered["rolled back"]) == {before}, answered
+
+
 def _serving(platform: Platform, domain: str) -> str:
     models = http("GET", f"{platform.gateway_url}/v1/models")[2]
     return str(next(m["version"] for m in models["domains"] if m["domain"] == domain))
