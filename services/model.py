@@ -152,22 +152,29 @@ class ModelServer:
         batcher: Any = self.predict_batch  # @serve.batch adds these setters at run time
         batcher.set_max_batch_size(config.max_batch_size)
         batcher.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-        reload = self.predictor is None or (config.generation, config.stage, config.device, config.backend) != (
-            self.config.generation, self.config.stage, self.config.device, self.config.backend)
+        same_model = (config.stage, config.device, config.backend) == (
+            self.config.stage, self.config.device, self.config.backend)
+        reload = self.predictor is None or not same_model or config.generation != self.config.generation
         self.config = config
         if reload:
-            await self._load(f"generation {config.generation}")
+            await self._load(f"generation {config.generation}", keep_same=same_model)
         if self.watcher is None and config.poll_s > 0:
             self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
-    async def _load(self, why: str) -> None:
+    async def _load(self, why: str, *, keep_same: bool = False) -> None:
         """Loads the stage in a thread while the old model keeps answering, then swaps them in one
         assignment. A version that fails to load leaves the old one serving (a replica with none
-        yet fails to start, which Serve reports)."""
+        yet fails to start, which Serve reports). With `keep_same`, a stage still naming the loaded
+        version keeps it (a canary started or ended moves the stages, not production)."""
         async with self.loading:
             try:
                 generation = await asyncio.to_thread(self.registry.generation, self.domain.name)
-                predictor = await asyncio.to_thread(self._load_version, self.config.stage)
+                current = self.predictor
+                if keep_same and current is not None and current.version == await asyncio.to_thread(
+                        lambda: self.registry.get(self.domain.name, self.config.stage).version):
+                    predictor = current
+                else:
+                    predictor = await asyncio.to_thread(self._load_version, self.config.stage)
             except (RegistryError, ConfigError, OSError, RuntimeError, ValueError) as exc:
                 if self.predictor is None:
                     raise
@@ -210,7 +217,7 @@ class ModelServer:
                 logger.warning("%s: registry not readable (%s)", self.domain.name, exc)
                 continue
             if generation != self.registry_generation:
-                await self._load(f"registry generation {generation}")
+                await self._load(f"registry generation {generation}", keep_same=True)
         self.watcher = None
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
