@@ -83,10 +83,11 @@ class Target:
 
     def tenant(self, prefix: str, grants: list[str], *, requests_per_minute: int = 100_000,
                items_per_minute: int = 1_000_000, max_concurrent: int = 1000) -> tuple[str, str]:
-        """A new tenant (`prefix-<random>`) and its key, returned once the gateway accepts the key:
-        the admission actor re-reads keys on an unknown one at most every 0.25 s, and a check's
-        load starting inside that window would count 401s as the fault's."""
+        """A new tenant (`prefix-<random>`) and its key, returned once every gateway replica accepts
+        the key: a check's load must not count as the fault's the 401s of a replica that refused a
+        probe a moment before and repeats its refusal for `UNAUTHORIZED_CACHE_S`."""
         from services.config import VERBS
+        from services.gateway import UNAUTHORIZED_CACHE_S
         from services.tenants import Tenant
 
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
@@ -100,17 +101,21 @@ class Target:
         probe = urllib.request.Request(f"{self.gateway_url}/v1/{grants[0]}/{VERBS[grants[0]]}", data=b"{}",
                                        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
         deadline = time.monotonic() + 60
+        refused = False
         while True:
             try:
                 urllib.request.urlopen(probe, timeout=10).close()
                 break
             except urllib.error.HTTPError as exc:
+                refused |= exc.code == 401
                 if exc.code != 401 or time.monotonic() > deadline:
                     break
             except (TimeoutError, urllib.error.URLError):  # a platform just started, on a busy machine
                 if time.monotonic() > deadline:
                     raise
             time.sleep(0.1)
+        if refused:  # the replica that refused a probe may still hold that refusal
+            time.sleep(UNAUTHORIZED_CACHE_S + 0.1)
         return name, str(key)
 
 
