@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -346,9 +346,11 @@ def test_canary_start_shadow_abort_and_promote_under_load_fail_nothing(platform:
             # A request that straddles a change of phase counts for its status alone.
             seen.append((start if start == phase[0] else "", status, headers.get("x-model-version", "")))
 
-    def step(name: str, production: str, canary: str | None) -> None:
+    def step(name: str, change: Callable[[], object], production: str, canary: str | None) -> None:
+        phase[0] = ""  # from the registry's change until the platform shows it, answers belong to no phase
+        change()
         assert reload_domain(workspace, "energy", production, timeout_s=120, canary=canary)
-        phase[0] = name  # answers from here on come from the new stages
+        phase[0] = name
         time.sleep(3)
 
     threads = [threading.Thread(target=load) for _ in range(4)]
@@ -356,17 +358,12 @@ def test_canary_start_shadow_abort_and_promote_under_load_fail_nothing(platform:
         t.start()
     try:
         time.sleep(2)
-        registry.start_canary("energy", other, 50)
-        step("canary", before, other)
-        registry.abort_canary("energy")
-        step("aborted", before, None)
-        registry.start_canary("energy", other, 100, shadow=True)
-        step("shadow", before, other)
-        registry.start_canary("energy", other, 50)
-        registry.promote("energy", other)
-        step("promoted", other, None)
-        registry.rollback("energy")
-        step("rolled back", before, None)
+        step("canary", lambda: registry.start_canary("energy", other, 50), before, other)
+        step("aborted", lambda: registry.abort_canary("energy"), before, None)
+        step("shadow", lambda: registry.start_canary("energy", other, 100, shadow=True), before, other)
+        step("promoted", lambda: (registry.start_canary("energy", other, 50), registry.promote("energy", other)),
+             other, None)
+        step("rolled back", lambda: registry.rollback("energy"), before, None)
     finally:
         stop.set()
         for t in threads:
