@@ -8,7 +8,8 @@ joins them on (tenant, request id, item) scored by `Domain.score` — the functi
 validation split when the reference was made, so live and reference quality compare like for like.
 
 `cityserve monitor` prints it; the `Monitor` actor (one per registry, started by the first
-gateway replica) exports it to Prometheus every `samples.monitor_s`.
+gateway replica) exports it to Prometheus every `samples.monitor_s`, and deletes the days past
+retention once an hour.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,11 +29,12 @@ import pyarrow as pa
 
 from domains import get_domain
 from domains.drift import MIN_ITEMS, REFERENCE_FILE, drift
-from services.samples import Root, SampleArgs, read
+from services.samples import Root, SampleArgs, read, sweep
 from training.registry import Registry
 
 logger = logging.getLogger(__name__)
 WINDOW_DAYS = 7
+SWEEP_EVERY_S = 3600.0
 
 
 @dataclass
@@ -84,43 +87,51 @@ def latest_feedback(table: pa.Table) -> dict[tuple[str, str, int], dict[str, Any
 def health(registry: Registry, root: Root, domain: str, days: int = WINDOW_DAYS,
            now: float | None = None) -> list[VersionHealth]:
     """Each version that answered sampled `domain` traffic in the last `days` days, newest first."""
-    dom = get_domain(domain)
     since = (time.time() if now is None else now) - days * 86400
     samples = [r for r in read(root, "samples", domain).to_pylist() if r["at"].timestamp() >= since]
     truths = latest_feedback(read(root, "feedback", domain))
     by_version: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in samples:
         by_version[row["model_version"]].append(row)
-    out = []
-    for version, rows in sorted(by_version.items(), key=lambda kv: _version_number(kv[0]), reverse=True):
-        reference, note = _reference(registry, domain, version)
-        items = [json.loads(r["request"]) for r in rows]
-        answers = [json.loads(r["answer"]) for r in rows]
-        features = [dom.features(i, a) for i, a in zip(items, answers, strict=True)]
-        keys = [(r["tenant"], r["request_id"], r["item"]) for r in rows]
-        judged = [n for n, k in enumerate(keys) if k in truths]
-        report = VersionHealth(domain, version, len(rows), len(judged), sum(bool(r["shadow"]) for r in rows),
-                               float(np.median([r["latency_ms"] for r in rows])), dom.quality_metric,
-                               dom.quality_mode, reference=(reference or {}).get("quality", {}), note=note)
-        if reference is not None and len(rows) >= MIN_ITEMS:
-            report.drift = drift(reference, features)
-        elif reference is not None:
-            report.note = f"drift needs {MIN_ITEMS} sampled items; {len(rows)} so far"
-        if judged:
-            report.quality = dom.score([answers[n] for n in judged], [truths[keys[n]] for n in judged])
-        per_day: dict[str, list[int]] = defaultdict(list)
-        for n, row in enumerate(rows):
-            per_day[row["at"].strftime("%Y-%m-%d")].append(n)
-        for day, members in sorted(per_day.items()):
-            day_judged = [n for n in members if keys[n] in truths]
-            day_psi = drift(reference, [features[n] for n in members]) \
-                if reference and len(members) >= MIN_ITEMS else {}
-            scored = dom.score([answers[n] for n in day_judged], [truths[keys[n]] for n in day_judged]) \
-                if day_judged else {}
-            report.days.append(Day(day, len(members), len(day_judged), max(day_psi.values()) if day_psi else None,
-                                   scored.get(dom.quality_metric)))
-        out.append(report)
-    return out
+    return [_version_health(registry, domain, version, rows, truths)
+            for version, rows in sorted(by_version.items(), key=lambda kv: _version_number(kv[0]), reverse=True)]
+
+
+def _version_health(registry: Registry, domain: str, version: str, rows: list[dict[str, Any]],
+                    truths: dict[tuple[str, str, int], dict[str, Any]]) -> VersionHealth:
+    """One version's health from its sampled rows, over the window and day by day."""
+    dom = get_domain(domain)
+    reference, note = _reference(registry, domain, version)
+    items = [json.loads(r["request"]) for r in rows]
+    answers = [json.loads(r["answer"]) for r in rows]
+    features = [dom.features(i, a) for i, a in zip(items, answers, strict=True)]
+    keys = [(r["tenant"], r["request_id"], r["item"]) for r in rows]
+
+    def judged(members: Iterable[int]) -> tuple[int, dict[str, float]]:
+        """How many of the rows `members` have feedback, and the score of those."""
+        found = [n for n in members if keys[n] in truths]
+        return len(found), dom.score([answers[n] for n in found], [truths[keys[n]] for n in found]) if found else {}
+
+    def drifted(members: list[int]) -> dict[str, float]:
+        return drift(reference, [features[n] for n in members]) if reference and len(members) >= MIN_ITEMS else {}
+
+    everyone = list(range(len(rows)))
+    count, quality = judged(everyone)
+    report = VersionHealth(domain, version, len(rows), count, sum(bool(r["shadow"]) for r in rows),
+                           float(np.median([r["latency_ms"] for r in rows])), dom.quality_metric, dom.quality_mode,
+                           drift=drifted(everyone), quality=quality, reference=(reference or {}).get("quality", {}),
+                           note=note)
+    if reference is not None and len(rows) < MIN_ITEMS:
+        report.note = f"drift needs {MIN_ITEMS} sampled items; {len(rows)} so far"
+    per_day: dict[str, list[int]] = defaultdict(list)
+    for n, row in enumerate(rows):
+        per_day[row["at"].strftime("%Y-%m-%d")].append(n)
+    for day, members in sorted(per_day.items()):
+        day_count, day_quality = judged(members)
+        day_psi = drifted(members)
+        report.days.append(Day(day, len(members), day_count, max(day_psi.values()) if day_psi else None,
+                               day_quality.get(dom.quality_metric)))
+    return report
 
 
 def _reference(registry: Registry, domain: str, version: str) -> tuple[dict[str, Any] | None, str]:
@@ -178,11 +189,18 @@ class Monitor:
             self.task = asyncio.get_running_loop().create_task(self._loop())
 
     async def _loop(self) -> None:
+        swept_at = -math.inf
         while True:
             try:
                 await asyncio.to_thread(self.update)
             except Exception:  # the registry is away: the next round tries again
                 logger.exception("monitor update failed")
+            if time.monotonic() - swept_at >= SWEEP_EVERY_S:
+                swept_at = time.monotonic()
+                try:  # the one sweeper of the registry's samples and feedback
+                    await asyncio.to_thread(sweep, self.root, self.args.retention_days)
+                except Exception:  # the store is away: the next hour
+                    logger.exception("sample retention sweep failed")
             await asyncio.sleep(self.args.monitor_s)
 
     def update(self) -> None:
@@ -210,10 +228,10 @@ def monitor_actor(registry_uri: str, domains: list[str], args: SampleArgs) -> An
     """The registry's monitor actor, created by the first gateway replica that asks, and started."""
     import ray
 
-    from services.admission import NAMESPACE, ledger_digest
+    from services.admission import NAMESPACE, url_digest
 
     actor = ray.remote(Monitor).options(
-        name=f"cityserve-monitor-{ledger_digest(registry_uri)}", namespace=NAMESPACE, lifetime="detached",
+        name=f"cityserve-monitor-{url_digest(registry_uri)}", namespace=NAMESPACE, lifetime="detached",
         get_if_exists=True, num_cpus=0, max_restarts=-1,
     ).remote(registry_uri, domains, args.model_dump())
     actor.start.remote()  # type: ignore[attr-defined]

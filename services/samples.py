@@ -61,7 +61,7 @@ class SampleArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     retention_days: int = Field(30, ge=1, le=3650, description="Days of samples and feedback kept; older days are "
-                                "deleted by the gateway's hourly sweep (and `cityserve samples sweep`).")
+                                "deleted by the monitor's hourly sweep (and `cityserve samples sweep`).")
     queue_size: int = Field(10_000, ge=1, description="Samples a gateway replica holds before writing; past it "
                             "new samples are dropped and counted (requests never wait for the log).")
     flush_s: float = Field(5.0, gt=0, le=3600, description="How often a replica writes what it holds.")
@@ -154,12 +154,13 @@ def read(root: Root, kind: Kind, domain: str) -> pa.Table:
     """Every row of `kind` kept for `domain` (with its `day`), in no particular order; empty when none."""
     import pyarrow.dataset as pads
 
+    # The schema given, not read from a file: a column added since older files were written reads as null there.
+    day = pa.field("day", pa.string())
+    schema = SCHEMAS[kind].append(day)
     where = Location.of(root).join(kind, f"domain={domain}")
     if not where.exists():
-        return SCHEMAS[kind].append(pa.field("day", pa.string())).empty_table()
-    days = pads.partitioning(pa.schema([("day", pa.string())]), flavor="hive")
-    # The schema given, not read from a file: a column added since older files were written reads as null there.
-    schema = SCHEMAS[kind].append(pa.field("day", pa.string()))
+        return schema.empty_table()
+    days = pads.partitioning(pa.schema([day]), flavor="hive")
     return pads.dataset(where.path, filesystem=where.fs, format="parquet", partitioning=days, schema=schema).to_table()
 
 
@@ -210,13 +211,11 @@ def _dirs(parent: Location, prefix: str) -> list[Location]:
             if info.type == pafs.FileType.Directory and info.base_name.startswith(prefix)]
 
 
-SWEEP_EVERY_S = 3600.0
-
-
 class SampleLog:
     """A gateway replica's sample log: `offer` never waits; a task writes what it holds every
-    `flush_s` and sweeps expired days every `SWEEP_EVERY_S`. Counts what it wrote, dropped (the
-    queue was full) and lost (a write failed: the registry's filesystem was away)."""
+    `flush_s`. Counts what it wrote, dropped (the queue was full) and lost (a write failed: the
+    registry's filesystem was away). Expired days are swept by the registry's one monitor actor
+    (`services.monitor`), not by each replica."""
 
     def __init__(self, root: str, args: SampleArgs, observe: Callable[[str, int], None] | None = None) -> None:
         self.root = root
@@ -226,7 +225,6 @@ class SampleLog:
         self.held: list[Sample] = []  # taken from the queue, not yet handed to a write
         self.counts = {"written": 0, "dropped": 0, "lost": 0}
         self.observe = observe  # also told each count's increase (the gateway's metrics)
-        self.swept_at = -float("inf")
 
     def _count(self, outcome: str, n: int) -> None:
         self.counts[outcome] += n
@@ -261,17 +259,12 @@ class SampleLog:
 
     async def _write(self, held: list[Sample]) -> None:
         try:
-            await asyncio.to_thread(write, self.root, "samples", sample_rows(held))
+            # Masking too in the thread: on the event loop it would hold up the replica's requests.
+            await asyncio.to_thread(lambda: write(self.root, "samples", sample_rows(held)))
             self._count("written", len(held))
         except Exception:  # the registry's filesystem is away: these samples are lost, requests are not
             self._count("lost", len(held))
             logger.exception("%d samples not written", len(held))
-        if time.monotonic() - self.swept_at >= SWEEP_EVERY_S:
-            self.swept_at = time.monotonic()
-            try:
-                await asyncio.to_thread(sweep, self.root, self.args.retention_days)
-            except Exception:  # another replica swept the same day first, or the store is away: next hour
-                logger.exception("sample retention sweep failed")
 
     async def close(self) -> None:
         """Writes what the queue holds (a stopping replica's last samples)."""
