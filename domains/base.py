@@ -79,8 +79,9 @@ class Evaluation:
 
 def spread(n: int) -> list[int]:
     """At most `REFERENCE_CASES` positions of `n`, evenly spread (all of them when there are fewer)."""
-    return sorted({round(i * (n - 1) / max(REFERENCE_CASES - 1, 1)) for i in range(min(n, REFERENCE_CASES))}) \
-        if n > REFERENCE_CASES else list(range(n))
+    if n <= REFERENCE_CASES:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (REFERENCE_CASES - 1)) for i in range(REFERENCE_CASES)})
 
 
 def request_example(model: type[BaseModel]) -> dict[str, Any]:

@@ -244,7 +244,7 @@ class Admission:
         self.reader: asyncio.Task[None] | None = None
         self.read_retry_at = 0.0
         self.flushing = asyncio.Lock()
-        default_spill = Path(tempfile.gettempdir()) / f"cityserve-usage-{ledger_digest(ledger_url)}"
+        default_spill = Path(tempfile.gettempdir()) / f"cityserve-usage-{url_digest(ledger_url)}"
         self.spill = UsageSpill(Path(spill_dir) if spill_dir else default_spill)
         self.tenants_file = Path(tenants_file) if tenants_file else None
         self.synced: float | None = None  # the mtime of the file applied last
@@ -360,9 +360,9 @@ class Admission:
                 "leases": {t: self.keeper.leases.active(t, now) for t in self.keeper.leases.held}}
 
 
-def ledger_digest(ledger_url: str) -> str:
-    """A short name for a ledger that does not show its URL (which may hold a password)."""
-    return hashlib.sha256(ledger_url.encode()).hexdigest()[:12]
+def url_digest(url: str) -> str:
+    """A short name for a URL (a ledger's, a registry's) that does not show it: it may hold a password."""
+    return hashlib.sha256(url.encode()).hexdigest()[:12]
 
 
 def admission_actor(ledger_url: str, tenants_file: str | None = None, resource: str | None = None,
@@ -378,7 +378,7 @@ def admission_actor(ledger_url: str, tenants_file: str | None = None, resource: 
     import ray
 
     # One actor per ledger: a config that moves the ledger gets an owner that writes to the new one.
-    name = f"{ACTOR_NAME}-{ledger_digest(ledger_url)}"
+    name = f"{ACTOR_NAME}-{url_digest(ledger_url)}"
     actor_class = ray.remote(Admission)
     return actor_class.options(
         name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,

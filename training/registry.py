@@ -133,6 +133,11 @@ class Registry:
         """How many times the domain's production stage has moved."""
         return int(self.stages(domain).get("generation", 0))
 
+    def _move_stages(self, domain: str, before: dict[str, Any], after: dict[str, Any]) -> None:
+        """Writes the domain's stages as `after`, one generation on from `before`: the generation
+        is what tells replicas to take the stages up."""
+        self._write_json(self._at(domain, STAGES_FILE), {**after, "generation": int(before.get("generation", 0)) + 1})
+
     def canary(self, domain: str) -> dict[str, Any] | None:
         """The domain's running canary (`start_canary`), or None."""
         canary: dict[str, Any] | None = self.stages(domain).get(CANARY)
@@ -141,7 +146,7 @@ class Registry:
     def _stage_of(self, version: str, stages: dict[str, Any]) -> str:
         if stages.get(PRODUCTION) == version:
             return PRODUCTION
-        if (stages.get(CANARY) or {}).get("version") == version:
+        if _canary_version(stages) == version:
             return CANARY
         return "archived" if version in stages.get("history", []) else CANDIDATE
 
@@ -345,7 +350,7 @@ class Registry:
         with self._lock(domain):
             stages = self.stages(domain)
             current = stages.get(PRODUCTION)
-            running = (stages.get(CANARY) or {}).get("version")
+            running = _canary_version(stages)
             if running not in (None, target.version):
                 raise RegistryError(f"a canary of {domain} {running} runs: promote it or abort it "
                                     f"(`cityserve models abort {domain}`) first; production is unchanged",
@@ -355,8 +360,7 @@ class Registry:
             history = [v for v in stages.get("history", []) if v != target.version]
             if current:
                 history.append(current)
-            self._write_json(self._at(domain, STAGES_FILE), {PRODUCTION: target.version, "history": history,
-                                                             "generation": int(stages.get("generation", 0)) + 1})
+            self._move_stages(domain, stages, {PRODUCTION: target.version, "history": history})
         return self.get(domain, target.version)
 
     def start_canary(self, domain: str, version: str, weight: float, *, shadow: bool = False,
@@ -371,7 +375,7 @@ class Registry:
         target = self._servable(domain, version, verify, "canary refused")
         with self._lock(domain):
             stages = self.stages(domain)
-            running = (stages.get(CANARY) or {}).get("version")
+            running = _canary_version(stages)
             if not stages.get(PRODUCTION):
                 raise RegistryError(f"{domain} has no production version to compare a canary with; promote one "
                                     "first", field="version")
@@ -380,9 +384,8 @@ class Registry:
             if running not in (None, target.version):
                 raise RegistryError(f"a canary of {domain} {running} runs: promote it or abort it first",
                                     field="version")
-            self._write_json(self._at(domain, STAGES_FILE), {
-                **stages, CANARY: {"version": target.version, "weight": weight, "shadow": shadow},
-                "generation": int(stages.get("generation", 0)) + 1})
+            self._move_stages(domain, stages, {**stages, CANARY: {"version": target.version, "weight": weight,
+                                                                  "shadow": shadow}})
         return self.get(domain, target.version)
 
     def abort_canary(self, domain: str) -> str:
@@ -392,8 +395,7 @@ class Registry:
             if not stages.get(CANARY):
                 raise RegistryError(f"{domain} runs no canary", field="domain")
             version: str = stages[CANARY]["version"]
-            self._write_json(self._at(domain, STAGES_FILE), {
-                **{k: v for k, v in stages.items() if k != CANARY}, "generation": int(stages.get("generation", 0)) + 1})
+            self._move_stages(domain, stages, {k: v for k, v in stages.items() if k != CANARY})
         return version
 
     def rollback(self, domain: str) -> Version:
@@ -405,9 +407,14 @@ class Registry:
             if not history:
                 raise RegistryError(f"{domain} has no earlier production version to roll back to")
             previous = history.pop()
-            self._write_json(self._at(domain, STAGES_FILE), {PRODUCTION: previous, "history": history,
-                                                             "generation": int(stages.get("generation", 0)) + 1})
+            self._move_stages(domain, stages, {PRODUCTION: previous, "history": history})
         return self.get(domain, previous)
+
+
+def _canary_version(stages: dict[str, Any]) -> str | None:
+    """The version a domain's stages run as a canary, if any."""
+    version: str | None = (stages.get(CANARY) or {}).get("version")
+    return version
 
 
 def _is_version(name: str) -> bool:

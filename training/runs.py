@@ -7,7 +7,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +116,7 @@ def optimize_version(domain: Domain, workspace: Workspace, ref: str) -> Version:
     made = [*ARTIFACTS.values(), *FITTED_FILES]
     with _working_copy(workspace, domain, ref, without=made) as (version, work):
         entries = optimized(domain, work, workspace.data_dir_of(version))
-        files = {name: work / name if (work / name).is_file() else None for name in made}
-        return workspace.registry.add_files(domain.name, version.version, files,
+        return workspace.registry.add_files(domain.name, version.version, _made(work, made),
                                             {"inference": None, "inference_error": None, "calibration": None,
                                              "reference": None, **entries})
 
@@ -127,9 +126,14 @@ def calibrate_version(domain: Domain, workspace: Workspace, ref: str) -> Version
     (`cityserve models calibrate`): for a version registered before they existed."""
     with _working_copy(workspace, domain, ref, without=list(FITTED_FILES)) as (version, work):
         entries = fitted(domain, work, workspace.data_dir_of(version))
-        files = {name: work / name if (work / name).is_file() else None for name in FITTED_FILES}
-        return workspace.registry.add_files(domain.name, version.version, files,
+        return workspace.registry.add_files(domain.name, version.version, _made(work, FITTED_FILES),
                                             {"calibration": None, "reference": None, **entries})
+
+
+def _made(work: Path, names: Iterable[str]) -> dict[str, Path | None]:
+    """Each of `names` as `Registry.add_files` takes it: the file made in `work`, or None (remove it)
+    where none was made."""
+    return {name: work / name if (work / name).is_file() else None for name in names}
 
 
 @contextlib.contextmanager
