@@ -1,4 +1,5 @@
-"""`cityserve`: one command, one group per noun (data, train, tune, evaluate, models, serve, tenants, usage)."""
+"""`cityserve`: one command, one group per noun (data, train, tune, retrain, evaluate, models, serve,
+tenants, usage)."""
 
 from __future__ import annotations
 
@@ -144,6 +145,63 @@ def tune(domain: str, num_samples: int, scheduler: str, search: str, max_concurr
     if version is not None and not as_json:
         console.print(f"best trial registered as {domain} {version.version} (candidate); "
                       f"promote with `cityserve models promote {domain} {version.version}`")
+
+
+@main.command()
+@click.argument("domain", type=DOMAIN)
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Share of requests whose feedback only judges (chosen by a hash of the "
+              "request id: the same every run).")
+@click.option("--min-holdout", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Held-out feedback cases needed; fewer: refused before training.")
+@click.option("--min-gain", type=float, default=0.0, show_default=True,
+              help="On the hold-out the candidate must beat production by more than this (in the metric's units).")
+@click.option("--max-test-loss", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="On the test split it may lose at most this share of production's figure.")
+@click.option("--weight", type=click.FloatRange(0, 100, min_open=True), default=10, show_default=True,
+              help="Percent of requests the candidate answers once it passes the gate.")
+@click.option("--shadow", is_flag=True, help="Canary as a shadow (answers a copy, never returned).")
+@click.option("--num-workers", type=int, default=1, show_default=True, help="Ray Train workers (DDP).")
+@click.option("--use-gpu", is_flag=True, help="One GPU per worker, bf16 autocast.")
+@click.option("--cpus-per-worker", type=float, help="As `cityserve train`'s.")
+@click.option("--epochs", type=int, help="Override the profile's epochs.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def retrain(domain: str, holdout: float, min_holdout: int, min_gain: float, max_test_loss: float, weight: float,
+            shadow: bool, num_workers: int, use_gpu: bool, cpus_per_worker: float | None, epochs: int | None,
+            as_json: bool) -> None:
+    """Retrain DOMAIN with the feedback tenants sent (masked, deduplicated, a hold-out kept apart),
+    with production's profile; judge the candidate against production on the feedback hold-out and
+    the test split; where it passes, start a canary. Never promotes (docs/learning-loop.md)."""
+    from domains import get_domain
+    from services.retrain import RetrainOptions
+    from services.retrain import retrain as run_retrain
+
+    ws = workspace()
+    options = RetrainOptions(holdout=holdout, min_holdout=min_holdout, min_gain=min_gain,
+                             max_test_loss=max_test_loss, weight=weight, shadow=shadow)
+    done = run_retrain(get_domain(domain), ws, options, num_workers=num_workers, use_gpu=use_gpu,
+                       cpus_per_worker=cpus_per_worker, epochs=epochs)
+    if as_json:
+        click.echo(json.dumps(done.as_json(), indent=2))
+        return
+    gate, data = done.gate, done.data
+    console.print(f"{domain}: {data['feedback']} feedback items, {data['unsampled']} about items not sampled, "
+                  f"{data['duplicates']} duplicates; {data['added']} joined the training data, {data['holdout']} "
+                  "held out")
+    rows = [(f"feedback hold-out ({gate.holdout_items})", gate.production["holdout"].get(gate.metric),
+             gate.candidate["holdout"].get(gate.metric)),
+            (f"test split ({gate.test_items})", gate.production["test"].get(gate.metric),
+             gate.candidate["test"].get(gate.metric))]
+    print_table(f"{domain} {gate.metric}", ["judged on", f"{done.production} (production)",
+                                            f"{done.candidate} (candidate)"], rows, False)
+    if done.canary:
+        console.print(f"gate passed: {done.candidate} now answers {'a shadow copy of ' if shadow else ''}{weight:g}% "
+                      f"of requests; `cityserve monitor {domain}` compares them, then `models promote` or "
+                      "`models abort`")
+        _reload(ws, domain)
+    else:
+        console.print(f"gate failed: {done.candidate} stays a candidate ({'; '.join(gate.reasons)})")
 
 
 @main.command()

@@ -1,4 +1,4 @@
-"""`cityserve cluster deploy|status|scale|upgrade|train|tune|delete`: the platform on Kubernetes,
+"""`cityserve cluster deploy|status|scale|upgrade|train|tune|retrain|delete`: the platform on Kubernetes,
 as a KubeRay RayService rendered from the chart in helm/. The Kubernetes work is cluster/kube.py's;
 this module is the click glue: options, tables, progress lines."""
 
@@ -19,7 +19,8 @@ from core.errors import ConfigError
 
 @click.group()
 def cluster() -> None:
-    """Deploy and run CityServe on Kubernetes (KubeRay): deploy, status, scale, upgrade, train, tune, delete."""
+    """Deploy and run CityServe on Kubernetes (KubeRay): deploy, status, scale, upgrade, train, tune,
+    retrain, delete."""
 
 
 def kube_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -209,10 +210,11 @@ def _upgrade_model(kube: k8s.Kube, rs: dict[str, Any], domain: str, version: str
     console.print(f"{domain} {promoted.version} serves")
 
 
-# ---- train / tune ------------------------------------------------------------------------------
+# ---- train / tune / retrain ------------------------------------------------------------------
 def _job_command(verb: str) -> click.Command:
-    """`cityserve cluster train|tune DOMAIN [ARGS]`: ARGS are `cityserve train|tune`'s own options,
-    checked here against that command and run in a RayJob on a copy of the RayService's cluster."""
+    """`cityserve cluster train|tune|retrain DOMAIN [ARGS]`: ARGS are `cityserve VERB`'s own
+    options, checked here against that command and run in a RayJob on a copy of the RayService's
+    cluster."""
 
     @cluster.command(verb, context_settings={"ignore_unknown_options": True})
     @click.argument("domain", type=DOMAIN)
@@ -229,7 +231,7 @@ def _job_command(verb: str) -> click.Command:
                 timeout: float, ttl: int, deadline: int, prepare_data: bool) -> None:
         root = ctx.find_root()
         runner = root.command.get_command(root, verb) if isinstance(root.command, click.Group) else None
-        if runner is not None:  # `cityserve train|tune` refuses unknown options and bad values before we submit
+        if runner is not None:  # `cityserve train|tune|retrain` refuses unknown options and bad values before we submit
             runner.make_context(verb, [domain, *args], parent=root)
         job = k8s.rayjob(kube.rayservice(release), release, [verb, domain, *args], ttl, prepare_data, deadline)
         kube.create(job)
@@ -252,3 +254,4 @@ def _job_command(verb: str) -> click.Command:
 
 train = _job_command("train")
 tune = _job_command("tune")
+retrain = _job_command("retrain")

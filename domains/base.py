@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel
@@ -22,6 +22,9 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from domains.drift import Feature
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Batch = dict[str, torch.Tensor]
 
@@ -222,10 +225,27 @@ class Domain(ABC):
         unless nothing could be scored (a forecast's truth without a known value): then empty."""
 
     @abstractmethod
-    def reference_cases(self, model_dir: Path, data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Request items of the validation split (at most `REFERENCE_CASES`, spread over it) for the
-        version in `model_dir` (a forecaster's sensors or series), and their truths, as a tenant
-        would send them."""
+    def cases(self, model_dir: Path, data_dir: Path, split: str = "valid"
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Request items of a split ("valid" or "test"; at most `REFERENCE_CASES`, spread over it)
+        for the version in `model_dir` (a forecaster's sensors or series), and their truths, as a
+        tenant would send them and report them back."""
+
+    def answers(self, predictor: Predictor, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`predictor`'s answers (JSON) to request items (JSON), in batches of `REFERENCE_BATCH`."""
+        out = []
+        for start in range(0, len(items), REFERENCE_BATCH):
+            batch = [self.request_model.model_validate(i) for i in items[start:start + REFERENCE_BATCH]]
+            out += [a.model_dump(mode="json", exclude_none=True) for a in predictor.predict(batch)]
+        return out
+
+    def feedback_rows(self, train: pd.DataFrame, items: Sequence[dict[str, Any]], truths: Sequence[dict[str, Any]]
+                      ) -> pd.DataFrame | None:
+        """Rows to add to the training split `train` (`cityserve retrain`), made of the masked items
+        tenants sent and what really happened; None where feedback cannot join the training data
+        (a forecaster learns from continuous series, not from single windows), so it only judges
+        the retrained model."""
+        return None
 
     def reference(self, model_dir: Path, data_dir: Path) -> dict[str, Any]:
         """The version's reference (`domains.drift`): its validation cases answered as the
@@ -233,12 +253,8 @@ class Domain(ABC):
         `score` gives them; saved in `model_dir`, returned for the record."""
         from domains.drift import fit, save_reference
 
-        items, truths = self.reference_cases(model_dir, data_dir)
-        predictor = self.load_predictor(model_dir, "")
-        answers = []
-        for start in range(0, len(items), REFERENCE_BATCH):
-            batch = [self.request_model.model_validate(i) for i in items[start:start + REFERENCE_BATCH]]
-            answers += [a.model_dump(mode="json", exclude_none=True) for a in predictor.predict(batch)]
+        items, truths = self.cases(model_dir, data_dir)
+        answers = self.answers(self.load_predictor(model_dir, ""), items)
         # Features of the items as the sample log keeps them, masked: a text's length is measured
         # the same way live and here.
         rows = [self.features(self.masked(i), a) for i, a in zip(items, answers, strict=True)]

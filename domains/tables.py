@@ -192,6 +192,20 @@ def write_splits(
         raise
 
 
+def with_rows(base_dir: Path, data_dir: Path, domain: str, rows: pd.DataFrame, *, source: str,
+              extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Writes under `data_dir` a copy of the data prepared under `base_dir` with `rows` added to its
+    training split (valid, test and extra tables unchanged); the manifest keeps the base's
+    entries, adds `source` to its sources and `extra` to its keys. Returns it."""
+    manifest = read_manifest(base_dir, domain)
+    tables = {name: load_table(base_dir, domain, name) for name in manifest["files"]}
+    splits = {name: frame for name, frame in tables.items() if manifest["files"][name]["split"]}
+    splits["train"] = pd.concat([splits["train"], rows[list(splits["train"].columns)]], ignore_index=True)
+    kept = {k: v for k, v in manifest.items() if k not in ("domain", "created", "sources", "files", "sha256")}
+    return write_splits(data_dir, domain, splits, sources=[*manifest["sources"], source], extra={**kept, **extra},
+                        extra_files={name: frame for name, frame in tables.items() if name not in splits})
+
+
 def read_manifest(data_dir: Path, domain: str) -> dict[str, Any]:
     path = Path(data_dir) / domain / MANIFEST
     if not path.is_file():

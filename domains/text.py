@@ -498,12 +498,13 @@ class TextDomain(Domain):
         y, p = [t["label"] for t in truths], [a["label"] for a in answers]
         return {"accuracy": accuracy(y, p), "macro_f1": macro_f1(y, p, sorted({*y, *p}))}
 
-    def reference_cases(self, model_dir: Path, data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        valid = load_table(data_dir, self.name, "valid")
-        rows = spread(len(valid))
-        labels = self.targets(valid)["label"]
-        return ([{"text": valid["text"].iloc[i]} for i in rows],
-                [{"label": self.labels[int(labels[i])], **self.truth_extra(valid, i)} for i in rows])
+    def cases(self, model_dir: Path, data_dir: Path, split: str = "valid"
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        frame = load_table(data_dir, self.name, split)
+        rows = spread(len(frame))
+        labels = self.targets(frame)["label"]
+        return ([{"text": frame["text"].iloc[i]} for i in rows],
+                [{"label": self.labels[int(labels[i])], **self.truth_extra(frame, i)} for i in rows])
 
     def truth_extra(self, frame: pd.DataFrame, row: int) -> dict[str, Any]:
         """What a row's truth holds besides its class (events: its priority)."""
@@ -543,12 +544,15 @@ class TextDomain(Domain):
 
     def training_rows(self, data_dir: Path, config: dict[str, Any]) -> pd.DataFrame:
         """The training split, or a uniform seeded sample of `train_limit` rows of it (which keeps
-        the class and subset mix); 0 means all rows."""
+        the class and subset mix) and every row feedback added (`cityserve retrain`, which puts
+        them last): those are what a retrain is for. 0 means all rows."""
         train = load_table(data_dir, self.name, "train")
+        added = int(read_manifest(data_dir, self.name).get("feedback", {}).get("train", 0))
+        base, feedback = train.iloc[:len(train) - added], train.iloc[len(train) - added:]
         limit = int(config["train_limit"])
-        if 0 < limit < len(train):
-            train = train.sample(n=limit, random_state=int(config["seed"])).sort_index()
-        return train
+        if 0 < limit < len(base):
+            base = base.sample(n=limit, random_state=int(config["seed"])).sort_index()
+        return pd.concat([base, feedback])
 
     @abstractmethod
     def targets(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:

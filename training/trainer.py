@@ -12,6 +12,7 @@ from cluster.placement import check_placement, default_cpus_per_worker
 from core.errors import ConfigError
 from core.settings import Settings
 from domains.base import Domain
+from domains.tables import read_manifest
 from training.loop import build_config
 from training.registry import Version
 from training.runs import (
@@ -44,6 +45,7 @@ def make_trainer(
     max_failures: int = 2,
     overrides: dict[str, Any] | None = None,
     placement_strategy: str = "PACK",
+    data_dir: Path | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """A `TorchTrainer` for one domain, and the data manifest it trains on.
 
@@ -60,6 +62,8 @@ def make_trainer(
         overrides: other hyperparameters over the profile's.
         placement_strategy: how the workers are placed on the nodes (`cluster.placement.PLACEMENT_STRATEGIES`):
             PACK (the default) fills one node first, SPREAD puts them on different nodes where it can.
+        data_dir: prepared data to train on (`cityserve retrain`'s, with feedback) instead of the
+            profile's, which is prepared first where it is not yet.
     """
     import ray
 
@@ -70,8 +74,11 @@ def make_trainer(
     if epochs is not None and epochs < 1:
         raise ConfigError(f"--epochs must be at least 1, got {epochs}", field="epochs")
     check_placement(placement_strategy)
-    data_dir = smoke_data_dir(settings) if profile == "smoke" else settings.data_dir
-    manifest = ensure_data(domain, data_dir, smoke=profile == "smoke")
+    if data_dir is not None:
+        manifest = read_manifest(data_dir, domain.name)
+    else:
+        data_dir = smoke_data_dir(settings) if profile == "smoke" else settings.data_dir
+        manifest = ensure_data(domain, data_dir, smoke=profile == "smoke")
 
     connect(settings)
     if cpus_per_worker is None:

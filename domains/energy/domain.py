@@ -300,14 +300,15 @@ class EnergyDomain(Domain):
                 quantiles.append((step["p10"], step["p50"], step["p90"]))
         return forecast_score(np.asarray(actual, dtype=float), np.asarray(quantiles, dtype=float).reshape(-1, 3))
 
-    def reference_cases(self, model_dir: Path, data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def cases(self, model_dir: Path, data_dir: Path, split: str = "valid"
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         meta = json.loads((Path(model_dir) / META_FILE).read_text())
-        valid = windows_for_split(split_frames(data_dir), "valid", meta)
+        windows = windows_for_split(split_frames(data_dir), split, meta)
         names = meta["series_names"]
-        requests = requests_from_windows(valid, names, {n: meta["series"][n]["has_temperature"] for n in names})
+        requests = requests_from_windows(windows, names, {n: meta["series"][n]["has_temperature"] for n in names})
         rows = spread(len(requests))
         return ([requests[i].model_dump(mode="json", exclude_none=True) for i in rows],
-                [{"demand": [None if math.isnan(v) else float(v) for v in valid.target[i]]} for i in rows])
+                [{"demand": [None if math.isnan(v) else float(v) for v in windows.target[i]]} for i in rows])
 
     def calibrate(self, model_dir: Path, data_dir: Path) -> dict[str, Any]:
         """Split-conformal widths of each series' P10-P90 interval on the validation split, in units

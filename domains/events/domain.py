@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
@@ -35,6 +36,7 @@ from domains.base import Batch, Evaluation, MetricRow, Predictor
 from domains.drift import Feature
 from domains.events.baselines import TfidfBaseline, draw_confusion, metric_rows
 from domains.events.contract import (
+    BASE_PRIORITY,
     LABELS,
     PRIORITIES,
     TOP_K,
@@ -118,6 +120,14 @@ class EventsDomain(TextDomain):
 
     def truth_extra(self, frame: Any, row: int) -> dict[str, Any]:
         return {"priority": frame["priority"].iloc[row]}
+
+    def feedback_rows(self, train: pd.DataFrame, items: Sequence[dict[str, Any]], truths: Sequence[dict[str, Any]]
+                      ) -> pd.DataFrame:
+        """Reports with their true class and priority; where the feedback gave no priority, the
+        class's base priority (the floor a response never goes under)."""
+        return pd.DataFrame({"text": [i["text"] for i in items], "label": [t["label"] for t in truths],
+                             "priority": [t.get("priority") or BASE_PRIORITY[t["label"]] for t in truths],
+                             "template": "feedback", "second_label": "", "second_template": ""})
 
     def datasets(
         self, data_dir: Path, config: dict[str, Any], meta: dict[str, Any]

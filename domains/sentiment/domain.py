@@ -101,6 +101,16 @@ class SentimentDomain(TextDomain):
     def targets(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
         return {"label": frame["label"].to_numpy(np.int64), "score": frame["score"].to_numpy(np.float32)}
 
+    def feedback_rows(self, train: pd.DataFrame, items: Sequence[dict[str, Any]], truths: Sequence[dict[str, Any]]
+                      ) -> pd.DataFrame:
+        """Texts with their sentiment (subset `feedback`); feedback gives a class, not a rating, so
+        a row's rating and score are the medians of the training texts of its class."""
+        label = np.array([LABELS.index(t["label"]) for t in truths], dtype=np.int64)
+        median = train.groupby("label")[["rating", "score"]].median()
+        return pd.DataFrame({"text": [i["text"] for i in items], "rating": median["rating"].reindex(label).to_numpy(),
+                             "score": median["score"].reindex(label).to_numpy(np.float32), "label": label,
+                             "subset": "feedback"})
+
     def datasets(
         self, data_dir: Path, config: dict[str, Any], meta: dict[str, Any]
     ) -> tuple[Dataset[Batch], Dataset[Batch]]:

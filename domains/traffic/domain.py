@@ -332,11 +332,12 @@ class TrafficDomain(Domain):
                         quantiles.append((q["p10"], q["p50"], q["p90"]))
         return forecast_score(np.asarray(actual, dtype=float), np.asarray(quantiles, dtype=float).reshape(-1, 3))
 
-    def reference_cases(self, model_dir: Path, data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Windows of both networks' validation days, as requests for every sensor."""
+    def cases(self, model_dir: Path, data_dir: Path, split: str = "valid"
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Windows of both networks' days of `split`, as requests for every sensor."""
         meta = json.loads((Path(model_dir) / META_FILE).read_text())
-        valid = self._tables(data_dir, "valid")
-        windows = {name: make_windows(valid[name], meta["networks"][name]["sensors"], spec)
+        tables = self._tables(data_dir, split)
+        windows = {name: make_windows(tables[name], meta["networks"][name]["sensors"], spec)
                    for name, spec in NETWORKS.items()}
         origins = [(name, i) for name, win in windows.items() for i in range(len(win.counts))]
         items, truths = [], []

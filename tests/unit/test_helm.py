@@ -703,7 +703,8 @@ def test_chart_rayjobs_get_the_gpus_they_ask_for(rendered: dict[str, list[Doc]],
 
 GPU_JOBS = [["train", "events", "--use-gpu", "--cpus-per-worker", "4"],
             ["train", "sentiment", "--use-gpu", "--num-workers", "2", "--cpus-per-worker", "2"],
-            ["tune", "events", "--gpus-per-trial", "0.25", "--cpus-per-trial", "2", "--max-concurrent", "4"]]
+            ["tune", "events", "--gpus-per-trial", "0.25", "--cpus-per-trial", "2", "--max-concurrent", "4"],
+            ["retrain", "events", "--use-gpu", "--cpus-per-worker", "4", "--holdout", "0.3"]]
 
 
 @pytest.mark.parametrize("name", VALUES)

@@ -59,11 +59,8 @@ def version(run: SmokeRun, tmp_path_factory: pytest.TempPathFactory) -> tuple[Re
 def live_traffic(run: SmokeRun, work: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
                                                        list[dict[str, Any]]]:
     """The validation cases as requests, the version's answers, and the truths."""
-    items, truths = run.domain.reference_cases(work, run.data_dir)
-    predictor = run.domain.load_predictor(work, "v1")
-    requests = [run.domain.request_model.model_validate(i) for i in items]
-    answers = [a.model_dump(mode="json", exclude_none=True) for a in predictor.predict(requests)]
-    return items, answers, truths
+    items, truths = run.domain.cases(work, run.data_dir)
+    return items, run.domain.answers(run.domain.load_predictor(work, "v1"), items), truths
 
 
 def test_the_reference_holds_the_validation_splits_features_and_quality(version: tuple[Registry, Path, Path],
