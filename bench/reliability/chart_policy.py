@@ -55,6 +55,16 @@ def _is_pod(doc: Doc, rendered: Sequence[Doc]) -> bool:
     return bool(doc["kind"] == "Pod")
 
 
+def _runs_the_image(doc: Doc, rendered: Sequence[Doc]) -> bool:
+    """A Ray pod, or the retrain schedule's CronJob (the same image and user)."""
+    return _is_pod(doc, rendered) or _is_retrain_schedule(doc, rendered)
+
+
+def _is_retrain_schedule(doc: Doc, rendered: Sequence[Doc]) -> bool:
+    return bool(doc["kind"] == "CronJob" and doc["metadata"]["labels"].get("app.kubernetes.io/component")
+                == "retrain-schedule")
+
+
 def _serving_with_ledger_env(doc: Doc, rendered: Sequence[Doc]) -> bool:
     return _is_pod(doc, rendered) and any(e["name"] == LEDGER_ENV and "valueFrom" in e
                                           for c in doc["spec"]["containers"] for e in c.get("env", []))
@@ -82,9 +92,11 @@ SKIPS = (
                        "IfNotPresent spares each pod the autoscaler adds a pull of a multi-GB image whose release tag "
                        "(or digest) never moves"),
     Skip("CKV_K8S_43", "image by digest: the digest exists only after the build, so the default names a release tag; "
-                       "pin one with `image.tag: 0.1.0@sha256:...`"),
+                       "pin one with `image.tag: 0.1.0@sha256:...`", _runs_the_image),
     Skip("CKV_K8S_40", "uid 10000 or more: Ray's image runs as `ray`, uid 1000, which owns its home and files; the "
-                       "restricted Pod Security Standard asks only for a non-root user"),
+                       "restricted Pod Security Standard asks only for a non-root user", _runs_the_image),
+    Skip("CKV_K8S_38", "a service account token mounted: the retrain schedule's pod only, which submits a RayJob "
+                       "through the API server (its Role: read the RayService, create RayJobs)", _is_retrain_schedule),
     Skip("CKV_K8S_35", "a Secret as an env var: the platform reads the PostgreSQL ledger URL (password included) "
                        "from `env:CITYSERVE_LEDGER_URL`, services.config's one way for a password; serving pods "
                        "only, jobs get no ledger", _serving_with_ledger_env),

@@ -655,3 +655,21 @@ podSelector:
 {{- define "cityserve.podMonitorOn" -}}
 {{- and .Values.monitoring.podMonitor.enabled (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PodMonitor") -}}
 {{- end -}}
+
+{{/* egressRules (list rule): NetworkPolicy egress rules from `networkPolicy.egress` entries, each
+`{to, ports}` (TCP; port 53 UDP too). */}}
+{{- define "cityserve.egressRules" -}}
+{{- range $rule := . }}
+- ports:
+    {{- range $rule.ports }}
+    - {port: {{ . }}, protocol: TCP}
+    {{- if eq (int .) 53 }}
+    - {port: 53, protocol: UDP}
+    {{- end }}
+    {{- end }}
+  {{- with $rule.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- end -}}

@@ -365,6 +365,39 @@ def test_only_the_autoscaler_gets_the_api_token(rendered: dict[str, list[Doc]], 
         assert options["upscalingMode"] == values["autoscaler"]["options"]["upscalingMode"]  # the values' options stay
 
 
+def test_the_retrain_schedule_submits_retrain_jobs_and_may_do_nothing_else(rendered: dict[str, list[Doc]]) -> None:
+    """Per domain a CronJob whose restricted pod runs `cityserve cluster retrain` (its arguments
+    parsed by the real CLI, `cityserve retrain`'s included) under an account that may read the
+    RayService and create RayJobs only; the job's Ray pods fall under the jobs' NetworkPolicy."""
+    docs = rendered["all-on-values"]
+    values = values_of("all-on-values")["jobs"]["retrain"]
+    crons = kinds(docs, "CronJob")
+    assert [c["metadata"]["name"] for c in crons] == [f"city-retrain-{d}" for d in values["domains"]]
+    (role,) = kinds(docs, "Role")
+    assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayservices"], "verbs": ["get", "list"]},
+                             {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create"]}]
+    (binding,) = kinds(docs, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] == binding["subjects"][0]["name"]
+    rs = one(docs, "RayService")
+    jobs = next(p for p in kinds(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-jobs"))
+    for cron, domain in zip(crons, values["domains"], strict=True):
+        assert cron["spec"]["schedule"] == values["schedule"] and cron["spec"]["concurrencyPolicy"] == "Forbid"
+        pod = cron["spec"]["jobTemplate"]["spec"]["template"]
+        assert pod["spec"]["serviceAccountName"] == binding["subjects"][0]["name"]
+        (container,) = pod["spec"]["containers"]
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        words = [*container["command"], *container["args"]]
+        submit = parse_cli(words)
+        assert submit["release"] == "cityserve" and submit["namespace"] == "city" and submit["domain"] == domain and submit["follow"] is False
+        retrain = parse_cli(["cityserve", "retrain", domain, *submit["args"]])
+        assert retrain["min_holdout"] == 50 and retrain["weight"] == 5.0 and retrain["use_gpu"] is True
+        job = rayjob(rs, "cityserve", ["retrain", domain, *submit["args"]], ttl_s=60)
+        for _, ray_pod in pods(job["spec"]["rayClusterSpec"]):
+            assert selects(jobs["spec"]["podSelector"], ray_pod["metadata"]["labels"])
+
+
 def test_k8s_job_mode_submitters_are_restricted_and_reach_only_their_jobs(helm: str) -> None:
     """In K8sJobMode each RayJob gets the chart's submitter pod: restricted like the Ray pods, no API
     token, labelled as its job so the jobs' NetworkPolicy (not the serving one) covers it."""
@@ -408,7 +441,9 @@ def test_only_the_serve_port_is_exposed(rendered: dict[str, list[Doc]], name: st
         assert not kinds(docs, "NetworkPolicy")
         return
     policies = {p["metadata"]["name"].rsplit("-", 1)[1]: p["spec"] for p in kinds(docs, "NetworkPolicy")}
-    assert set(policies) == {"serving", "jobs", "heads"}
+    assert set(policies) == {"serving", "jobs", "heads"} | ({"scheduler"} if values["jobs"]["retrain"]["enabled"]
+                                                            else set())
+    assert not policies.get("scheduler", {}).get("ingress")  # the retrain schedule's pods take no traffic
     scraped = {"metrics"} if values["monitoring"]["podMonitor"]["enabled"] else set()
     for owner, spec in cluster_specs(docs):
         kind = "serving" if owner == "RayService" else "jobs"
@@ -459,6 +494,8 @@ def test_egress_is_limited_to_what_each_pod_needs(rendered: dict[str, list[Doc]]
     assert egress_ports(policies["jobs"]) == {53, 443}
     assert policies["heads"]["podSelector"]["matchLabels"]["ray.io/node-type"] == "head"
     assert egress_ports(policies["heads"]) == {443, 6443}
+    if "scheduler" in policies:  # the retrain schedule: DNS and the API server
+        assert egress_ports(policies["scheduler"]) == {53, 443, 6443}
     # Pods of the same kind reach each other on any port; serving never admits job pods.
     (own,) = [r for r in policies["serving"]["egress"] if "to" in r and "podSelector" in r["to"][0]]
     assert own["to"] == [{"podSelector": policies["serving"]["podSelector"]}] and "ports" not in own
