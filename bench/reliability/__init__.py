@@ -82,8 +82,10 @@ class Target:
         return Store(self.settings.ledger_location())
 
     def tenant(self, prefix: str, grants: list[str], *, requests_per_minute: int = 100_000,
-               items_per_minute: int = 1_000_000, max_concurrent: int = 1000) -> tuple[str, str]:
-        """A new tenant (`prefix-<random>`) and its key, returned once every gateway replica accepts
+               items_per_minute: int = 1_000_000, max_concurrent: int = 1000,
+               sample_rate: float = 0.0) -> tuple[str, str]:
+        """A new tenant (`prefix-<random>`, sampling `sample_rate` of its requests into the sample
+        log) and its key, returned once every gateway replica accepts
         the key: a check's load must not count as the fault's the 401s of a replica that refused a
         probe a moment before and repeats its refusal for `UNAUTHORIZED_CACHE_S`."""
         from services.config import VERBS
@@ -93,8 +95,8 @@ class Target:
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         store = self.store()
         try:
-            key = store.create_tenant(Tenant(name, grants, requests_per_minute, items_per_minute, max_concurrent),
-                                      key_ttl_days=1)
+            key = store.create_tenant(Tenant(name, grants, requests_per_minute, items_per_minute, max_concurrent,
+                                             sample_rate=sample_rate), key_ttl_days=1)
         finally:
             store.close()
         # An empty body: authenticated (422 once the key is known, 401 before), no quota taken.

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bench.learning_loop import Loop, Tenants, run_loop, shifted_reports
 from cluster.serve import Platform
 from core.settings import Settings
 from domains import get_domain
@@ -29,6 +30,7 @@ from services import samples
 from services.batch import score_file
 from services.config import VERBS
 from services.platform import CONFIG_FILE, platform_up, reload_domain, serve_config
+from services.retrain import RetrainOptions
 from services.tenants import KeyEntry, Store, Tenant, new_key
 from tests.integration.helpers import (
     GRID,
@@ -341,6 +343,43 @@ def test_canary_shadow_abort_promote_and_rollback_under_load_fail_nothing(platfo
     assert set(answered["canary"]) == {before, other}, answered  # about half each
     assert set(answered["aborted"]) == set(answered["shadow"]) == {before}, answered  # a shadow never answers
     assert set(answered["promoted"]) == {other} and set(answered["rolled back"]) == {before}, answered
+
+
+def test_the_learning_loop_runs_from_sampled_reports_to_a_promoted_retrain(platform: Platform, settings: Settings,
+                                                                          workspace: Workspace) -> None:
+    """`bench.learning_loop` at smoke size: reports phrased as training never saw, sampled and
+    masked, their feedback, drift in the monitor, a retrain on a Ray cluster with the feedback, a
+    shadow, a canary and a promotion under load with no request failing. The smoke model learns
+    too little for its gate to mean much, so the gate is opened wide here (any candidate passes):
+    what is checked is that every step happens as it should; the bench judges a real candidate."""
+    store = Store(settings.ledger_location())
+    tenants = Tenants(store.create_tenant(Tenant("loop-hotline", ["events"], 100_000, 1_000_000, 8, sample_rate=1.0),
+                                          1),
+                      store.create_tenant(Tenant("loop-press", ["events"], 100_000, 1_000_000, 8), 1))
+    before = workspace.registry.get("events").version
+    options = RetrainOptions(min_holdout=5, min_gain=-1.0, max_test_loss=1.0, weight=50, shadow=True)
+    loop = Loop(options, {"num_workers": 1, "cpus_per_worker": 0.5}, phase_s=3)
+    try:
+        checks = {c.name: c for c in run_loop(
+            workspace, platform.gateway_url, tenants, loop,
+            lambda production, canary: reload_domain(workspace, "events", production, 120, canary))}
+        assert loop.retrained is not None
+        assert {name: c.problems for name, c in checks.items() if not c.passed and name != "drift"} == {}
+        assert checks["drift"].figures["items"] >= len(shifted_reports()) and checks["drift"].figures["psi"]
+        # The candidate trained on the masked reports of the training part, never on the hold-out's.
+        done = loop.retrained
+        data = done.data
+        assert data["added"] + data["holdout"] == data["feedback"] - data["unsampled"] - data["duplicates"]
+        trained = set(pd.read_parquet(Path(data["data_dir"]) / "events" / "train.parquet")["text"])
+        assert any("<PHONE>" in text for text in trained) and not any("415-555" in text for text in trained)
+        record = workspace.registry.get("events", done.candidate).record
+        assert record["retrain"]["gate"]["passed"] and record["config"]["data_dir"] == data["data_dir"]
+    finally:
+        if workspace.registry.canary("events"):
+            workspace.registry.abort_canary("events")
+        if workspace.registry.get("events").version != before:
+            workspace.registry.rollback("events")
+        assert reload_domain(workspace, "events", before, 120)
 
 
 def _serving(platform: Platform, domain: str) -> str:

@@ -390,7 +390,8 @@ def test_the_retrain_schedule_submits_retrain_jobs_and_may_do_nothing_else(rende
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
         words = [*container["command"], *container["args"]]
         submit = parse_cli(words)
-        assert submit["release"] == "cityserve" and submit["namespace"] == "city" and submit["domain"] == domain and submit["follow"] is False
+        assert (submit["release"], submit["namespace"], submit["domain"]) == ("cityserve", "city", domain)
+        assert submit["follow"] is False
         retrain = parse_cli(["cityserve", "retrain", domain, *submit["args"]])
         assert retrain["min_holdout"] == 50 and retrain["weight"] == 5.0 and retrain["use_gpu"] is True
         job = rayjob(rs, "cityserve", ["retrain", domain, *submit["args"]], ttl_s=60)

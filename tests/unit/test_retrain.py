@@ -91,7 +91,7 @@ def test_the_gate_needs_a_gain_on_the_hold_out_and_no_loss_on_the_test_split() -
 def test_options_out_of_range_are_refused() -> None:
     for bad in ({"holdout": 0.0}, {"holdout": 1.0}, {"min_holdout": 0}, {"max_test_loss": -0.1}):
         with pytest.raises(ConfigError):
-            rt.RetrainOptions(**bad)  # type: ignore[arg-type]
+            rt.RetrainOptions(**bad)
 
 
 def cases_of(texts: list[tuple[str, str]]) -> rt.Cases:
@@ -153,8 +153,8 @@ def register(run: SmokeRun, registry: Registry, tmp: Path, data_dir: Path | None
     work = tmp / f"model-{len(registry.versions(DOMAIN))}"
     shutil.copytree(run.model_dir, work)
     data = data_dir or run.data_dir
-    return registry.register(DOMAIN, work, {"metric": "val_macro_f1", "metrics": {}, "profile": "smoke",
-                                            "config": {"data_dir": str(data)}, **fitted(run.domain, work, data)}).version
+    record = {"metric": "val_macro_f1", "metrics": {}, "profile": "smoke", "config": {"data_dir": str(data)}}
+    return registry.register(DOMAIN, work, {**record, **fitted(run.domain, work, data)}).version
 
 
 def traffic_with_feedback(ws: Workspace, run: SmokeRun, n: int) -> None:
