@@ -56,6 +56,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "serve-gpu": results.serve_gpu,
     "autoscale": results.autoscale,
     "reliability": results.reliability,
+    "learning-loop": results.learning_loop,
     "cluster": results.cluster,
     "helm-values": chart.helm_values,
     "readme-values": chart.readme_values,

@@ -604,6 +604,50 @@ def reliability(document: Json, rel: str) -> str:
         finding, "load avg.: the load average while the check ran")
 
 
+# ---- the learning loop (bench/results/learning_loop.json) ----------------------------------------
+
+def loop_finding(check: Json) -> str:
+    """What one step of the loop showed, in a sentence."""
+    f = check["figures"]
+    name = check["name"]
+    if name == "payload_sampling" and f:
+        return (f"{f['requests_sampled_once']} of {f['requests']} sampled reports in the log once each; "
+                f"{f['unsampled_tenant_rows']} rows of the {f['unsampled_tenant_requests']} requests of a tenant "
+                "that does not sample")
+    if name == "redaction" and f:
+        return (f"{f['stored_masked']} of {f['reports_with_phone_and_email']} reports with a phone number and an "
+                f"e-mail address stored masked, {f['leaked']} leaked, e.g. \"{f['example']}\"")
+    if name == "feedback" and f:
+        return f"{f['stored']} of {f['sent']} stored (statuses {figure(f['statuses'])})"
+    if name == "drift" and f:
+        return (f"{f['version']} over {f['items']} sampled items: largest PSI {num(f['max_psi'], 2)} "
+                f"({f['max_psi_feature']}; alert band from {f['shift_threshold']}), live accuracy "
+                f"{num(f['live_accuracy'], 3)} against {num(f['reference_accuracy'], 3)} on its validation split")
+    if name == "retrain_gate" and f:
+        return (f"{f['candidate']} against {f['production']}, {f['metric']} on the feedback hold-out "
+                f"({f['holdout_items']} reports) {num(f['candidate_holdout'], 3)} against "
+                f"{num(f['production_holdout'], 3)}, on the test split ({f['test_items']}) "
+                f"{num(f['candidate_test'], 3)} against {num(f['production_test'], 3)}; trained on "
+                f"{f['feedback_rows_trained_on']} feedback rows, {num(f['retrain_seconds'], 0)} s")
+    if name == "shadow" and f:
+        return (f"{f['requests']} requests, {f['failed']} failed, answered by {figure(f['answered_by'])}; "
+                f"{f['candidate_shadow_rows']} shadow answers recorded")
+    if name == "canary" and f:
+        return (f"{f['requests']} requests through the canary at {f['weight_percent']:g} % and the promotion, "
+                f"{f['failed']} failed; the candidate answered {f['candidate_share']:.0%} during the canary, "
+                f"after promotion {figure(f['promoted_answered_by'])}")
+    return "did not run"
+
+
+@from_result("bench/results/learning_loop.json", ".venv/bin/python -m bench.learning_loop")
+def learning_loop(document: Json, rel: str) -> str:
+    return checks_block(
+        document, rel, ["step", "passed"], "ll",
+        lambda check: [f"`{check['name']}`", "yes" if check["passed"] else "**no**"],
+        f"**{passed_of(document['checks'])}** ({document.get('device', '')}):", loop_finding,
+        "each step's every figure is in the file")
+
+
 # ---- several nodes (bench/results/cluster.json) --------------------------------------------------
 
 def cluster_finding(check: Json) -> str:
