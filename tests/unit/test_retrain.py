@@ -180,21 +180,24 @@ def test_a_candidate_that_is_no_better_stays_a_candidate_and_one_that_is_gets_a_
 
     def train(domain: Any, ws: Workspace, *, profile: str, data_dir: Path, **options: Any) -> Any:
         """Ray Train's stand-in: registers the smoke model again, as trained on `data_dir`."""
-        assert profile == "smoke" and options == {}
+        assert profile == "smoke" and set(options) <= {"num_workers", "use_gpu", "cpus_per_worker", "epochs"}
         trained.append(data_dir)
         return ws.registry.get(DOMAIN, register(run, ws.registry, tmp_path, data_dir))
 
     monkeypatch.setattr("training.trainer.train", train)
-    options = rt.RetrainOptions(min_holdout=5)
-    done = rt.retrain(run.domain, workspace, options)
+    result = CliRunner().invoke(cli.main, ["retrain", DOMAIN, "--min-holdout", "5"])
+    assert result.exit_code == 0, result.output
+    assert "gate failed: v2 stays a candidate" in result.output and "not better" in result.output
+    assert max(map(len, result.output.splitlines())) <= 80
     data = read_manifest(trained[0], DOMAIN)["feedback"]
     assert (data["train"] + data["holdout"], data["unsampled"], data["duplicates"]) == (60, 0, 0)
-    assert done.data["added"] == data["train"] and done.data["data_dir"] == str(trained[0])
+    record = workspace.registry.get(DOMAIN, "v2").record["retrain"]
+    assert record["data"]["added"] == data["train"] and record["data"]["data_dir"] == str(trained[0])
     # The same model on both sides: no gain on the hold-out, so no canary.
-    gate = done.gate
-    assert gate.production == gate.candidate and gate.holdout_items == data["holdout"] and gate.test_items > 0
-    assert not done.canary and workspace.registry.canary(DOMAIN) is None
-    assert workspace.registry.get(DOMAIN, done.candidate).record["retrain"]["gate"]["passed"] is False
+    gate = record["gate"]
+    assert gate["production"] == gate["candidate"] and gate["holdout_items"] == data["holdout"] > 0
+    assert gate["test_items"] > 0 and gate["passed"] is False and workspace.registry.canary(DOMAIN) is None
+    options = rt.RetrainOptions(min_holdout=5)
     # Allowed to lose a little on the hold-out, the same model passes: a canary, never a promotion.
     done = rt.retrain(run.domain, workspace, rt.RetrainOptions(min_holdout=5, min_gain=-0.01, weight=25))
     assert done.canary and workspace.registry.canary(DOMAIN) == {"version": done.candidate, "weight": 25,
