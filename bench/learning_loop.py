@@ -320,6 +320,7 @@ def main() -> None:
     from services.platform import platform_down, platform_up, reload_domain, serve_config
     from training.trainer import train
 
+    commit = git_commit()  # of the code that runs, read before a long run in which a commit may land
     root = Path(tempfile.mkdtemp(prefix="cityserve-loop-"))
     (root / "state").mkdir()
     settings = get_settings().model_copy(update={
@@ -345,7 +346,7 @@ def main() -> None:
         platform_down(settings)
     for check in checks:
         print(json.dumps({"name": check.name, "passed": check.passed, "problems": check.problems}), flush=True)
-    path = save_checks(checks, RESULT_FILE, stamp={"commit": git_commit(), "device": f"{os.cpu_count()} CPU cores, "
+    path = save_checks(checks, RESULT_FILE, stamp={"commit": commit, "device": f"{os.cpu_count()} CPU cores, "
                                                    f"no GPU; events {args.profile} profile"})
     print(f"wrote {path}")
 
