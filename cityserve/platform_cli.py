@@ -3,6 +3,7 @@ bill them, watch its models on live traffic."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -348,14 +349,17 @@ def samples_sweep(retention_days: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def monitor(domains: tuple[str, ...], days: int, as_json: bool) -> None:
-    """Each version's live traffic from the sample log and feedback: drift from its reference
-    (PSI: < 0.1 stable, > 0.25 a shift) and quality on feedback against the validation
-    split's, with a day-by-day line of each (docs/learning-loop.md)."""
+    """Each version's live traffic from the sample log, feedback and usage ledger: its requests
+    (refused: 4xx by the model, failed: 5xx), drift from its reference (PSI: < 0.1 stable, > 0.25
+    a shift) and quality on feedback against the validation split's, with a day-by-day line of
+    each (docs/learning-loop.md)."""
     from domains.drift import SHIFT, reading
     from services.monitor import health
 
     ws = workspace()
-    reports = {d: health(ws.registry, ws.settings.registry_location(), d, days) for d in domains or sorted(DOMAINS)}
+    with contextlib.closing(open_store()) as store:
+        reports = {d: health(ws.registry, ws.settings.registry_location(), d, days, ledger=store)
+                   for d in domains or sorted(DOMAINS)}
     if as_json:
         click.echo(json.dumps([r.as_json() for found in reports.values() for r in found], indent=2))
         return
@@ -366,13 +370,17 @@ def monitor(domains: tuple[str, ...], days: int, as_json: bool) -> None:
         for r in found:  # side by side: production and a canary (or shadow) of the same days
             top = r.max_psi
             role = " shadow" if r.shadowed == r.items else ""
-            rows.append((r.version + role, r.items, r.feedback, round(r.latency_p50_ms),
+            requests = sum(r.statuses.values())
+            refused = sum(n for status, n in r.statuses.items() if 400 <= status < 500)
+            failed = sum(n for status, n in r.statuses.items() if status >= 500)
+            rows.append((r.version + role, f"{requests:,} ({refused}, {failed})", r.items, r.feedback,
+                         round(r.latency_p50_ms),
                          f"{top[1]:.2f} {top[0]} ({reading(top[1])})" if top else reading(None),
                          sparkline([d.max_psi for d in r.days], 0.0, 2 * SHIFT),
                          f"{_figure(r.quality.get(r.metric))} vs {_figure(r.reference.get(r.metric))}",
                          sparkline([d.quality for d in r.days], *_quality_scale(r))))
         print_table(f"{domain}: last {days} days of samples and feedback", [
-            "version", "sampled", "judged", "p50 ms", "drift: worst feature", "by day",
+            "version", "requests (refused, failed)", "sampled", "judged", "p50 ms", "drift: worst feature", "by day",
             f"{found[0].metric}: live vs validation", "by day"], rows, False)
         for r in found:
             if r.note:

@@ -108,7 +108,8 @@ class Metrics:
     def __init__(self) -> None:
         from ray.util.metrics import Counter, Histogram
 
-        # The version that answered (empty for a refusal): a canary's latency and errors beside production's.
+        # The version that answered, or refused or failed on the items (empty where no model did: the gateway's
+        # and admission's refusals, a timeout): a canary's latency and errors beside production's.
         tags = ("tenant", "domain", "status", "version")
         self.requests = Counter("cityserve_requests_total", description="Gateway requests.", tag_keys=tags)
         self.items = Counter("cityserve_items_total", description="Items in answered requests.", tag_keys=tags)
@@ -340,7 +341,9 @@ def create_api(args: PlatformArgs, backend: Backend, replica: str = "") -> FastA
                 answer = await predict(backend, domain, dumped, limits.timeout_s, explain)
             finally:
                 inflight[domain] -= items
-            version = answer["version"]
+            version = answer.get("version", "")  # a refusal's too, where a model refused
+            if "error" in answer:
+                raise model_error(answer)
             status = 200
             if random.random() < decision.sample_rate:
                 took = (time.monotonic() - started) * 1000
@@ -481,15 +484,18 @@ def explain_flag(value: str | None, items: int) -> bool:
 
 async def predict(backend: Backend, domain: str, items: list[dict[str, Any]], timeout_s: float,
                   explain: bool = False) -> dict[str, Any]:
+    """The domain's answer, or its refusal as a value (`model_error` makes it the error to raise)."""
     try:
-        answer = await asyncio.wait_for(backend.predict(domain, items, explain), timeout_s)
+        answer: dict[str, Any] = await asyncio.wait_for(backend.predict(domain, items, explain), timeout_s)
     except TimeoutError as exc:
         raise GatewayTimeout(f"{domain} did not answer within {timeout_s:g} s", field="timeout_s") from exc
-    if "error" in answer:
-        error = answer["error"]
-        raise BY_STATUS[answer["status"]](error["message"], field=error.get("field"), code=error["code"],
-                                          retry_after=2 if answer["status"] == 503 else None)
     return answer
+
+
+def model_error(answer: dict[str, Any]) -> CityServeError:
+    error = answer["error"]
+    return BY_STATUS[answer["status"]](error["message"], field=error.get("field"), code=error["code"],
+                                       retry_after=2 if answer["status"] == 503 else None)
 
 
 async def _info(backend: Backend, domain: str) -> dict[str, Any]:

@@ -44,7 +44,7 @@ class ModelNotReady(CityServeError):
 def predict_groups(predictor: Predictor, groups: Sequence[Sequence[Any]], *, explain: bool = False
                    ) -> list[dict[str, Any]]:
     """Answers several requests' items in one `predict` (or, with `explain`, `explain`) call: per
-    request `{"version", "items"}`, or `{"status", "error"}` for a request the model refuses.
+    request `{"version", "items"}`, or `{"status", "error", "version"}` for a request the model refuses.
 
     A request whose items the model refuses (an unknown sensor, say) must fail alone, not take the
     other requests of its batch with it: on any error each request is retried on its own, so
@@ -62,10 +62,11 @@ def predict_groups(predictor: Predictor, groups: Sequence[Sequence[Any]], *, exp
         try:
             return [answer(groups[0])]
         except InvalidInput as exc:
-            return [refusal(exc, 422)]
+            return [refusal(exc, 422, predictor.version)]
         except Exception as exc:  # a model bug these items trip: this request's 500 (in the log)
             logger.exception("%s failed on a request's items", predictor.version)
-            return [refusal(Internal(f"the model failed on these items ({type(exc).__name__})"), 500)]
+            return [refusal(Internal(f"the model failed on these items ({type(exc).__name__})"), 500,
+                            predictor.version)]
     try:
         everything = answer([item for group in groups for item in group])
     except Exception:
@@ -113,9 +114,10 @@ def replica_device(wanted: str) -> str:
     return "cuda" if wanted == "cuda" or (assigned and torch.cuda.is_available()) else "cpu"
 
 
-def refusal(exc: CityServeError, status: int) -> dict[str, Any]:
-    """An error as a value: cheaper than an exception across Ray, and keeps its status and field."""
-    return {"status": status, "error": exc.as_json()}
+def refusal(exc: CityServeError, status: int, version: str = "") -> dict[str, Any]:
+    """An error as a value: cheaper than an exception across Ray, and keeps its status and field;
+    with the `version` that refused or failed, when a model did (a canary's errors beside production's)."""
+    return {"status": status, "error": exc.as_json(), **({"version": version} if version else {})}
 
 
 @serve.deployment

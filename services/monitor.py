@@ -22,7 +22,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +31,9 @@ from domains import get_domain
 from domains.drift import MIN_ITEMS, REFERENCE_FILE, drift
 from services.samples import Root, SampleArgs, read, sweep
 from training.registry import Registry
+
+if TYPE_CHECKING:
+    from services.tenants import Store
 
 logger = logging.getLogger(__name__)
 WINDOW_DAYS = 7
@@ -64,6 +67,9 @@ class VersionHealth:
     quality: dict[str, float] = field(default_factory=dict)  # live, on feedback
     reference: dict[str, float] = field(default_factory=dict)  # on the validation split, at registration
     days: list[Day] = field(default_factory=list)
+    # From the usage ledger, every request of the window the version answered (200), refused (422)
+    # or failed on (500), sampled or not; empty when the ledger was not read.
+    statuses: dict[int, int] = field(default_factory=dict)
     note: str = ""  # why a figure is missing
 
     @property
@@ -85,16 +91,21 @@ def latest_feedback(table: pa.Table) -> dict[tuple[str, str, int], dict[str, Any
 
 
 def health(registry: Registry, root: Root, domain: str, days: int = WINDOW_DAYS,
-           now: float | None = None) -> list[VersionHealth]:
-    """Each version that answered sampled `domain` traffic in the last `days` days, newest first."""
+           now: float | None = None, ledger: Store | None = None) -> list[VersionHealth]:
+    """Each version that answered sampled `domain` traffic in the last `days` days, newest first;
+    with the `ledger`, each one's statuses over all its requests of those days."""
     since = (time.time() if now is None else now) - days * 86400
     samples = [r for r in read(root, "samples", domain).to_pylist() if r["at"].timestamp() >= since]
     truths = latest_feedback(read(root, "feedback", domain))
     by_version: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in samples:
         by_version[row["model_version"]].append(row)
-    return [_version_health(registry, domain, version, rows, truths)
-            for version, rows in sorted(by_version.items(), key=lambda kv: _version_number(kv[0]), reverse=True)]
+    statuses = ledger.version_statuses(domain, since) if ledger is not None else {}
+    reports = [_version_health(registry, domain, version, rows, truths)
+               for version, rows in sorted(by_version.items(), key=lambda kv: _version_number(kv[0]), reverse=True)]
+    for report in reports:
+        report.statuses = statuses.get(report.version, {})
+    return reports
 
 
 def _version_health(registry: Registry, domain: str, version: str, rows: list[dict[str, Any]],

@@ -394,6 +394,19 @@ class Store:
         return [Usage(*r) for r in self.query(sql + " ORDER BY at", params)]
 
 
+    def version_statuses(self, domain: str, since: float) -> dict[str, dict[int, int]]:
+        """Per model version, the count of each status of `domain`'s predictions since `since`:
+        the requests a version answered (200), refused (422) or failed on (500). Rows without a
+        version (refused before any model saw them, timed out) are left out."""
+        rows = self.query("SELECT model_version, status, COUNT(*) FROM usage WHERE domain = ? AND at >= ? "
+                          "AND route = 'predict' AND model_version <> '' GROUP BY model_version, status",
+                          [domain, since])
+        out: dict[str, dict[int, int]] = {}
+        for version, status, count in rows:
+            out.setdefault(version, {})[int(status)] = int(count)
+        return out
+
+
 def _connection_lost(exc: BaseException) -> bool:
     """Whether `exc` means the connection is gone (the server restarted, the network dropped), not
     that one statement failed: psycopg's operational and interface errors; for SQLite, a file that

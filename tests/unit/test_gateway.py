@@ -62,7 +62,8 @@ class LocalBackend:
 async def echo(domain: str, items: list[dict[str, Any]]) -> dict[str, Any]:
     """Answers each item with its position, so order and batching are visible."""
     if domain == "traffic" and items[0].get("sensors", [""])[0] == "nowhere":
-        return {"status": 422, "error": InvalidInput("unknown sensor 'nowhere'", field="sensors[0]").as_json()}
+        return {"status": 422, "error": InvalidInput("unknown sensor 'nowhere'", field="sensors[0]").as_json(),
+                "version": "v7"}
     if domain == "energy":
         await asyncio.sleep(5)  # slower than the 0.2 s timeout below
     return {"version": "v7", "items": [{"n": i} for i in range(len(items))]}
@@ -140,8 +141,9 @@ def test_model_refusals_timeouts_and_quotas(setup: tuple[TestClient, LocalBacken
     assert statuses == [200, 200, 200, 429]  # 5 requests a minute: 2 went to traffic and energy
     over = post(client, "/v1/events/classify", {"text": "a"}, key)
     assert over.json()["code"] == "quota_exceeded" and 55 <= int(over.headers["Retry-After"]) <= 60
-    metered = [(u.domain, u.status) for u in backend.released if u]
-    assert metered == [("traffic", 422), ("energy", 504), ("events", 200), ("events", 200), ("events", 200)]
+    metered = [(u.domain, u.status, u.model_version) for u in backend.released if u]
+    # The model's refusal names the version that refused; a timeout has none.
+    assert metered == [("traffic", 422, "v7"), ("energy", 504, ""), *[("events", 200, "v7")] * 3]
 
 
 def test_a_request_ahead_of_its_tenants_pace_waits_its_turn(
@@ -252,14 +254,14 @@ class Doubler:
 def test_a_refused_request_fails_alone_in_its_batch() -> None:
     answers = predict_groups(Doubler(), [[1, 2], [-1], [3]])  # type: ignore[arg-type]
     assert answers[0] == {"version": "v1", "items": [{"y": 2}, {"y": 4}]}
-    assert answers[1]["status"] == 422 and answers[1]["error"]["field"] == "x"
+    assert answers[1]["status"] == 422 and answers[1]["error"]["field"] == "x" and answers[1]["version"] == "v1"
     assert answers[2] == {"version": "v1", "items": [{"y": 6}]}
 
 
 def test_a_request_that_trips_a_model_bug_fails_alone_in_its_batch() -> None:
     answers = predict_groups(Doubler(), [[1], [13, 2], [3]])  # type: ignore[arg-type]
-    assert answers[1] == {"status": 500, "error": {"code": "internal",
-                                                   "message": "the model failed on these items (ZeroDivisionError)"}}
+    assert answers[1] == {"status": 500, "version": "v1", "error": {
+        "code": "internal", "message": "the model failed on these items (ZeroDivisionError)"}}
     assert [answers[0]["items"], answers[2]["items"]] == [[{"y": 2}], [{"y": 6}]]
 
 

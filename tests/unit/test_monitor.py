@@ -20,6 +20,7 @@ from domains import drift
 from domains.drift import MIN_ITEMS, SHIFT, SOME_SHIFT
 from services import samples
 from services.monitor import health
+from services.tenants import Store, Usage
 from tests.unit.conftest import SmokeRun
 from training.registry import Registry
 from training.runs import fitted
@@ -117,17 +118,31 @@ def test_health_sees_live_traffic_as_its_reference_and_then_a_shift(
 
 def test_monitor_prints_within_80_columns_and_json(
         version: tuple[Registry, Path, Path], traffic: tuple[float, list[dict[str, Any]], list[dict[str, Any]]],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CITYSERVE_REGISTRY_URI", str(version[2]))
+    monkeypatch.setenv("CITYSERVE_LEDGER_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
     monkeypatch.setenv("COLUMNS", "80")
     get_settings.cache_clear()
+    now = traffic[0]
+    # The ledger's rows of v1: every request, sampled or not; another domain's, a feedback row, one
+    # refused before any model saw it and one from before the window do not count.
+    ledger = Store(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger.record([Usage(f"r{n}", now, "hotline", DOMAIN, 1, status, 5.0, "v1")
+                   for n, status in enumerate([200, 200, 200, 422, 500])])
+    ledger.record([Usage("x1", now, "hotline", "energy", 1, 200, 5.0, "v1"),
+                   Usage("x2", now, "hotline", DOMAIN, 1, 200, 5.0, "v1", route="feedback"),
+                   Usage("x3", now, "hotline", DOMAIN, 1, 429, 5.0, ""),
+                   Usage("x4", now - 30 * 86400, "hotline", DOMAIN, 1, 200, 5.0, "v1")])
+    ledger.close()
     try:
         out = CliRunner().invoke(cli.main, ["monitor", DOMAIN])
         assert out.exit_code == 0, out.output
         assert max(len(line) for line in out.output.splitlines()) <= 80
         assert "v1" in out.output and "length" in out.output and "(shift)" in out.output
+        assert "5 (1, 1)" in out.output  # requests (refused, failed)
         as_json = json.loads(CliRunner().invoke(cli.main, ["monitor", DOMAIN, "--json"]).output)
         assert as_json[0]["drift"]["length"] > SHIFT and len(as_json[0]["days"]) == 2
+        assert as_json[0]["statuses"] == {"200": 3, "422": 1, "500": 1}
     finally:
         get_settings.cache_clear()
 
