@@ -90,6 +90,8 @@ class Kind:
 # render must be added here: `deploy` refuses unknown kinds before it changes anything.
 KINDS: dict[str, Kind] = {
     "ServiceAccount": Kind("v1", "serviceaccounts"),
+    "Role": Kind("rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": Kind("rbac.authorization.k8s.io/v1", "rolebindings"),
     "ConfigMap": Kind("v1", "configmaps"),
     "Secret": Kind("v1", "secrets"),
     "PersistentVolumeClaim": Kind("v1", "persistentvolumeclaims"),
@@ -101,6 +103,7 @@ KINDS: dict[str, Kind] = {
     "PodMonitor": Kind("monitoring.coreos.com/v1", "podmonitors"),
     "RayService": Kind(RAY_API, "rayservices"),
     "RayJob": Kind(RAY_API, "rayjobs"),
+    "CronJob": Kind("batch/v1", "cronjobs"),  # after the RayService its jobs copy
 }
 
 
