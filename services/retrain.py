@@ -4,7 +4,7 @@ candidate answering a share of live traffic — never further.
 1. **Cases.** Each feedback (its latest, per tenant, request id and item) joins the sampled item it
    is about (`services.samples`): the item as stored, masked. Feedback about an item that was not
    sampled has nothing to learn from and is counted, not used. Cases with the same item are one
-   case (the latest feedback's truth), so a resent report is learnt and judged once.
+   case (the truth about its latest request), so a report sent again is learnt and judged once.
 2. **Hold-out.** A case is held out when the hash of its tenant and request id falls in the
    `holdout` share: stable from run to run (a case held out once never trains a later model) and
    whole per request (its items are never split between training and judging).
@@ -89,12 +89,13 @@ def held_out(tenant: str, request_id: str, share: float) -> bool:
 def feedback_cases(root: Root, domain: str, holdout: float) -> Cases:
     """`domain`'s feedback joined to the sampled items it is about, deduplicated and split."""
     truths = latest_feedback(read(root, "feedback", domain))
-    items: dict[tuple[str, str, int], dict[str, Any]] = {}
+    sampled: dict[tuple[str, str, int], tuple[Any, dict[str, Any]]] = {}  # (when it was asked, the item)
     for row in read(root, "samples", domain).to_pylist():  # a shadow's row holds the same item as production's
-        items.setdefault((row["tenant"], row["request_id"], row["item"]), json.loads(row["request"]))
-    joined = [(key, items[key], truth) for key, truth in sorted(truths.items()) if key in items]
+        sampled.setdefault((row["tenant"], row["request_id"], row["item"]), (row["at"], json.loads(row["request"])))
+    joined = sorted(((*sampled[key], key, truth) for key, truth in truths.items() if key in sampled),
+                    key=lambda found: (found[0], found[2]))
     unique: dict[str, Case] = {}
-    for (tenant, request_id, _), item, truth in joined:  # the last of a duplicated item wins
+    for _, item, (tenant, request_id, _), truth in joined:  # of one item asked twice, the later request wins
         unique[json.dumps(item, sort_keys=True, ensure_ascii=False)] = Case(tenant, request_id, item, truth)
     cases = Cases([], [], len(truths), len(truths) - len(joined), len(joined) - len(unique))
     for case in unique.values():

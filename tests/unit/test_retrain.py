@@ -29,8 +29,9 @@ DOMAIN = "events"
 NOW = time.time()
 
 
-def sample(request_id: str, item: int, text: str, tenant: str = "hotline", shadow: bool = False) -> dict[str, Any]:
-    return {"domain": DOMAIN, "request_id": request_id, "item": item, "at": NOW, "tenant": tenant,
+def sample(request_id: str, item: int, text: str, tenant: str = "hotline", shadow: bool = False,
+           at: float = NOW) -> dict[str, Any]:
+    return {"domain": DOMAIN, "request_id": request_id, "item": item, "at": at, "tenant": tenant,
             "model_version": "v2" if shadow else "v1", "latency_ms": 5.0, "request": json.dumps({"text": text}),
             "answer": json.dumps({"label": "noise", "priority": "low", "confidence": 0.5}), "shadow": shadow}
 
@@ -52,19 +53,20 @@ def test_feedback_joins_its_samples_once_per_item(tmp_path: Path) -> None:
     samples.write(tmp_path, "samples", [
         sample("a", 0, "hydrant gushing on Elm"), sample("a", 1, "dead rat in the alley"),
         sample("a", 0, "hydrant gushing on Elm", shadow=True),  # the shadow's row of the same item
-        sample("b", 0, "hydrant gushing on Elm"),  # the same text in another request
+        sample("b", 0, "hydrant gushing on Elm", at=NOW + 5),  # the same text, asked again later
         sample("c", 0, "music all night", tenant="press"),
     ])
     samples.write(tmp_path, "feedback", [
         feedback("a", 0, "noise"), feedback("a", 0, "water_sewer", at=NOW + 1),  # a resend replaces
-        feedback("a", 1, "sanitation"), feedback("b", 0, "water_sewer"),
+        feedback("a", 1, "sanitation"), feedback("b", 0, "street_condition"),
         feedback("c", 0, "noise", tenant="hotline"),  # another tenant's request id: not this sample
         feedback("z", 0, "noise"),  # nothing sampled
     ])
     cases = rt.feedback_cases(tmp_path, DOMAIN, 0.5)
     assert (cases.feedback, cases.unsampled, cases.duplicates) == (5, 2, 1)
     got = sorted((c.item["text"], c.truth["label"]) for c in [*cases.train, *cases.holdout])
-    assert got == [("dead rat in the alley", "sanitation"), ("hydrant gushing on Elm", "water_sewer")]
+    # of the text asked twice, the truth about the later request
+    assert got == [("dead rat in the alley", "sanitation"), ("hydrant gushing on Elm", "street_condition")]
     for case in cases.holdout:
         assert rt.held_out(case.tenant, case.request_id, 0.5)
 
