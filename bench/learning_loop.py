@@ -125,19 +125,14 @@ def run_loop(ws: Workspace, gateway: str, tenants: Tenants, loop: Loop,
         why = "the gate kept the candidate from traffic: " + "; ".join(done.gate.reasons)
         return [*checks, Check("shadow", False, {}, COMMAND, [why]), Check("canary", False, {}, COMMAND, [why])]
     candidate = done.candidate
-    with _steady_load(gateway + URL, tenants.sampled, texts, loop.clients) as seen:
-        def phase(name: str, change: Callable[[], object], serving: str, canary: str | None) -> None:
-            seen.phase = ""  # from the change until the platform shows it, answers belong to no phase
-            change()
-            reload(serving, canary)
-            seen.phase = name
-            time.sleep(loop.phase_s)
-
-        phase("shadow", lambda: None, production, candidate)  # retrain started it (`loop.options.shadow`)
+    with steady_load(gateway + URL, tenants.sampled, [{"text": text} for text in texts], loop.clients) as seen:
+        # retrain started the shadow (`loop.options.shadow`)
+        seen.move("shadow", lambda: reload(production, candidate), loop.phase_s)
         shadowed_at = time.time()
-        phase("canary", lambda: ws.registry.start_canary(DOMAIN, candidate, loop.options.weight), production,
-              candidate)
-        phase("promoted", lambda: ws.registry.promote(DOMAIN, candidate), candidate, None)
+        seen.move("canary", lambda: (ws.registry.start_canary(DOMAIN, candidate, loop.options.weight),
+                                     reload(production, candidate)), loop.phase_s)
+        seen.move("promoted", lambda: (ws.registry.promote(DOMAIN, candidate), reload(candidate, None)),
+                  loop.phase_s)
     shadow_rows = [r for r in _read(ws, "samples") if r["model_version"] == candidate and r["shadow"]
                    and r["at"].timestamp() <= shadowed_at + 5]
     return [*checks, _shadow(seen.of("shadow"), production, candidate, len(shadow_rows)),
@@ -259,8 +254,8 @@ def _canary(canary: list[tuple[int, str]], promoted: list[tuple[int, str]], prod
     return Check("canary", not problems, figures, COMMAND, problems)
 
 
-class _Seen:
-    """(phase, status, version that answered) of each request of the steady load."""
+class Seen:
+    """(phase, status, version that answered) of each request of a steady load."""
 
     def __init__(self) -> None:
         self.phase = ""
@@ -269,22 +264,31 @@ class _Seen:
     def of(self, phase: str) -> list[tuple[int, str]]:
         return [(s, v) for p, s, v in self.rows if p == phase]
 
+    def move(self, name: str, change: Callable[[], object], hold_s: float) -> None:
+        """Starts phase `name`: until `change` returns (it changes the stages and returns once the
+        platform shows them), answers belong to no phase; then `hold_s` seconds of it."""
+        self.phase = ""
+        change()
+        self.phase = name
+        time.sleep(hold_s)
+
 
 @contextlib.contextmanager
-def _steady_load(url: str, key: str, texts: list[str], clients: int) -> Iterator[_Seen]:
-    """`clients` closed-loop clients posting `texts` until the block ends."""
-    seen, stop = _Seen(), threading.Event()
+def steady_load(url: str, key: str, bodies: list[Any], clients: int) -> Iterator[Seen]:
+    """`clients` closed-loop clients posting `bodies` in turn (each from its own place in the list)
+    until the block ends."""
+    seen, stop = Seen(), threading.Event()
 
     def client(offset: int) -> None:
-        for text in itertools.cycle(texts[offset:] + texts[:offset]):
+        for body in itertools.cycle(bodies[offset:] + bodies[:offset]):
             if stop.is_set():
                 return
             phase = seen.phase
-            status, headers, _ = post(url, {"text": text}, key)
+            status, headers, _ = post(url, body, key)
             # A request that straddles a change of phase counts for its status alone.
             seen.rows.append((phase if phase == seen.phase else "", status, headers.get("x-model-version", "")))
 
-    threads = [threading.Thread(target=client, args=(n * 7,)) for n in range(clients)]
+    threads = [threading.Thread(target=client, args=(n * 7 % len(bodies),)) for n in range(clients)]
     for t in threads:
         t.start()
     try:

@@ -8,7 +8,6 @@ gateway replicas, so quotas are seen to hold across replicas.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.learning_loop import Loop, Tenants, run_loop, shifted_reports
+from bench.learning_loop import Loop, Tenants, run_loop, shifted_reports, steady_load
 from cluster.serve import Platform
 from core.settings import Settings
 from domains import get_domain
@@ -304,39 +303,24 @@ def test_canary_shadow_abort_promote_and_rollback_under_load_fail_nothing(platfo
     other = next(v.version for v in reversed(registry.versions("energy")) if v.version != before)
     url = f"{platform.gateway_url}/v1/energy/forecast"
     example = request_example(get_domain("energy").request_model)
-    seen: list[tuple[str, int, str]] = []  # (phase, status, version that answered)
-    phase = ["production"]
-    stop = threading.Event()
 
-    def load() -> None:
-        while not stop.is_set():
-            start = phase[0]
-            status, headers, _ = http("POST", url, example, keys["hotline"])
-            # A request that straddles a change of phase counts for its status alone.
-            seen.append((start if start == phase[0] else "", status, headers.get("x-model-version", "")))
+    def settled(change: Callable[[], object], production: str, canary: str | None) -> Callable[[], None]:
+        def run() -> None:
+            change()
+            assert reload_domain(workspace, "energy", production, timeout_s=120, canary=canary)
+        return run
 
-    def step(name: str, change: Callable[[], object], production: str, canary: str | None) -> None:
-        phase[0] = ""  # from the registry's change until the platform shows it, answers belong to no phase
-        change()
-        assert reload_domain(workspace, "energy", production, timeout_s=120, canary=canary)
-        phase[0] = name
-        time.sleep(3)
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
+    with steady_load(url, keys["hotline"], [example], 4) as load:
+        load.phase = "production"
         time.sleep(2)
-        step("canary", lambda: registry.start_canary("energy", other, 50), before, other)
-        step("aborted", lambda: registry.abort_canary("energy"), before, None)
-        step("shadow", lambda: registry.start_canary("energy", other, 100, shadow=True), before, other)
-        step("promoted", lambda: (registry.start_canary("energy", other, 50), registry.promote("energy", other)),
-             other, None)
-        step("rolled back", lambda: registry.rollback("energy"), before, None)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
+        load.move("canary", settled(lambda: registry.start_canary("energy", other, 50), before, other), 3)
+        load.move("aborted", settled(lambda: registry.abort_canary("energy"), before, None), 3)
+        load.move("shadow", settled(lambda: registry.start_canary("energy", other, 100, shadow=True), before, other),
+                  3)
+        load.move("promoted", settled(lambda: (registry.start_canary("energy", other, 50),
+                                               registry.promote("energy", other)), other, None), 3)
+        load.move("rolled back", settled(lambda: registry.rollback("energy"), before, None), 3)
+    seen = load.rows
     assert Counter(s for _, s, _ in seen) == {200: len(seen)}, Counter(s for _, s, _ in seen)
     answered = {name: Counter(v for p, _, v in seen if p == name) for name in
                 ("canary", "aborted", "shadow", "promoted", "rolled back")}

@@ -17,6 +17,7 @@ import pytest
 
 if TYPE_CHECKING:  # imported when first used: tests that use no domain never load torch
     from domains.base import Domain, Evaluation, Predictor
+    from training.registry import Registry
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +28,21 @@ def _no_ray_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError("unit tests must not start Ray; put this test under tests/integration")
 
     monkeypatch.setattr(ray, "init", refuse)
+
+
+def events_registry(root: Path, versions: int) -> Registry:
+    """A registry under `root` holding `versions` events versions of a stand-in model (weights
+    only: what the registry's stages need), v1 production."""
+    from training.registry import Registry
+
+    model = root / "model"
+    model.mkdir()
+    (model / "model.pt").write_bytes(b"weights")
+    registry = Registry(str(root / "registry"))
+    for _ in range(versions):
+        registry.register("events", model, {})
+    registry.promote("events", "v1")
+    return registry
 
 
 # Changes to a domain's "smoke" profile for the shared smoke model: traffic's two epochs would

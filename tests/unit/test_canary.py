@@ -22,20 +22,14 @@ from services.model import canary_groups
 from services.monitor import health
 from services.samples import SampleArgs
 from services.tenants import Store, Tenant
+from tests.unit.conftest import events_registry
 from tests.unit.test_gateway import Doubler, LocalBackend, post
 from training.registry import CANARY, PRODUCTION, Registry
 
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Registry:
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "model.pt").write_bytes(b"weights")
-    registry = Registry(str(tmp_path / "registry"))
-    for _ in range(3):
-        registry.register("events", model, {})
-    registry.promote("events", "v1")
-    return registry
+    return events_registry(tmp_path, 3)
 
 
 def test_one_canary_at_a_time_ending_in_promotion_or_abort(registry: Registry) -> None:

@@ -26,7 +26,7 @@ from click.testing import CliRunner, Result
 
 from cityserve.cli import main
 from cluster import kube as k8s
-from training.registry import Registry
+from tests.unit.conftest import events_registry
 
 NS = "city"  # the kubeconfig context's namespace: the commands find it there
 IMAGE = "ghcr.io/city/cityserve:1.0"
@@ -468,13 +468,7 @@ def test_upgrade_image_is_refused_where_kuberay_would_not_roll(cluster: Cluster)
 
 
 def test_upgrade_model_moves_the_stage_and_never_edits_the_rayservice(cluster: Cluster, tmp_path: Path) -> None:
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "model.pt").write_bytes(b"weights")
-    registry = Registry(str(tmp_path / "registry"))
-    for _ in range(2):
-        registry.register("events", model, {})
-    registry.promote("events", "v1")
+    registry = events_registry(tmp_path, 2)
     cluster.seed(RS, rayservice(registry_uri=registry.uri))
     served, replicas_poll = ["v1"], [True]
 
