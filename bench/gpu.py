@@ -472,8 +472,9 @@ def launch(name: str, args: argparse.Namespace, env: dict[str, str], timeout_s: 
 
 def stop_platform() -> None:
     """Stops the serving step's platform, if one runs: its Ray head at once. Not `platform_down`:
-    that drains the replicas first (~30 s here) so no answer or usage row is lost, which a benchmark
-    that has finished measuring does not need. A no-op when none runs."""
+    that drains the replicas first so no answer or usage row is lost, which a benchmark that has
+    finished measuring does not need, and waits on a platform a timed-out step left hung. A no-op
+    when none runs."""
     from cluster.serve import STATE_FILE, Platform, stop_head
     from core.settings import get_settings
 

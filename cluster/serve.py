@@ -47,6 +47,11 @@ SERVE_ENV = {
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    # A stopping gateway replica stays reachable this long before it refuses new connections (and
+    # HAProxy, which retries a refused connection on another replica, stops sending it any). Ray's
+    # 30 s is for an external load balancer to deregister it; the HAProxy here learns of the stop
+    # within a second, and the wait held every `serve down` and gateway replacement 30 s.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     **LOOPBACK_ENV,
 }
 
@@ -139,8 +144,11 @@ def start_head(state_dir: Path, *, num_cpus: int, http_port: int, secrets: Mappi
            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--num-cpus={num_cpus}", f"--temp-dir={temp}", "--disable-usage-stats"]
     # A session of its own: Ctrl-C in our terminal reaches us, and we stop Ray in order.
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **serve_env(haproxy), **secrets}, start_new_session=True)
+    # On SIGTERM `ray start` waits up to this long for its node to go idle; ours never does (the
+    # admission actor lives until the end), and `platform_down` has drained Serve before it stops
+    # the head, so the wait would only add 30 s to every stop.
+    env = {**os.environ, **serve_env(haproxy), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **secrets}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     platform = Platform(proc.pid, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{http_port}",
                         str(temp), "", _digest(secrets, os.urandom(16)) if secrets else "")
     deadline = time.monotonic() + 120

@@ -85,12 +85,12 @@ def check_serving_node_loss(env: ClusterEnv, short: bool = False) -> Check:
     throughput must be back within 60 s of the kill to 90% of the pre-kill median scaled to the
     replicas left (1 of 2: what the remaining capacity can serve if each replica carried its share).
     Afterwards a fresh worker node joins and the missing replica must start on it. Full: 20 s before,
-    90 s after, 16 clients; short: 10 s and 30 s, 8 clients (its recovery time recorded, not judged)."""
+    90 s after, 16 clients; short: 10 s and 20 s, 8 clients (its recovery time recorded, not judged)."""
     from bench.reliability.__main__ import ensure_production
     from services.platform import platform_up, serve_config
 
     name = "serving_node_loss"
-    before, after, concurrency = (10, 30, 8) if short else (20, 90, 16)
+    before, after, concurrency = (10, 20, 8) if short else (20, 90, 16)
     settings = env.settings
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     registry = Workspace.from_settings(settings).registry

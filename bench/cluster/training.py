@@ -173,9 +173,9 @@ def check_ddp_across_nodes(env: ClusterEnv, short: bool = False) -> Check:
     """`train events --num-workers 2` with SPREAD placement: its two DDP workers must run on the two
     worker nodes (Train's record of the run), its checkpoints go to the bucket, and its per-epoch
     training and validation loss must match one worker with the same global batch (2 workers x B/2
-    against 1 worker x B, same seed) within DDP_TOLERANCE. A second one-worker run (seed 1) shows,
-    beside, how far two runs differing only in their random draws lie apart. The one-worker runs
-    train beside the DDP run once its workers are placed."""
+    against 1 worker x B, same seed) within DDP_TOLERANCE. At full size a second one-worker run
+    (seed 1) shows, beside, how far two runs differing only in their random draws lie apart. The
+    one-worker runs train beside the DDP run once its workers are placed."""
     from training.trainer import make_trainer
 
     name = "ddp_across_nodes"
@@ -190,14 +190,15 @@ def check_ddp_across_nodes(env: ClusterEnv, short: bool = False) -> Check:
 
     # The DDP run is placed first, on an idle cluster: SPREAD is a preference, and with one node
     # already filled by the one-worker runs Ray would put both its workers on the other.
-    trainers = {"ddp": trainer(2, 0, placement_strategy="SPREAD")}
-    ddp_run = trainers["ddp"].run_config.name
-    runs = {"ddp": Background(trainers["ddp"].fit)}
+    ddp = trainer(2, 0, placement_strategy="SPREAD")
+    ddp_run = ddp.run_config.name
+    runs = {"ddp": Background(ddp.fit)}
     deadline = time.monotonic() + 600
     while not env.nodes.train_attempts(ddp_run) and time.monotonic() < deadline:
         time.sleep(0.5)
-    trainers.update(one_worker=trainer(1, 0), one_worker_seed1=trainer(1, 1))
-    runs.update({label: Background(trainers[label].fit) for label in ("one_worker", "one_worker_seed1")})
+    # The seed-1 run only informs the tolerance (the file's `seed_max_rel_diff`): not in a short run.
+    seeds = {"one_worker": 0} if short else {"one_worker": 0, "one_worker_seed1": 1}
+    runs.update({label: Background(trainer(1, seed).fit) for label, seed in seeds.items()})
     results = {label: run.result(3600) for label, run in runs.items()}
     curves = {label: {key: [round(float(m[key]), 5) for m in _history(r)] for key in (*LOSSES, domain.metric)}
               for label, r in results.items()}
@@ -212,9 +213,10 @@ def check_ddp_across_nodes(env: ClusterEnv, short: bool = False) -> Check:
         "ddp_workers": [{"rank": w.rank, "node": w.node, "node_id": w.node_id, "pid": w.pid} for w in placed],
         "ddp_attempts": len(attempts), "curves": curves, "tolerance_rel": DDP_TOLERANCE,
         "max_rel_diff": diff,
-        "seed_max_rel_diff": {key: _max_rel_diff(curves["one_worker_seed1"][key], curves["one_worker"][key])
-                              for key in LOSSES},
     }
+    if "one_worker_seed1" in curves:
+        figures["seed_max_rel_diff"] = {key: _max_rel_diff(curves["one_worker_seed1"][key], curves["one_worker"][key])
+                                        for key in LOSSES}
     on = {w.node_id for w in placed}
     if len(placed) != 2 or len(on) != 2 or not on <= set(env.nodes.worker_ids()):
         problems.append(f"the DDP workers ran on {[w.node for w in placed]}, not on two different worker nodes")
