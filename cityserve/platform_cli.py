@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -74,12 +75,28 @@ def serve_up(environment: str, port: int, num_cpus: int, domains: tuple[str, ...
     try:
         while platform.alive():
             time.sleep(1)
+        if _stopped_by_serve_down(settings.state_dir):
+            console.print("stopped by `cityserve serve down`")
+            return
         console.print("[red]Ray stopped unexpectedly[/red]; see state/ray-head.log")
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("stopping (in-flight requests finish first)")
         platform_down(settings, console.print)
         console.print("stopped")
+
+
+def _stopped_by_serve_down(state_dir: Path, wait_s: float = 5) -> bool:
+    """Whether the platform's record is gone: `serve down` removes it right after the head it
+    stopped has exited (so it is waited for a moment); a head that died is still recorded."""
+    from cluster.serve import STATE_FILE
+
+    deadline = time.monotonic() + wait_s
+    while (state_dir / STATE_FILE).exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 @serve.command("status")

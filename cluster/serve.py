@@ -86,6 +86,11 @@ class Platform:
         write_json_atomic(state_dir / STATE_FILE, asdict(self))
 
     def alive(self) -> bool:
+        # When the head is our child (a foreground `serve up`), reap it once it has exited: a zombie
+        # still answers kill(pid, 0), so this process, and a `serve down` run in another shell,
+        # would take it for running.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, os.WNOHANG)
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
@@ -289,8 +294,6 @@ def stop_head(platform: Platform, timeout_s: float = 60) -> None:
     os.kill(platform.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and platform.alive():
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(platform.pid, os.WNOHANG)  # reap it when it is our child
         time.sleep(0.5)
     if platform.alive():
         os.kill(platform.pid, signal.SIGKILL)

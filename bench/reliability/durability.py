@@ -57,6 +57,7 @@ def own_platform(settings: Settings, prefix: str, ledger_url: str | None = None)
            "--num-cpus=2"]
     log = open(state / "serve-up.log", "ab")  # noqa: SIM115 - closed below, after the process ends
     target = Target(f"http://127.0.0.1:{port}", "", "", own, os.getpid())
+    proc = None
     try:
         proc = subprocess.Popen(cli, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 900
@@ -73,6 +74,12 @@ def own_platform(settings: Settings, prefix: str, ledger_url: str | None = None)
         yield OwnPlatform(target, cli, env, log, proc)
     finally:
         subprocess.run([*cli[:2], "down"], env=env, stdout=log, stderr=subprocess.STDOUT, timeout=300)
+        if proc is not None:  # the foreground `serve up` ends once its head is gone; none is left behind
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         log.close()
 
 
@@ -187,6 +194,8 @@ def check_ledger_outage(settings: Settings, short: bool = False) -> Check:
                     break
                 time.sleep(1)
             figures["rows_complete_s_after_restart"] = round(time.monotonic() - started_again, 1)
+        # the block's `serve down`, run in another process, ends the foreground `serve up` too
+        figures["serve_up_exit_code"] = platform.proc.returncode
     finally:
         server.cleanup()
         os.environ.pop(OUTAGE_LEDGER_ENV, None)
@@ -205,6 +214,8 @@ def check_ledger_outage(settings: Settings, short: bool = False) -> Check:
         # When each came, from the outage's start, and what it said: which path refused it.
         figures["unexpected"] = [{"at_s": round(s.start - stopped, 2), "status": s.status, "body": s.error}
                                  for s in sent if str(s.status) in others][:20]
+    if figures["serve_up_exit_code"] != 0:
+        problems.append(f"`serve up` exited {figures['serve_up_exit_code']} after `serve down` in another process")
     if not figures["answered_200_while_down"]:
         problems.append("no request was answered while the ledger was down")
     if not figures["same_uri_after_restart"]:

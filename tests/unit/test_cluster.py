@@ -1,9 +1,13 @@
-"""What every worker of our Ray jobs is told: the cluster's address and Train's start timeout."""
+"""What every worker of our Ray jobs is told (the cluster's address, Train's start timeout), and how
+the local platform's head is found running or not."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +49,16 @@ def test_free_ports_are_distinct_bindable_and_outside_rays_ranges() -> None:
     assert all(19999 < p < 32768 for p in ports)  # Ray's workers below, the kernel's port-0 binds above
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", ports[0]))
+
+
+def test_a_head_that_exited_is_not_alive_though_not_yet_reaped() -> None:
+    # A foreground `serve up` is the head's parent: until it reaps the exited head, kill(pid, 0)
+    # still finds the zombie, and `serve down` in another shell waited out its 60 s for it.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    platform = serve.Platform(child.pid, "", "", "", "", "local")
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child never exited"
+        time.sleep(0.05)
+    assert not platform.alive()
+    assert not Path(f"/proc/{child.pid}").exists()  # reaped, not only reported dead
