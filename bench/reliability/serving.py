@@ -124,7 +124,7 @@ def _kill_under_load(target: Target, name: str, deployment: str, short: bool) ->
     of requests fail, none hangs, and 3-s throughput is back to 90% of the pre-kill median within
     30 s of the kill."""
     domain = "energy"
-    before, after, concurrency = (8, 34, 8) if short else (20, 60, 16)
+    before, after, concurrency = (8, 22, 8) if short else (20, 60, 16)
     replicas = replica_pids(target, deployment)
     problems = [] if len(replicas) >= 2 else [f"{deployment} has {len(replicas)} replica(s); the check needs 2"]
     _, key = target.tenant(name, [domain])
@@ -203,7 +203,7 @@ def check_quota_exactness(target: Target, short: bool = False) -> Check:
     60-s window at most 1.01 Q admitted; meanwhile another tenant's probe is all admitted and its
     median latency at most 1.5x its median measured alone just before."""
     domain, clients = "energy", 50
-    quota, seconds = (600, 75) if short else (1200, 180)
+    quota, seconds = (600, 65) if short else (1200, 180)
     # The flooding tenant has the CLI's default concurrency (8): its 50 clients are its problem,
     # not its neighbours'.
     name, key = target.tenant("quota", [domain], requests_per_minute=quota, max_concurrent=8)
@@ -371,7 +371,7 @@ def check_soak(target: Target, short: bool = False) -> Check:
     windows' p99 (the 95% interval of its least-squares slope includes 0 or lies below it), and
     every window's p99 within ±35% of the run's median."""
     domain = "events"
-    window, windows = (20, 3) if short else (60, 10)
+    window, windows = (15, 3) if short else (60, 10)
     _, key = target.tenant("soak", [domain])
     measure_s = 8 if short else 20
     warm_s, scaled = _warm(target, domain, key, steady_s=5 if short else 15, limit_s=60 if short else 180)

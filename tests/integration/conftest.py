@@ -23,6 +23,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: ORDER.index(item.path.name) if item.path.name in ORDER else -1)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Starts the multi-node checks at once when they were collected (test_cluster.py says why)."""
+    if any(item.path.name == "test_cluster.py" for item in session.items):
+        from tests.integration.test_cluster import CLUSTER_CHECKS, ClusterChecks
+
+        session.config.stash[CLUSTER_CHECKS] = ClusterChecks.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """No multi-node run outlives the session (one whose test never ran, after `-x`, Ctrl-C...)."""
+    from tests.integration.test_cluster import CLUSTER_CHECKS
+
+    run = session.config.stash.get(CLUSTER_CHECKS, None)
+    if run is not None:
+        run.stop()
+
+
 @pytest.fixture(scope="session")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     root = tmp_path_factory.mktemp("cityserve")
