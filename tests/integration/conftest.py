@@ -20,7 +20,13 @@ ORDER = ("test_train.py", "test_tune.py", "test_training_faults.py", "test_serve
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: ORDER.index(item.path.name) if item.path.name in ORDER else -1)
+    """In a run of both tiers the unit tests come first: they run while the multi-node checks,
+    started at collection, use the core they leave idle. Then the integration modules, in ORDER."""
+    def position(item: pytest.Item) -> tuple[bool, int]:
+        integration = item.path.parent.name == "integration"
+        return integration, ORDER.index(item.path.name) if item.path.name in ORDER else -1
+
+    items.sort(key=position)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
