@@ -102,8 +102,10 @@ def cpu_smoke_sizes() -> Sizes:
         device="cpu", timeouts={"prepare": 120, "serving": 180, "training": 180, "sweep": 180}, budget_s=600,
         prepare=("smoke", {}), concurrency=4, items=4, in_process_batch=16, serve_seconds=3, gateway_replicas=1,
         replica=(0.25, 0.0, 1), train=("smoke", {"train_limit": 32, "patience": 1}), train_pairs=2, train_cpus=1,
-        sweep=("smoke", {"epochs": 1, "patience": 1, "train_limit": 16}),
-        sweep_resources=(0.4, 0.0), epochs=1)  # 4 trials on 2 CPUs: each driver 0.05, its worker 0.4
+        # 2 trials (the GPU's 4 start a dozen processes on these 2 cores: a minute for nothing more),
+        # each a fraction of a CPU: a driver's 0.05, its worker's 0.4
+        sweep=("smoke", {"epochs": 1, "patience": 1, "train_limit": 16}), sweep_trials=2,
+        sweep_resources=(0.4, 0.0), epochs=1)
 
 
 # ---- the steps (each runs in a process of its own: `--step NAME`) ----------------------------------

@@ -1,6 +1,7 @@
 """The GPU proof's plumbing on the CPU: `python -m bench.gpu --cpu-smoke` runs every step (prepare,
-the platform serving events with its device set, Ray Train against plain PyTorch, a 4-trial sweep)
-at tiny sizes and writes a schema-valid result file where it is told, never bench/results/gpu.json.
+the platform serving events with its device set, Ray Train against plain PyTorch, a sweep whose
+trials all run at once) at tiny sizes and writes a schema-valid result file where it is told,
+never bench/results/gpu.json.
 
 It runs as a subprocess with clusters of its own: the session's cluster is not touched, the gateway's
 port is chosen here, and neither RAY_ADDRESS nor a CITYSERVE_* setting of this session reaches it
@@ -80,11 +81,11 @@ def test_the_gpu_proof_runs_on_the_cpu(tmp_path: Path) -> None:
     assert len(training["plain_runs"]) == len(training["ray_runs"]) == 2
     assert min(training["plain_runs"] + training["ray_runs"]) > 0
 
-    sweep = checks["gpu_sweep"]["figures"]
-    assert len(sweep["trials"]) == 4 and not any(t["error"] for t in sweep["trials"])
+    sweep, trials = checks["gpu_sweep"]["figures"], cpu_smoke_sizes().sweep_trials
+    assert len(sweep["trials"]) == trials and not any(t["error"] for t in sweep["trials"])
     assert all(t["end_s"] > t["start_s"] >= 0 for t in sweep["trials"])
-    # Four trials allowed at once on 2 CPUs (0.45 each): they all ran together, and it says so.
-    assert sweep["max_running"] == 4 and sweep["all_together_s"] > 1 and checks["gpu_sweep"]["passed"]
+    # All trials allowed at once on 2 CPUs (0.45 each): they all ran together, and it says so.
+    assert sweep["max_running"] == trials and sweep["all_together_s"] > 1 and checks["gpu_sweep"]["passed"]
 
     assert (DEFAULT_OUT.read_bytes() if DEFAULT_OUT.is_file() else None) == before  # never overwritten
     steps = ", ".join(f"{p['step']} {p['figures']['step_wall_s']:.0f} s" for p in printed)
