@@ -50,7 +50,7 @@ SERVE_ENV = {
     # A stopping gateway replica stays reachable this long before it refuses new connections (and
     # HAProxy, which retries a refused connection on another replica, stops sending it any). Ray's
     # 30 s is for an external load balancer to deregister it; the HAProxy here learns of the stop
-    # within a second, and the wait held every `serve down` and gateway replacement 30 s.
+    # within a second, so 30 s would only hold every `serve down` and gateway replacement.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     **LOOPBACK_ENV,
 }
