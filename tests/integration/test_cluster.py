@@ -82,10 +82,7 @@ CLUSTER_CHECKS = pytest.StashKey[ClusterChecks]()
 
 @pytest.fixture(scope="module")
 def checks(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
-    run = request.config.stash.get(CLUSTER_CHECKS, None)
-    if run is None:  # collected some other way than the session's: start it now
-        run = request.config.stash[CLUSTER_CHECKS] = ClusterChecks.start()
-    document = run.result()
+    document = request.config.stash[CLUSTER_CHECKS].result()  # started by conftest once collected
     validate("cluster", document)
     return {c["name"]: c for c in document["checks"]}
 
