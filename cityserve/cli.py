@@ -240,8 +240,9 @@ def evaluate(domain: str, ref: str, out: str | None, sweep_ref: str | None, as_j
         title = f"confidence: temperature {fitted['temperature']:.2f}, uncertain below {fitted['uncertain_below']:.2f}"
         print_table(title,
                     ["subset", "ECE before", "ECE after", "flagged", "accuracy flagged", "accuracy rest"],
-                    [(name, c["ece_before"], c["ece_after"], f"{c['share']:.0%}", c["accuracy_flagged"],
-                      c["accuracy_rest"]) for name, c in fitted["subsets"].items()], False)
+                    [(name, c["ece_before"], c["ece_after"], f"{c['share']:.0%}",
+                      *("—" if c[k] is None else c[k] for k in ("accuracy_flagged", "accuracy_rest")))
+                     for name, c in fitted["subsets"].items()], False)
     for note in evaluation.notes:
         console.print(f"- {note}")
     console.print(f"report: {join(out, domain + '.json')}; figure: {evaluation.figure or join(out, domain + '.png')}")

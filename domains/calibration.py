@@ -114,13 +114,13 @@ class Calibration:
         return asdict(self)
 
 
-def flagged(probs: np.ndarray, y: np.ndarray, threshold: float) -> dict[str, float]:
+def flagged(probs: np.ndarray, y: np.ndarray, threshold: float) -> dict[str, float | None]:
     """On a labelled set: the share of answers flagged uncertain and the accuracy of the flagged
-    and of the rest (NaN where there are none)."""
+    and of the rest (None where there are none: a report is JSON, which has no NaN)."""
     confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == y
     low = confidence < threshold
 
-    def accuracy(picked: np.ndarray) -> float:
-        return float(correct[picked].mean()) if picked.any() else float("nan")
+    def accuracy(picked: np.ndarray) -> float | None:
+        return float(correct[picked].mean()) if picked.any() else None
 
     return {"share": float(low.mean()), "accuracy_flagged": accuracy(low), "accuracy_rest": accuracy(~low)}

@@ -75,6 +75,10 @@ def test_the_threshold_leaves_answers_right_nine_times_in_ten() -> None:
     probs = np.stack([confidence, (1 - confidence) / 2, (1 - confidence) / 2], axis=1)  # class 0 most probable
     picked = flagged(probs, np.where(correct, 0, 1), 0.5)
     assert picked == {"share": 0.375, "accuracy_flagged": 0.0, "accuracy_rest": 1.0}
+    # nothing flagged: no accuracy to give, and the report (JSON) must still be writable
+    unflagged = flagged(probs, np.where(correct, 0, 1), 0.0)
+    assert unflagged == {"share": 0.0, "accuracy_flagged": None, "accuracy_rest": 0.625}
+    json.dumps(unflagged, allow_nan=False)
 
 
 def test_conformal_widths_make_each_side_miss_one_in_ten() -> None:
