@@ -58,12 +58,19 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     if as_json:
         click.echo(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], indent=2, default=str))
         return
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    # A column empty in every row (a forecaster's label, a classifier's horizon) is left out: at 80
+    # columns it costs the width another needs. --json keeps it.
+    shown = [i for i in range(len(columns)) if not rows or any(cell[i] for cell in cells)]
     # No vertical rules: at 80 columns the borders of a seven-column table cost more than a column.
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    for n, i in enumerate(shown):
+        # The first column names the row: kept whole where it is short enough. Any cell too long
+        # for its column wraps rather than ending in "…" ("template_disj…" named no subset).
+        whole = n == 0 and all(len(cell[i]) <= 24 for cell in cells)
+        table.add_column(columns[i], no_wrap=whole, overflow="fold")
+    for cell in cells:
+        table.add_row(*[cell[i] for i in shown])
     console.print(table)
 
 

@@ -109,16 +109,27 @@ def test_evaluate_prints_how_far_the_confidence_holds(monkeypatch: pytest.Monkey
 
     calibration = {"temperature": 0.78, "uncertain_below": 0.61, "subsets": {
         "handwritten": {"ece_before": 0.098, "ece_after": 0.047, "share": 0.12, "accuracy_flagged": 0.57,
-                        "accuracy_rest": 0.965}}}
-    evaluation = Evaluation(rows=[MetricRow("handwritten", "macro_f1", 0.84, {"tfidf_logreg": 0.79})],
-                            calibration=calibration)
+                        "accuracy_rest": 0.965},
+        "holdout_templates": {"ece_before": 0.03, "ece_after": 0.02, "share": 0.0, "accuracy_flagged": None,
+                              "accuracy_rest": 0.92}}}
+    rows = [MetricRow(subset, "priority_macro_f1", 0.84, {"tfidf_logreg": 0.79})
+            for subset in ("handwritten", "template_disjoint")]
+    evaluation = Evaluation(rows, calibration=calibration)
     monkeypatch.setattr(evaluate, "evaluate", lambda *args: ({"version": "v1"}, evaluation))
     out = CliRunner().invoke(cli.main, ["evaluate", "events"], env={"COLUMNS": "80"})
     assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
     assert "temperature 0.78, uncertain below 0.61" in out.output
-    assert all(len(line) <= 80 for line in out.output.splitlines())
-    row = next(line for line in out.output.splitlines() if "12%" in line)
+    assert all(len(line) <= 80 for line in lines) and "…" not in out.output  # names wrap, never cut
+    # a classifier's rows have no horizon and no label: those columns are left out
+    assert next(line for line in lines if "subset" in line and "metric" in line).split() == [
+        "subset", "metric", "v1", "baselines"]
+    assert next(line for line in lines if "template_disjoint" in line).split()[:3] == [
+        "template_disjoint", "priority_macro_f1", "0.84"]
+    row = next(line for line in lines if "12%" in line)
     assert row.split() == ["handwritten", "0.098", "0.047", "12%", "0.57", "0.965"]
+    row = next(line for line in lines if "holdout_templates" in line)
+    assert row.split() == ["holdout_templates", "0.03", "0.02", "0%", "—", "0.92"]  # nothing flagged
 
 
 def test_keeping_personal_data_is_a_choice_of_the_text_domains_only() -> None:
