@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import bench
@@ -67,3 +68,23 @@ def test_a_kept_entry_keeps_the_commit_it_was_measured_at(tmp_path: Path) -> Non
     assert doc["commit"] == "b" * 40
     assert {c["name"]: c.get("commit") for c in doc["checks"]} == {"exposure": None, "fuzz": "a" * 40,
                                                                      "soak": "unknown"}
+
+
+def test_the_paired_bootstrap_tells_a_real_gain_from_none() -> None:
+    from bench.paired import paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 300)
+    a = np.where(rng.random(300) < 0.7, y, (y + 1) % 3)  # right 70% of the time
+    same = paired_bootstrap(y, a, a.copy(), range(3), resamples=200)
+    assert same["difference"] == same["low"] == same["high"] == 0.0  # paired: no noise between equals
+    better = np.where(rng.random(300) < 0.5, y, a)  # a's mistakes half fixed
+    gain = paired_bootstrap(y, a, better, range(3), resamples=200)
+    assert 0.0 < gain["low"] < gain["difference"] < gain["high"]
+    assert gain["b"] - gain["a"] == pytest.approx(gain["difference"])
+    # a coin-flip change of a few answers is not told apart from zero
+    noisy = a.copy()
+    flip = rng.choice(300, 6, replace=False)
+    noisy[flip] = y[flip]
+    noisy[rng.choice(300, 6, replace=False)] = (y[flip] + 2) % 3
+    assert paired_bootstrap(y, a, noisy, range(3), resamples=200)["low"] < 0.0
