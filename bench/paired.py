@@ -5,9 +5,9 @@ bootstrap interval of their difference, to tell a lever's effect from the noise 
 
 Each side is a registry (a path or URI) and a version id or alias of the domain in it; the two may
 sit in different registries (one per experiment). Both answer every text of the domain's
-hand-written set (`handwritten` for events, `city_comments` for sentiment) with the same backend;
-the bootstrap resamples the texts (with replacement, the same resample for both sides) and
-recomputes the difference each time. Prints the figures; writes no file.
+hand-written set (`TextDomain.hand_written`) with the same backend; the bootstrap resamples the
+texts (with replacement, the same resample for both sides) and recomputes the difference each
+time. Prints the figures; writes no file.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from domains import get_domain
+from domains import DOMAINS, get_domain
 from domains.metrics import macro_f1
 from domains.text import TextDomain
 from training.registry import Registry
 
-HAND_SETS = {"events": "handwritten", "sentiment": "city_comments"}
 RESAMPLES = 2000
 SEED = 0
 
@@ -49,18 +48,19 @@ def paired_bootstrap(y: np.ndarray, a: np.ndarray, b: np.ndarray, classes: Seque
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("domain", choices=sorted(HAND_SETS))
+    parser.add_argument("domain", choices=sorted(DOMAINS))
     parser.add_argument("a", metavar="REGISTRY:VERSION")
     parser.add_argument("b", metavar="REGISTRY:VERSION")
     parser.add_argument("--backend", default="torch")
     args = parser.parse_args(argv)
     domain = get_domain(args.domain)
-    assert isinstance(domain, TextDomain)
-    hand = domain.written_by_hand(HAND_SETS[args.domain])
+    if not isinstance(domain, TextDomain):
+        parser.error(f"{args.domain} has no hand-written set: only the text domains have one")
+    hand = domain.written_by_hand(domain.hand_written)
     y = np.array([domain.labels.index(label) for label in hand["label"]])
     a, b = (answers(domain, side, hand["text"].tolist(), args.backend) for side in (args.a, args.b))
     result = paired_bootstrap(y, a, b, range(len(domain.labels)))
-    print(f"{HAND_SETS[args.domain]} ({len(y)} texts), macro-F1, backend {args.backend}")
+    print(f"{domain.hand_written} ({len(y)} texts), macro-F1, backend {args.backend}")
     print(f"  a  {args.a}: {result['a']:.3f}")
     print(f"  b  {args.b}: {result['b']:.3f}")
     print(f"  b - a {result['difference']:+.3f}, 95% interval {result['low']:+.3f} to {result['high']:+.3f} "

@@ -479,6 +479,7 @@ class TextDomain(Domain):
     mode = "max"
     predictor_class: ClassVar[type[TextPredictor]]
     labels: ClassVar[tuple[str, ...]]  # the `label` head's classes, in index order
+    hand_written: ClassVar[str]  # the English evaluation set written by hand (`written_by_hand`)
     # The module whose `prepare(data_dir, source=, smoke=)` writes the splits. It is imported only
     # when data is prepared, so a serving replica never loads the build-side code.
     data_module: ClassVar[str]

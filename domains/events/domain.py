@@ -91,6 +91,7 @@ class EventsDomain(TextDomain):
     truth_model = EventTruth
     predictor_class = EventsPredictor
     labels = LABELS
+    hand_written = HANDWRITTEN
     data_module = "domains.events.corpus"
     defaults: ClassVar[dict[str, Any]] = {"freeze_layers": 0, "balance": 0.5}
     profiles: ClassVar[dict[str, dict[str, Any]]] = {

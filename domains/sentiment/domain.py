@@ -78,6 +78,7 @@ class SentimentDomain(TextDomain):
     truth_model = SentimentTruth
     predictor_class = SentimentPredictor
     labels = LABELS
+    hand_written = CITY_COMMENTS
     data_module = "domains.sentiment.data"
     score_head = True
     defaults: ClassVar[dict[str, Any]] = {"lr": 1e-4, "batch_size": 32, "train_limit": 0,
